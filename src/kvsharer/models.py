@@ -250,3 +250,10 @@ def model_id(source: str) -> tuple[str, str | None]:
             return data.get("source", str(path)), data.get("weights_sha256")
         return str(path.resolve()), weights_hash(path)
     return source, None
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

@@ -1,0 +1,60 @@
+"""``python -m kvsharer <stage>``: one subcommand per pipeline stage.
+
+Each stage module owns its subcommand through two functions, ``add_arguments(parser)`` and
+``main(args) -> int``; this file only lists them. Snakemake rules call these subcommands, so every stage
+runs and is tested without Snakemake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+
+# subcommand -> (module, one-line help)
+STAGES = {
+    "prepare-model": ("kvsharer.prepare", "materialize a model (hub id, folder or embedded) as a safetensors folder"),
+    "prepare-text": ("kvsharer.data", "split a corpus into non-overlapping calibration and evaluation text"),
+    "generate": ("kvsharer.generate", "generate text with a sharing policy and report the KV-cache bytes"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m kvsharer",
+        description="KVSharer: layer-wise dissimilar KV-cache sharing, stage by stage.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    for name, (module, help_text) in STAGES.items():
+        stage_parser = sub.add_parser(name, help=help_text, description=help_text)
+        stage_parser.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(stage_parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s kvsharer %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    log = logging.getLogger("kvsharer")
+    start = time.perf_counter()
+    log.info("stage %s started", args.stage)
+    try:
+        rc = importlib.import_module(args._module).main(args)
+    except (ValueError, FileNotFoundError) as err:
+        # bad input: one clear message, no traceback
+        log.error("%s: %s", args.stage, err)
+        return 2
+    log.info("stage %s finished in %.1f s", args.stage, time.perf_counter() - start)
+    return rc or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

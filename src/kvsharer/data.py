@@ -1,0 +1,104 @@
+"""Text sources and token chunks: the embedded offline corpus, local files, or a hub dataset on a cluster.
+
+Calibration and evaluation text never overlap: ``split_corpus`` cuts one corpus at a paragraph boundary
+into a calibration part (the head) and a held-out evaluation part (the tail).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_write_text
+
+log = logging.getLogger("kvsharer")
+
+EMBEDDED_CORPORA = ("embedded:pydoc",)
+
+
+def load_corpus(source: str) -> str:
+    """``embedded:pydoc`` (CPython's language reference prose, ships with every Python), a text file,
+    or ``hf:<dataset>[:<config>][:<split>]`` (needs the hub or a local datasets cache; cluster only)."""
+    if source == "embedded:pydoc":
+        from pydoc_data.topics import topics
+
+        return "\n\n".join(topics[key].strip() for key in sorted(topics))
+    if source.startswith("hf:"):
+        parts = source[3:].split(":")
+        name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), (parts[2] if len(parts) > 2 else "train")
+        try:
+            from datasets import load_dataset
+
+            dataset = load_dataset(name, config, split=split)
+        except Exception as err:  # offline, unknown dataset, ...
+            raise ValueError(f"could not load hub dataset {source!r}: {err}. Offline? Use a text file.") from None
+        column = "text" if "text" in dataset.column_names else dataset.column_names[0]
+        return "\n\n".join(t.strip() for t in dataset[column] if t and t.strip())
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(
+            f"text source {source!r} is not a file, {', '.join(EMBEDDED_CORPORA)}, or hf:<dataset>[:<config>][:<split>]"
+        )
+    return path.read_text(encoding="utf-8")
+
+
+def check_text_source(source: str) -> None:
+    if source in EMBEDDED_CORPORA or source.startswith("hf:"):
+        return
+    if not Path(source).is_file():
+        raise ValueError(
+            f"text source {source!r} is not a file, {', '.join(EMBEDDED_CORPORA)}, or hf:<dataset>[:<config>][:<split>]"
+        )
+
+
+def split_corpus(text: str, eval_fraction: float) -> tuple[str, str]:
+    """(calibration head, evaluation tail), cut at the paragraph boundary nearest to the fraction."""
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    target = int(len(text) * (1 - eval_fraction))
+    cut = text.rfind("\n\n", 0, target)
+    if cut <= 0:
+        cut = target
+    return text[:cut].strip() + "\n", text[cut:].strip() + "\n"
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def token_chunks(tokenizer, text: str, n: int, t: int) -> torch.Tensor:
+    """``[n, t]`` consecutive, non-overlapping chunks of exactly ``t`` tokens (every sample counts)."""
+    if n < 1 or t < 2:
+        raise ValueError(f"need at least 1 sample of at least 2 tokens, got N={n}, T={t}")
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    if len(ids) < n * t:
+        raise ValueError(f"the text has {len(ids)} tokens; {n} samples x {t} tokens need {n * t}")
+    return torch.tensor(ids[: n * t], dtype=torch.long).view(n, t)
+
+
+# ------------------------------------------------------------------------------------------------
+# stage prepare-text
+# ------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", default="embedded:pydoc", help="embedded:pydoc, a text file, or hf:<dataset>[:<config>][:<split>]")
+    parser.add_argument("--eval-fraction", type=float, default=0.5, help="share of the corpus held out for evaluation")
+    parser.add_argument("--calibration-out", required=True, type=Path)
+    parser.add_argument("--evaluation-out", required=True, type=Path)
+
+
+def main(args: argparse.Namespace) -> int:
+    check_text_source(args.source)
+    calibration, evaluation = split_corpus(load_corpus(args.source), args.eval_fraction)
+    atomic_write_text(args.calibration_out, calibration)
+    atomic_write_text(args.evaluation_out, evaluation)
+    log.info(
+        "text %s: %d chars calibration -> %s, %d chars evaluation -> %s",
+        args.source, len(calibration), args.calibration_out, len(evaluation), args.evaluation_out,
+    )
+    return 0
