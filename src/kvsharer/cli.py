@@ -17,6 +17,9 @@ import time
 STAGES = {
     "prepare-model": ("kvsharer.prepare", "materialize a model (hub id, folder or embedded) as a safetensors folder"),
     "prepare-text": ("kvsharer.data", "split a corpus into non-overlapping calibration and evaluation text"),
+    "calibrate": ("kvsharer.calibrate", "per-layer K/V statistics and reference outputs on N x T calibration tokens"),
+    "distances": ("kvsharer.distance", "pairwise layer distance matrix of the calibration KV caches"),
+    "search": ("kvsharer.search", "greedy KVSharer policy search (fast or the authors' official procedure)"),
     "generate": ("kvsharer.generate", "generate text with a sharing policy and report the KV-cache bytes"),
 }
 

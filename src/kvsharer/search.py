@@ -1,0 +1,397 @@
+"""Stage ``search``: the KVSharer greedy policy search, in the authors' way and in a fast, exact way.
+
+The loop (DESIGN.md, after the authors' notebook): start from the identity map; walk the ranked layer
+pairs (i, j), i > j; skip a pair whose layer i already shares; the candidate is the accepted map with
+i → j, chains resolved in layer order; run the candidate on the calibration samples; per sample take the
+cosine similarity of the *flattened* last hidden state with the reference; accept when the mean over
+samples is > T. Stop at the target number of shared layers, or when pairs run out (then ``complete`` is
+false — never silently fewer).
+
+Two procedures compute the same similarities:
+
+* ``official`` — the authors' loop as written: for every candidate and every sample, one forward of the
+  plain model (reference) and one of the candidate, a single sample at a time, full model with LM head.
+* ``fast`` — exact shortcuts, each justified where it is taken:
+  1. the reference is read from the calibration file: the plain model on the same inputs is the same
+     every time, so recomputing it per candidate changes nothing;
+  2. samples run batched: each sample's forward is independent of the others (causal attention within
+     a sample, no cross-sample op), so batching only changes float summation order (~1e-7);
+  3. a candidate's forward starts at its first changed layer f: layers < f have the same map entries as
+     the accepted policy and (by induction from the embeddings) the same inputs, so their outputs and the
+     K/V they store are those of the accepted policy's run, which we keep; they are *replayed*;
+  4. the forward stops at the final norm: the similarity is on the last hidden state, the LM head is
+     not needed.
+
+Every evaluated candidate is appended to a journal (``<out>.journal.jsonl``) and flushed; a killed search
+resumes from it: journaled candidates are not re-run (their stored similarity decides, exactly as it did),
+and the fast procedure rebuilds its cached state with one forward of the accepted policy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from . import calibrate
+from .atomic import atomic_write_text
+from .distance import ORDERS, check_metric, check_order, layer_distances, rank_pairs
+from .models import DTYPES, check_source, find_parts, load_model, model_id, resolve_device
+from .policy import SharingPolicy, resolve_chains
+from .sharing import share_kv
+
+log = logging.getLogger("kvsharer")
+PROCEDURES = ("fast", "official")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    target: int  # number of layers that should share
+    threshold: float = 0.5  # accept a candidate when mean similarity > threshold (paper: T = 0.5)
+    order: str = "dissimilar"
+    metric: str = "euclidean"
+    seed: int = 0
+    procedure: str = "fast"
+    batch_size: int | None = None  # fast procedure: samples per forward (None: all)
+
+    def key(self) -> dict:
+        """What decides the policy (batch size and procedure do not, beyond float rounding)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("batch_size",)}
+
+
+def target_layers(n_layers: int, rate: float | None = None, count: int | None = None) -> int:
+    """Shared-layer target from a rate (round half up of rate × L) or a count, validated."""
+    if (rate is None) == (count is None):
+        raise ValueError("give exactly one of a sharing rate or a layer count")
+    if rate is not None:
+        if not 0 <= rate <= (n_layers - 1) / n_layers:
+            raise ValueError(
+                f"sharing rate {rate} is impossible for {n_layers} layers: it must be in [0, {(n_layers - 1) / n_layers:.4f}] "
+                "(at least one layer must store KV)"
+            )
+        return math.floor(rate * n_layers + 0.5)
+    if not 0 <= count <= n_layers - 1:
+        raise ValueError(f"{count} shared layers is impossible for {n_layers} layers: it must be in [0, {n_layers - 1}]")
+    return count
+
+
+def check_threshold(threshold: float) -> None:
+    if not -1 < threshold <= 1:
+        raise ValueError(f"threshold T={threshold} must be in (-1, 1] (it is compared with a cosine similarity)")
+
+
+def mean_similarity(hidden: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-sample cosine similarity of flattened [T, hidden] states ([N] float64)."""
+    a = hidden.reshape(hidden.shape[0], -1).double()
+    b = reference.reshape(reference.shape[0], -1).double().to(a.device)
+    return torch.nn.functional.cosine_similarity(a, b, dim=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# The two ways of scoring a candidate map
+# ------------------------------------------------------------------------------------------------
+
+
+class OfficialEvaluator:
+    """The authors' procedure: reference recomputed per candidate, one sample at a time, full model."""
+
+    def __init__(self, model, input_ids: torch.Tensor):
+        self.model, self.input_ids = model, input_ids
+
+    @torch.inference_mode()
+    def similarity(self, accepted: list[int], candidate: list[int]) -> float:
+        sims = []
+        for s in range(self.input_ids.shape[0]):
+            sample = self.input_ids[s : s + 1].to(self.model.device)
+            reference = self.model(sample, output_hidden_states=True).hidden_states[-1]
+            with share_kv(self.model, SharingPolicy(candidate)):
+                hidden = self.model(sample, output_hidden_states=True).hidden_states[-1]
+            sims.append(mean_similarity(hidden, reference))
+        return float(torch.cat(sims).mean())
+
+    def accept(self, candidate: list[int]) -> None:
+        pass
+
+
+class _Replay(nn.Module):
+    """Stands in for decoder layer ``idx`` < f: stores the accepted run's K/V and returns its output."""
+
+    def __init__(self, idx: int, output: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None):
+        super().__init__()
+        self.idx, self.output, self.kv = idx, output, kv
+
+    def forward(self, hidden_states, *args, past_key_values=None, **kwargs):
+        if self.kv is not None:
+            past_key_values.update(self.kv[0], self.kv[1], self.idx)
+        return self.output
+
+
+class FastEvaluator:
+    """Batched, reference from the calibration file, forwards start at the first changed layer."""
+
+    def __init__(self, model, input_ids: torch.Tensor, reference: torch.Tensor, batch_size: int | None = None):
+        self.model, self.parts = model, find_parts(model)
+        self.input_ids, self.reference = input_ids, reference
+        self.batch_size = batch_size or input_ids.shape[0]
+        self.state_map: list[int] | None = None  # the map whose per-layer outputs / K/V we hold
+        self.outputs: list[torch.Tensor] = []  # [N, T, hidden] output of every layer under state_map
+        self.kv: list[tuple[torch.Tensor, torch.Tensor] | None] = []  # K/V stored by every source layer
+        self._pending = None
+        self.layers_run = 0  # decoder layers actually computed (for the benchmark)
+
+    @torch.inference_mode()
+    def _run(self, share_map: list[int], first: int, keep: bool):
+        """Forward of ``share_map`` from layer ``first`` on; returns (last hidden, outputs, kv) for layers >= first."""
+        n_layers, layers = self.parts.n_layers, self.parts.layers
+        originals = list(layers)
+        captured: dict[int, list[torch.Tensor]] = {k: [] for k in range(first, n_layers)}
+        kv: dict[int, list] = {k: [] for k in range(first, n_layers) if share_map[k] == k}
+        hooks = []
+        if keep:
+            for k in range(first, n_layers):
+                hooks.append(originals[k].register_forward_hook(
+                    lambda mod, args, out, k=k: captured[k].append(out[0] if isinstance(out, tuple) else out)))
+        last = []
+        try:
+            with share_kv(self.model, SharingPolicy(share_map)):
+                for start in range(0, self.input_ids.shape[0], self.batch_size):
+                    rows = slice(start, start + self.batch_size)
+                    for k in range(first):  # shortcut 3: replay the layers before the first change
+                        layers[k] = _Replay(k, self.outputs[k][rows], (self.kv[k][0][rows], self.kv[k][1][rows]) if self.kv[k] else None)
+                    out = self.parts.decoder(input_ids=self.input_ids[rows].to(self.model.device), use_cache=True)  # shortcut 4
+                    last.append(out.last_hidden_state)
+                    if keep:
+                        for k in kv:
+                            kv[k].append((out.past_key_values.layers[k].keys, out.past_key_values.layers[k].values))
+        finally:
+            for k in range(first):
+                layers[k] = originals[k]
+            for h in hooks:
+                h.remove()
+        self.layers_run += (n_layers - first) * self.input_ids.shape[0]
+        outputs = {k: torch.cat(v) for k, v in captured.items()} if keep else {}
+        kv_cat = {k: (torch.cat([a for a, _ in v]), torch.cat([b for _, b in v])) for k, v in kv.items()} if keep else {}
+        return torch.cat(last), outputs, kv_cat
+
+    def _commit(self, share_map, first, outputs, kv) -> None:
+        n_layers = self.parts.n_layers
+        if first == 0:
+            self.outputs, self.kv = [None] * n_layers, [None] * n_layers
+        for k in range(first, n_layers):
+            self.outputs[k] = outputs[k]
+            self.kv[k] = kv.get(k)
+        self.state_map = list(share_map)
+
+    def similarity(self, accepted: list[int], candidate: list[int]) -> float:
+        if self.state_map != accepted:  # first call, or after resuming from a journal: one full forward
+            _, outputs, kv = self._run(accepted, 0, keep=True)
+            self._commit(accepted, 0, outputs, kv)
+        first = next(k for k in range(len(candidate)) if candidate[k] != accepted[k])
+        last, outputs, kv = self._run(candidate, first, keep=True)
+        self._pending = (list(candidate), first, outputs, kv)
+        return float(mean_similarity(last, self.reference).mean())  # shortcut 1: stored reference
+
+    def accept(self, candidate: list[int]) -> None:
+        if self._pending is not None and self._pending[0] == candidate:
+            self._commit(candidate, self._pending[1], self._pending[2], self._pending[3])
+        self._pending = None
+
+
+# ------------------------------------------------------------------------------------------------
+# The greedy loop, with its journal
+# ------------------------------------------------------------------------------------------------
+
+
+class Journal:
+    """Append-only JSONL of evaluated candidates; the first line pins the settings and inputs."""
+
+    def __init__(self, path: Path | None, header: dict):
+        self.path, self.header, self.entries = path, header, {}
+        if path is None:
+            return
+        if path.exists():
+            lines = path.read_text().splitlines()
+            good = []
+            for line in lines:
+                try:
+                    good.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a line cut by a kill: drop it and everything after
+            if good and good[0].get("header") == header:
+                self.entries = {e["rank"]: e for e in good[1:]}
+                log.info("resuming from %s: %d candidates already evaluated", path, len(self.entries))
+                path.write_text("".join(json.dumps(e) + "\n" for e in good))
+                return
+            log.warning("journal %s was written for other settings or inputs; starting over", path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"header": header}) + "\n")
+
+    def append(self, entry: dict) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def greedy_search(
+    ranked: list[tuple[int, int, float]],
+    n_layers: int,
+    target: int,
+    threshold: float,
+    evaluator,
+    journal: Journal | None = None,
+    progress: bool = True,
+) -> dict:
+    """The KVSharer loop over ``ranked`` pairs; returns map, completeness, trace and counts."""
+    journal = journal or Journal(None, {})
+    accepted = list(range(n_layers))
+    trace, evaluated, resumed, skipped = [], 0, 0, 0
+    bar = tqdm(total=target, desc="search", unit="layer", disable=not progress, leave=False)
+    for rank, (i, j, distance) in enumerate(ranked):
+        if sum(1 for k, s in enumerate(accepted) if s != k) >= target:
+            break
+        if accepted[i] != i:
+            skipped += 1
+            continue
+        candidate = list(accepted)
+        candidate[i] = j
+        candidate = resolve_chains(candidate)
+        if rank in journal.entries:
+            entry = journal.entries[rank]
+            if entry["pair"] != [i, j] or entry["map"] != candidate:
+                raise RuntimeError(f"journal {journal.path} disagrees with this search at rank {rank}; delete it to start over")
+            resumed += 1
+        else:
+            start = time.perf_counter()
+            sim = evaluator.similarity(accepted, candidate)
+            entry = {"rank": rank, "pair": [i, j], "distance": distance, "similarity": sim,
+                     "accepted": sim > threshold, "map": candidate, "seconds": time.perf_counter() - start}
+            journal.append(entry)
+            evaluated += 1
+        trace.append({k: entry[k] for k in ("rank", "pair", "distance", "similarity", "accepted", "seconds")})
+        if entry["accepted"]:
+            evaluator.accept(candidate)
+            accepted = candidate
+            bar.update(1)
+        bar.set_postfix(rank=rank, sim=f"{entry['similarity']:.3f}")
+    bar.close()
+    shared = sum(1 for k, s in enumerate(accepted) if s != k)
+    return {"map": accepted, "complete": shared >= target, "num_shared": shared, "target": target, "trace": trace,
+            "candidates_evaluated": evaluated, "candidates_resumed": resumed, "pairs_skipped": skipped,
+            "pairs_total": len(ranked)}
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def run_search(model, stats: dict, settings: SearchSettings, journal_path: Path | None = None,
+               calibration_hash: str = "", progress: bool = True) -> dict:
+    """Distances, ranking and the greedy loop for a loaded model and calibration tensors."""
+    dist = layer_distances(stats["keys"], stats["values"], settings.metric)
+    ranked = rank_pairs(dist, settings.order, settings.seed)
+    if settings.procedure == "official":
+        evaluator = OfficialEvaluator(model, stats["input_ids"])
+    elif settings.procedure == "fast":
+        evaluator = FastEvaluator(model, stats["input_ids"], stats["reference_hidden"], settings.batch_size)
+    else:
+        raise ValueError(f"unknown procedure {settings.procedure!r}; choose one of {', '.join(PROCEDURES)}")
+    header = {**settings.key(), "calibration_sha256": calibration_hash, "n_layers": dist.shape[0]}
+    start = time.perf_counter()
+    result = greedy_search(ranked, dist.shape[0], settings.target, settings.threshold, evaluator,
+                           Journal(journal_path, header), progress)
+    result["seconds"] = time.perf_counter() - start
+    result["seconds_per_candidate"] = result["seconds"] / max(result["candidates_evaluated"], 1)
+    result["layers_computed"] = getattr(evaluator, "layers_run", None)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# stage search
+# ------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="the model the calibration file was made with")
+    parser.add_argument("--calibration", required=True, type=Path, help="calibration .safetensors (from `calibrate`)")
+    size = parser.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rate", type=float, help="share round(rate x L) layers, rate in [0, (L-1)/L]")
+    size.add_argument("--layers", type=int, help="share this many layers")
+    parser.add_argument("--threshold", type=float, default=0.5, help="accept when mean similarity > T (paper 0.5)")
+    parser.add_argument("--order", default="dissimilar", help=f"pair order: {', '.join(ORDERS)}")
+    parser.add_argument("--metric", default="euclidean", help="distance metric: euclidean, cosine, cka")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random order")
+    parser.add_argument("--procedure", default="fast", choices=PROCEDURES)
+    parser.add_argument("--batch-size", type=int, default=None, help="fast: samples per forward (default all)")
+    parser.add_argument("--samples", type=int, help="expected N of the calibration file (checked)")
+    parser.add_argument("--tokens", type=int, help="expected T of the calibration file (checked)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", required=True, type=Path, help="policy JSON (journal: <out>.journal.jsonl)")
+
+
+def check_calibration(meta: dict, model: str, samples: int | None, tokens: int | None) -> None:
+    """The calibration file must come from this model and have the expected N and T."""
+    source, weights = model_id(model)
+    if meta.get("model_source") != source or (weights and meta.get("weights_sha256") and meta["weights_sha256"] != weights):
+        raise ValueError(
+            f"calibration file was made with model {meta.get('model_source')!r} "
+            f"(weights {str(meta.get('weights_sha256'))[:12]}), not {source!r} (weights {str(weights)[:12]})"
+        )
+    for name, want in (("samples", samples), ("tokens", tokens)):
+        if want is not None and meta.get(name) != want:
+            raise ValueError(f"calibration file has {name}={meta.get(name)}, expected {want}")
+
+
+def main(args: argparse.Namespace) -> int:
+    # every check that needs no model comes first
+    check_source(args.model)
+    check_order(args.order)
+    check_metric(args.metric)
+    check_threshold(args.threshold)
+    meta = calibrate.read_meta(args.calibration)
+    n_layers = meta["n_layers"]
+    target = target_layers(n_layers, args.rate, args.layers)
+    check_calibration(meta, args.model, args.samples, args.tokens)
+    settings = SearchSettings(target=target, threshold=args.threshold, order=args.order, metric=args.metric,
+                              seed=args.seed, procedure=args.procedure, batch_size=args.batch_size)
+
+    stats = calibrate.load(args.calibration)
+    model, _ = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))
+    calibration_hash = sha256_file(args.calibration)
+    journal = args.out.with_name(args.out.name + ".journal.jsonl")
+    log.info("search: %s order, %s metric, T=%s, target %d/%d layers, %s procedure", args.order, args.metric,
+             args.threshold, target, n_layers, args.procedure)
+    result = run_search(model, stats, settings, journal, calibration_hash)
+    policy = SharingPolicy(result.pop("map"), {
+        "model": args.model, "rate": result["num_shared"] / n_layers, "rate_requested": args.rate,
+        **result, "settings": asdict(settings), "calibration": str(args.calibration),
+        "calibration_sha256": calibration_hash,
+    })
+    policy.to_json(args.out)
+    accepted = [t for t in result["trace"] if t["accepted"]]
+    log.info("policy %s: %d/%d layers share (%s); %d candidates evaluated (%d from the journal) in %.1f s -> %s",
+             "complete" if result["complete"] else "INCOMPLETE", result["num_shared"], n_layers,
+             ", ".join(f"{t['pair'][0]}->{t['pair'][1]}" for t in accepted) or "none",
+             result["candidates_evaluated"], result["candidates_resumed"], result["seconds"], args.out)
+    if not result["complete"]:
+        log.warning("pairs ran out before the target: only %d of %d layers share at T=%s",
+                    result["num_shared"], target, args.threshold)
+    return 0
