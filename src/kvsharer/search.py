@@ -350,7 +350,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_calibration(meta: dict, model: str, samples: int | None, tokens: int | None) -> None:
     """The calibration file must come from this model and have the expected N and T."""
     source, weights = model_id(model)
-    if meta.get("model_source") != source or (weights and meta.get("weights_sha256") and meta["weights_sha256"] != weights):
+    if weights and meta.get("weights_sha256"):  # same weights, wherever the folder lives
+        same = meta["weights_sha256"] == weights
+    else:
+        same = meta.get("model_source") == source
+    if not same:
         raise ValueError(
             f"calibration file was made with model {meta.get('model_source')!r} "
             f"(weights {str(meta.get('weights_sha256'))[:12]}), not {source!r} (weights {str(weights)[:12]})"
