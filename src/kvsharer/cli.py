@@ -21,6 +21,10 @@ STAGES = {
     "distances": ("kvsharer.distance", "pairwise layer distance matrix of the calibration KV caches"),
     "search": ("kvsharer.search", "greedy KVSharer policy search (fast or the authors' official procedure)"),
     "generate": ("kvsharer.generate", "generate text with a sharing policy and report the KV-cache bytes"),
+    "make-tasks": ("kvsharer.evaluate.tasks", "build local multiple-choice lm-eval tasks from held-out text"),
+    "evaluate-ppl": ("kvsharer.evaluate.ppl", "perplexity on held-out text under a sharing policy"),
+    "evaluate-harness": ("kvsharer.evaluate.harness", "lm-eval harness accuracy under a sharing policy"),
+    "evaluate-longctx": ("kvsharer.evaluate.longctx", "passkey retrieval over lengths x depths under a sharing policy"),
 }
 
 

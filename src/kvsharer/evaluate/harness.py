@@ -1,0 +1,144 @@
+"""Stage ``evaluate-harness``: lm-eval harness accuracy under a sharing policy.
+
+The lm-evaluation-harness does all the scoring: ``simple_evaluate`` runs on an ``HFLM`` that wraps the
+already loaded model, inside ``share_kv(model, policy)``. Nothing here re-implements it.
+
+Task names are checked against lm-eval's registry (plus ``--task-dir``) before the model is loaded. On a
+cluster the paper's tasks are named directly (hellaswag, piqa, ...; their datasets come from the hub).
+Offline, ``make-tasks`` builds local tasks from the held-out text; when every requested name is found in
+``--task-dir`` the stage sets ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` (unless already set), since
+such tasks only read local JSON files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from ..atomic import atomic_write_text
+from ..models import DTYPES, check_source, find_parts, load_model, model_id, resolve_device
+from ..policy import SharingPolicy
+from ..sharing import share_kv
+
+log = logging.getLogger("kvsharer")
+
+
+def parse_tasks(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ValueError("--tasks names no task (give a comma-separated list, e.g. kvs_next_sentence,kvs_cloze)")
+    return names
+
+
+def task_manager_for(names: list[str], task_dir: Path | None):
+    """``(TaskManager that knows every name, whether all names are local)``, or ValueError naming the
+    unknown ones. The task folder is indexed first; lm-eval's own registry (~15k names, a few seconds to
+    scan) only when a name is not found there."""
+    from lm_eval.tasks import TaskManager
+
+    if task_dir is not None:
+        local = TaskManager(include_path=str(task_dir), include_defaults=False)
+        if all(name in local.all_tasks for name in names):
+            return local, True
+    manager = TaskManager(include_path=str(task_dir) if task_dir is not None else None)
+    unknown = [name for name in names if name not in manager.all_tasks]
+    if unknown:
+        where = f" nor in --task-dir {task_dir}" if task_dir is not None else " (local tasks need --task-dir)"
+        raise ValueError(f"unknown lm-eval task name(s): {', '.join(unknown)}; not in lm-eval's registry{where}")
+    return manager, False
+
+
+def flatten_metrics(task_results: dict) -> dict:
+    """``{"alias": .., "acc,none": 0.5, "acc_stderr,none": 0.1}`` -> ``{"acc": 0.5, "acc_stderr": 0.1}``.
+    A filter other than ``none`` stays in the name (``metric,filter``); non-numbers ("N/A") become None."""
+    out = {}
+    for key, value in task_results.items():
+        if "," not in key:
+            continue
+        metric, filter_name = key.split(",", 1)
+        name = metric if filter_name == "none" else key
+        out[name] = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# stage evaluate-harness
+# ------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder, hub id or embedded:<name>")
+    parser.add_argument("--policy", help="policy JSON file (default: no sharing)")
+    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task, group or tag names")
+    parser.add_argument("--task-dir", type=Path, help="folder of local task YAMLs (from make-tasks)")
+    parser.add_argument("--limit", type=int, default=None, help="examples per task at most (default: all)")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", required=True, type=Path, help="result JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    names = parse_tasks(args.tasks)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ValueError(f"--num-fewshot must be at least 0, got {args.num_fewshot}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.task_dir is not None and not args.task_dir.is_dir():
+        raise ValueError(f"--task-dir {args.task_dir} is not a folder (build one with make-tasks)")
+    check_source(args.model)
+    policy = SharingPolicy.from_json(args.policy) if args.policy else None
+    task_dir = args.task_dir.resolve() if args.task_dir is not None else None
+    task_manager, local = task_manager_for(names, task_dir)
+    if local:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn,
+                                  device=resolve_device(args.device))
+    policy = policy or SharingPolicy.identity(find_parts(model).n_layers)
+
+    import lm_eval
+    from lm_eval.evaluator import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
+    start = time.perf_counter()
+    with share_kv(model, policy):
+        out = simple_evaluate(model=lm, tasks=names, limit=args.limit, num_fewshot=args.num_fewshot,
+                              task_manager=task_manager, log_samples=False)
+    seconds = time.perf_counter() - start
+
+    counts = out.get("n-samples", {})
+    tasks = {
+        name: {**flatten_metrics(metrics),
+               "samples": counts.get(name, {}).get("effective"),
+               "samples_total": counts.get(name, {}).get("original")}
+        for name, metrics in out["results"].items()
+    }
+    source, weights = model_id(args.model)
+    summary = {
+        "stage": "evaluate-harness",
+        "model": args.model, "model_source": source, "weights_sha256": weights,
+        "policy": args.policy, "map": policy.map, "rate": policy.rate, "num_shared": policy.num_shared,
+        "shared_layers": policy.shared_layers,
+        "tasks": tasks,
+        "requested": names, "task_dir": str(task_dir) if task_dir else None,
+        "limit": args.limit, "num_fewshot": args.num_fewshot, "batch_size": args.batch_size,
+        "dtype": args.dtype, "device": str(model.device), "lm_eval_version": lm_eval.__version__,
+        "seconds": seconds,
+    }
+    atomic_write_text(args.out, json.dumps(summary, indent=2) + "\n")
+    for name, metrics in tasks.items():
+        log.info("%s: acc %s, acc_norm %s (%s samples)", name, metrics.get("acc"), metrics.get("acc_norm"),
+                 metrics["samples"])
+    log.info("harness (%d/%d layers shared) in %.1f s -> %s", policy.num_shared, policy.n_layers, seconds, args.out)
+    return 0

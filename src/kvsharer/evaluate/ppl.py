@@ -1,0 +1,131 @@
+"""Stage ``evaluate-ppl``: perplexity of a model under a sharing policy on held-out text.
+
+The text is tokenized without special tokens; its first ``--max-tokens`` tokens (default: all of it) are
+cut into non-overlapping windows of ``--window`` tokens, and the rest is dropped. Every window is scored
+on its own, with no context carried over from the window before, so a window of W tokens scores its last
+W - 1 tokens. The NLL is summed in float64; PPL = exp(NLL sum / tokens scored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..atomic import atomic_write_text
+from ..data import check_text_source, load_corpus, sha256_text
+from ..models import DTYPES, check_source, find_parts, load_model, model_id, resolve_device, text_config
+from ..policy import SharingPolicy
+from ..sharing import share_kv
+
+log = logging.getLogger("kvsharer")
+
+
+def cut_windows(ids: list[int], window: int, max_tokens: int | None = None) -> torch.Tensor:
+    """``[n, window]`` non-overlapping windows over the first ``max_tokens`` ids (default: all of them)."""
+    budget = len(ids) if max_tokens is None else max_tokens
+    if budget > len(ids):
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than --max-tokens {max_tokens}")
+    n = budget // window
+    if n < 1:
+        raise ValueError(f"{budget} tokens do not fill one window of {window} tokens")
+    return torch.tensor(ids[: n * window], dtype=torch.long).view(n, window)
+
+
+@torch.inference_mode()
+def perplexity(model, input_ids_windows: torch.Tensor, batch_size: int) -> dict:
+    """Score every window independently (use it inside ``share_kv`` to score a policy).
+
+    Returns ``ppl``, ``nll_mean`` (nats per scored token), ``nll_sum``, ``tokens_scored``, ``windows``
+    and ``window``. Per-token NLLs come from the model's logits in float32 and are summed in float64.
+    """
+    n, window = input_ids_windows.shape
+    nll_sum = torch.zeros((), dtype=torch.float64)
+    for start in tqdm(range(0, n, batch_size), desc="ppl", unit="batch", leave=False):
+        batch = input_ids_windows[start : start + batch_size].to(model.device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
+        token_nll = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
+        )
+        nll_sum += token_nll.double().sum().cpu()
+    scored = n * (window - 1)
+    nll_mean = nll_sum.item() / scored
+    return {
+        "ppl": math.exp(nll_mean),
+        "nll_mean": nll_mean,
+        "nll_sum": nll_sum.item(),
+        "tokens_scored": scored,
+        "windows": n,
+        "window": window,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# stage evaluate-ppl
+# ------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model folder, hub id or embedded:<name>")
+    parser.add_argument("--policy", help="policy JSON file (default: no sharing)")
+    parser.add_argument("--text", required=True, help="held-out evaluation text: a file (or embedded:pydoc, hf:...)")
+    parser.add_argument("--window", type=int, default=512, help="tokens per independently scored window")
+    parser.add_argument("--max-tokens", type=int, default=None, help="score the first N tokens of the text (default: all)")
+    parser.add_argument("--batch-size", type=int, default=4, help="windows per forward")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", required=True, type=Path, help="result JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.window < 2:
+        raise ValueError(f"--window must be at least 2 tokens, got {args.window}")
+    if args.max_tokens is not None and args.max_tokens < args.window:
+        raise ValueError(f"--max-tokens {args.max_tokens} is smaller than one --window of {args.window}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_source(args.model)
+    check_text_source(args.text)
+    policy = SharingPolicy.from_json(args.policy) if args.policy else None
+    text = load_corpus(args.text)
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn,
+                                  device=resolve_device(args.device))
+    policy = policy or SharingPolicy.identity(find_parts(model).n_layers)
+    max_positions = getattr(text_config(model), "max_position_embeddings", None)
+    if max_positions is not None and args.window > max_positions:
+        raise ValueError(f"--window {args.window} exceeds the model's context window of {max_positions} tokens")
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    windows = cut_windows(ids, args.window, args.max_tokens)
+
+    start = time.perf_counter()
+    with share_kv(model, policy):
+        result = perplexity(model, windows, args.batch_size)
+    seconds = time.perf_counter() - start
+
+    source, weights = model_id(args.model)
+    summary = {
+        "stage": "evaluate-ppl",
+        "model": args.model, "model_source": source, "weights_sha256": weights,
+        "policy": args.policy, "map": policy.map, "rate": policy.rate, "num_shared": policy.num_shared,
+        "shared_layers": policy.shared_layers,
+        "text": args.text, "text_sha256": sha256_text(text), "text_tokens": len(ids),
+        **result,
+        "max_tokens": args.max_tokens, "batch_size": args.batch_size,
+        "dtype": args.dtype, "device": str(model.device),
+        "seconds": seconds,
+    }
+    atomic_write_text(args.out, json.dumps(summary, indent=2) + "\n")
+    log.info(
+        "PPL %.4f (%d windows x %d tokens, %d/%d layers shared) in %.1f s -> %s",
+        result["ppl"], result["windows"], result["window"], policy.num_shared, policy.n_layers, seconds, args.out,
+    )
+    return 0

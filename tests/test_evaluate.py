@@ -1,0 +1,259 @@
+"""Evaluation stages on the tiny model folder: perplexity, lm-eval harness (local tasks), passkey retrieval.
+
+Every stage runs through ``kvsharer.cli.main`` and is judged by the JSON it writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from kvsharer import SharingPolicy
+from kvsharer.cli import main as cli
+from kvsharer.data import load_corpus, split_corpus, token_chunks
+from kvsharer.evaluate import harness, longctx, ppl
+from kvsharer.evaluate.longctx import INSTRUCTION, NEEDLE, QUESTION, passkey_prompt, sentence_ends
+from kvsharer.evaluate.tasks import BUILDERS
+
+SHARING_MAP = [0, 1, 2, 1, 4, 4, 2, 0]  # 4 of 8 layers read an earlier layer's KV
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    """The evaluation half of the embedded corpus, as a text file."""
+    _, evaluation = split_corpus(load_corpus("embedded:pydoc"), 0.5)
+    path = tmp_path_factory.mktemp("text") / "evaluation.txt"
+    path.write_text(evaluation)
+    return path
+
+
+@pytest.fixture(scope="module")
+def policy_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("policy") / "policy.json"
+    SharingPolicy(SHARING_MAP).to_json(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory, heldout):
+    out = tmp_path_factory.mktemp("tasks") / "seed0"
+    assert cli(["make-tasks", "--text", str(heldout), "--out-dir", str(out), "--seed", "0"]) == 0
+    return out
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails a test whose stage loads a model: bad input must be refused before that."""
+    calls = []
+    for module in (ppl, harness, longctx):
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: calls.append(a) or pytest.fail("model loaded"))
+    return calls
+
+
+@pytest.fixture
+def sharing_spy(monkeypatch):
+    """Records, per ``share_kv`` use of a stage, the map and how often each skipped K/V projection ran:
+    proof that the stage's forwards really ran under the policy."""
+    uses = []
+    real_share_kv = harness.share_kv
+
+    @contextlib.contextmanager
+    def spy(model, policy):
+        with real_share_kv(model, policy) as sharing:
+            projections = sharing.skipped_projections()
+            yield sharing
+            uses.append((list(policy.map), [p.calls for p in projections]))
+
+    for module in (harness, longctx):
+        monkeypatch.setattr(module, "share_kv", spy)
+    return uses
+
+
+def read(path):
+    return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluate-ppl
+# ------------------------------------------------------------------------------------------------
+
+
+def run_ppl(model_dir, text, out, *extra):
+    argv = ["evaluate-ppl", "--model", str(model_dir), "--text", str(text), "--window", "64",
+            "--max-tokens", "1024", "--batch-size", "5", "--out", str(out), *extra]
+    assert cli(argv) == 0
+    return read(out)
+
+
+def test_ppl_identity_equals_direct_cross_entropy(tiny_model_dir, heldout, tmp_path):
+    result = run_ppl(tiny_model_dir, heldout, tmp_path / "ppl.json")
+    assert (result["windows"], result["window"], result["tokens_scored"]) == (16, 64, 16 * 63)
+    assert result["map"] == list(range(8)) and result["rate"] == 0 and result["num_shared"] == 0
+    assert result["model"] == str(tiny_model_dir)
+
+    # independently: the plain model, the first 16 x 64 tokens, each window on its own
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = token_chunks(tokenizer, heldout.read_text(), 16, 64)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    nll = F.cross_entropy(logits[:, :-1].double().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    assert result["ppl"] == pytest.approx(torch.exp(nll).item(), rel=1e-5)
+    assert result["nll_mean"] == pytest.approx(nll.item(), rel=1e-5)
+
+
+def test_ppl_changes_under_a_sharing_policy(tiny_model_dir, heldout, policy_file, tmp_path):
+    plain = run_ppl(tiny_model_dir, heldout, tmp_path / "plain.json")
+    shared = run_ppl(tiny_model_dir, heldout, tmp_path / "shared.json", "--policy", str(policy_file))
+    assert shared["map"] == SHARING_MAP and shared["num_shared"] == 4 and shared["rate"] == 0.5
+    assert shared["policy"] == str(policy_file)
+    assert shared["tokens_scored"] == plain["tokens_scored"]
+    assert abs(shared["ppl"] - plain["ppl"]) > 1e-3 * plain["ppl"]
+
+
+def test_ppl_bad_window_is_refused_before_loading(tiny_model_dir, heldout, tmp_path, no_model_load):
+    argv = ["evaluate-ppl", "--model", str(tiny_model_dir), "--text", str(heldout), "--window", "1",
+            "--out", str(tmp_path / "x.json")]
+    assert cli(argv) == 2
+    assert not no_model_load and not (tmp_path / "x.json").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# make-tasks
+# ------------------------------------------------------------------------------------------------
+
+
+def test_make_tasks_items_are_four_way_true_and_deterministic(task_dir, heldout, tmp_path):
+    flat_text = " ".join(heldout.read_text().split())
+    manifest = read(task_dir / "tasks.json")
+    assert set(manifest["tasks"]) == set(BUILDERS) == {"kvs_next_sentence", "kvs_cloze"}
+    for name, info in manifest["tasks"].items():
+        config = yaml.safe_load((task_dir / f"{name}.yaml").read_text())
+        data_file = config["dataset_kwargs"]["data_files"]["test"]
+        assert config["task"] == name and config["dataset_path"] == "json"
+        assert data_file == str((task_dir / f"{name}.jsonl").resolve()) and data_file.startswith("/")
+        items = [json.loads(line) for line in (task_dir / f"{name}.jsonl").read_text().splitlines()]
+        assert len(items) == info["items"] >= 50
+        for item in items:
+            choices, label = item["choices"], item["label"]
+            assert len(choices) == 4 and 0 <= label < 4
+            assert len({c.lower() for c in choices}) == 4  # the answer appears exactly once
+            answer = choices[label] + ("." if name == "kvs_cloze" else "")
+            assert item["context"] + " " + answer in flat_text  # it really follows the context
+        assert len({item["label"] for item in items}) == 4  # answers sit in every position
+
+    again, other = tmp_path / "again", tmp_path / "other"
+    assert cli(["make-tasks", "--text", str(heldout), "--out-dir", str(again), "--seed", "0"]) == 0
+    assert cli(["make-tasks", "--text", str(heldout), "--out-dir", str(other), "--seed", "1"]) == 0
+    for name in BUILDERS:
+        data = (task_dir / f"{name}.jsonl").read_text()
+        assert (again / f"{name}.jsonl").read_text() == data
+        assert (other / f"{name}.jsonl").read_text() != data
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluate-harness
+# ------------------------------------------------------------------------------------------------
+
+
+def test_harness_runs_local_tasks_offline(tiny_model_dir, task_dir, policy_file, tmp_path, monkeypatch, sharing_spy):
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)  # the stage sets them; restored after the test
+    attempts = []
+    real_connect = socket.socket.connect
+
+    def guarded_connect(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            attempts.append(address)
+            raise OSError(f"test: network access to {address}")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    out = tmp_path / "harness.json"
+    argv = ["evaluate-harness", "--model", str(tiny_model_dir), "--tasks", "kvs_next_sentence,kvs_cloze",
+            "--task-dir", str(task_dir), "--limit", "6", "--batch-size", "8", "--policy", str(policy_file),
+            "--out", str(out)]
+    assert cli(argv) == 0
+    result = read(out)
+    assert set(result["tasks"]) == {"kvs_next_sentence", "kvs_cloze"}
+    for metrics in result["tasks"].values():
+        assert metrics["samples"] == 6
+        assert 0.0 <= metrics["acc"] <= 1.0 and 0.0 <= metrics["acc_norm"] <= 1.0
+        assert metrics["acc_stderr"] >= 0
+    assert result["map"] == SHARING_MAP and result["num_shared"] == 4
+    (share_map, calls), = sharing_spy
+    assert share_map == SHARING_MAP and min(calls) > 0  # lm-eval's forwards ran under the policy
+    assert not attempts
+
+
+def test_harness_unknown_task_is_refused_before_loading(tiny_model_dir, task_dir, tmp_path, caplog, no_model_load):
+    argv = ["evaluate-harness", "--model", str(tiny_model_dir), "--tasks", "kvs_cloze,hellaswag,kvs_nope,zzz_task",
+            "--task-dir", str(task_dir), "--out", str(tmp_path / "x.json")]
+    assert cli(argv) == 2
+    assert not no_model_load and not (tmp_path / "x.json").exists()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "kvs_nope, zzz_task" in errors[0]
+    assert "hellaswag" not in errors[0].split(";")[0]  # a real lm-eval task is known
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluate-longctx
+# ------------------------------------------------------------------------------------------------
+
+
+def test_passkey_prompt_has_the_length_and_the_needle_at_the_depth(tiny_model_dir, heldout):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    haystack = tokenizer(heldout.read_text()[:20000], add_special_tokens=False)["input_ids"]
+    ends = sentence_ends(tokenizer, haystack)
+
+    def n_tokens(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    head = len(tokenizer("")["input_ids"]) + n_tokens(INSTRUCTION)
+    needle, question = n_tokens(NEEDLE.format(key=12345)), n_tokens(QUESTION)
+    n_fill = 400 - head - needle - question
+    positions = {}
+    for depth in (0.0, 0.5, 1.0):
+        ids, at = passkey_prompt(tokenizer, haystack, ends, 0, 400, depth, 12345)
+        assert len(ids) == 400
+        assert tokenizer.decode(ids[at : at + needle]) == NEEDLE.format(key=12345)
+        assert tokenizer.decode(ids[-question:]) == QUESTION
+        positions[depth] = at - head
+    assert positions[0.0] == 0 and positions[1.0] == n_fill
+    assert abs(positions[0.5] / n_fill - 0.5) < 0.15  # the sentence boundary nearest to the middle
+    with pytest.raises(ValueError, match="too short"):
+        passkey_prompt(tokenizer, haystack, ends, 0, head, 0.5, 12345)
+
+
+def test_longctx_covers_the_grid(tiny_model_dir, heldout, policy_file, tmp_path, sharing_spy):
+    out = tmp_path / "longctx.json"
+    argv = ["evaluate-longctx", "--model", str(tiny_model_dir), "--text", str(heldout), "--lengths", "200,400",
+            "--depths", "0,0.5,1", "--trials", "2", "--max-new-tokens", "6", "--policy", str(policy_file),
+            "--out", str(out)]
+    assert cli(argv) == 0
+    result = read(out)
+    cells = {(c["length"], c["depth"]): c for c in result["cells"]}
+    assert set(cells) == {(n, d) for n in (200, 400) for d in (0.0, 0.5, 1.0)} and len(result["cells"]) == 6
+    for cell in cells.values():
+        assert cell["trials"] == 2 and 0 <= cell["correct"] <= 2 and cell["accuracy"] == cell["correct"] / 2
+        assert len(cell["outputs"]) == 2 and all(10000 <= o["key"] <= 99999 for o in cell["outputs"])
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["trials_total"] == 12
+    assert result["map"] == SHARING_MAP and result["rate"] == 0.5
+    (share_map, calls), = sharing_spy
+    assert share_map == SHARING_MAP and min(calls) >= 6  # at least one forward per cell, all under the policy
+
+
+def test_longctx_length_beyond_the_window_is_refused_before_loading(tiny_model_dir, heldout, tmp_path, caplog,
+                                                                    no_model_load):
+    argv = ["evaluate-longctx", "--model", str(tiny_model_dir), "--text", str(heldout), "--lengths", "200,600",
+            "--depths", "0.5", "--out", str(tmp_path / "x.json")]
+    assert cli(argv) == 2
+    assert not no_model_load and not (tmp_path / "x.json").exists()
+    assert any("600" in r.getMessage() and "512" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
