@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="KVSharer: layer-wise dissimilar KV-cache sharing, stage by stage.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     for name, (module, help_text) in STAGES.items():
         stage_parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -51,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     log = logging.getLogger("kvsharer")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     log.info("stage %s started", args.stage)
     try:

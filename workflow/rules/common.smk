@@ -1,0 +1,86 @@
+# Path helpers only: which policies and evaluations the config asks for. No computation here.
+import os
+from itertools import product
+
+
+def fmt(x):
+    """Numbers as they appear in file names: 0.25 -> '0.25', 0.5 -> '0.5'."""
+    return f"{x:g}"
+
+
+def policy_name(rate, order, metric, threshold, seed):
+    return f"r{fmt(rate)}_{order}_{metric}_T{fmt(threshold)}_s{seed}"
+
+
+S = config["search"]
+MAIN_METRIC, MAIN_T = S["metric"], S["threshold"]
+
+
+def main_policies(order=None):
+    """(rate, order, seed) grid at the main metric and threshold; seeds only for the random order."""
+    orders = [order] if order else S["orders"]
+    return [
+        policy_name(rate, o, MAIN_METRIC, MAIN_T, seed)
+        for rate, o in product(S["rates"], orders)
+        for seed in (S["seeds"] if o == "random" else [0])
+    ]
+
+
+def all_policies():
+    names = main_policies()
+    for rate in S["ablation_rates"]:
+        names += [policy_name(rate, "dissimilar", m, MAIN_T, 0) for m in S["metrics"]]
+        names += [policy_name(rate, "dissimilar", MAIN_METRIC, t, 0) for t in S["thresholds"]]
+    return list(dict.fromkeys(names))  # ordered, no duplicates
+
+
+def table1_policies():
+    """Plain model and the paper's method (dissimilar order) at every rate."""
+    return ["plain"] + main_policies("dissimilar")
+
+
+def model_setting(model, key, default):
+    return config["models"][model].get(key, default)
+
+
+EVAL = config["evaluation"]
+EVAL_KINDS = {"ppl": ("ppl" in EVAL, all_policies), "harness": ("harness" in EVAL, table1_policies),
+              "longctx": ("longctx" in EVAL, table1_policies)}
+
+
+def eval_files(kind):
+    enabled, which = EVAL_KINDS[kind]
+    if not enabled:
+        return []
+    names = ["plain"] + which() if kind == "ppl" else which()
+    return [f"results/{m}/eval/{p}/{kind}.json" for m in config["models"] for p in dict.fromkeys(names)]
+
+
+def policy_files():
+    return [f"results/{m}/policies/{p}.json" for m in config["models"] for p in all_policies()]
+
+
+def distance_files():
+    metrics = dict.fromkeys([MAIN_METRIC] + S["metrics"])
+    return [f"results/{m}/distances/{metric}.json" for m in config["models"] for metric in metrics]
+
+
+def policy_input(wildcards):
+    """The policy file of an evaluation; nothing for the plain model."""
+    if wildcards.policy == "plain":
+        return []
+    return f"results/{wildcards.model}/policies/{wildcards.policy}.json"
+
+
+def policy_arg(wildcards, input):
+    return f"--policy {input.policy}" if input.get("policy") else ""
+
+
+wildcard_constraints:
+    model="|".join(map(lambda m: m.replace(".", r"\."), config["models"])),
+    rate=r"[0-9.e-]+",
+    threshold=r"-?[0-9.e-]+",
+    seed=r"\d+",
+    order="dissimilar|similar|random",
+    metric="euclidean|cosine|cka",
+    policy=r"plain|r[^/]+",

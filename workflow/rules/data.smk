@@ -1,0 +1,48 @@
+# Models and text: materialize each model once; split the corpus into calibration / held-out text.
+
+
+rule prepare_model:
+    output:
+        directory("results/models/{model}"),
+    params:
+        source=lambda w: config["models"][w.model]["source"],
+        dtype=lambda w: model_setting(w.model, "dtype", "float32"),
+    log:
+        "logs/{model}/prepare_model.log",
+    conda:
+        "../../envs/kvsharer.yaml"
+    threads: lambda w: model_setting(w.model, "threads", 1)
+    resources:
+        mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+    shell:
+        "python -m kvsharer --threads {threads} prepare-model --source {params.source:q} --dtype {params.dtype}"
+        " --out {output} > {log} 2>&1"
+
+
+rule prepare_text:
+    output:
+        calibration="results/text/calibration.txt",
+        evaluation="results/text/evaluation.txt",
+    params:
+        source=config["calibration"]["text"],
+        eval_fraction=config["calibration"].get("eval_fraction", 0.5),
+    log:
+        "logs/prepare_text.log",
+    conda:
+        "../../envs/kvsharer.yaml"
+    shell:
+        "python -m kvsharer prepare-text --source {params.source:q} --eval-fraction {params.eval_fraction}"
+        " --calibration-out {output.calibration} --evaluation-out {output.evaluation} > {log} 2>&1"
+
+
+rule make_tasks:
+    input:
+        "results/text/evaluation.txt",
+    output:
+        "results/text/tasks/tasks.json",
+    log:
+        "logs/make_tasks.log",
+    conda:
+        "../../envs/kvsharer.yaml"
+    shell:
+        "python -m kvsharer make-tasks --text {input} --out-dir results/text/tasks > {log} 2>&1"

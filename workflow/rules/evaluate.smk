@@ -1,0 +1,86 @@
+# Every policy (and the plain model, policy "plain") through the evaluation stages.
+
+
+rule evaluate_ppl:
+    input:
+        unpack(lambda w: {"model": f"results/models/{w.model}", "text": "results/text/evaluation.txt",
+                          "policy": policy_input(w)}),
+    output:
+        "results/{model}/eval/{policy}/ppl.json",
+    params:
+        policy=policy_arg,
+        max_tokens=EVAL.get("ppl", {}).get("max_tokens", 4096),
+        window=EVAL.get("ppl", {}).get("window", 512),
+        batch=lambda w: model_setting(w.model, "batch_size", 8),
+        dtype=lambda w: model_setting(w.model, "dtype", "float32"),
+    log:
+        "logs/{model}/eval/{policy}/ppl.log",
+    conda:
+        "../../envs/kvsharer.yaml"
+    threads: lambda w: model_setting(w.model, "threads", 1)
+    resources:
+        mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+    shell:
+        "python -m kvsharer --threads {threads} evaluate-ppl --model {input.model} {params.policy}"
+        " --text {input.text} --max-tokens {params.max_tokens} --window {params.window}"
+        " --batch-size {params.batch} --dtype {params.dtype} --out {output} > {log} 2>&1"
+
+
+def harness_inputs(w):
+    inputs = {"model": f"results/models/{w.model}", "policy": policy_input(w)}
+    if EVAL["harness"].get("local_tasks", False):
+        inputs["tasks"] = "results/text/tasks/tasks.json"
+    return inputs
+
+
+rule evaluate_harness:
+    input:
+        unpack(harness_inputs),
+    output:
+        "results/{model}/eval/{policy}/harness.json",
+    params:
+        policy=policy_arg,
+        tasks=",".join(EVAL.get("harness", {}).get("tasks", [])),
+        task_dir="--task-dir results/text/tasks" if EVAL.get("harness", {}).get("local_tasks") else "",
+        limit=lambda w: f"--limit {EVAL['harness']['limit']}" if EVAL["harness"].get("limit") else "",
+        fewshot=lambda w: (f"--num-fewshot {EVAL['harness']['num_fewshot']}"
+                           if EVAL["harness"].get("num_fewshot") is not None else ""),
+        batch=lambda w: model_setting(w.model, "batch_size", 8),
+        dtype=lambda w: model_setting(w.model, "dtype", "float32"),
+    log:
+        "logs/{model}/eval/{policy}/harness.log",
+    conda:
+        "../../envs/kvsharer.yaml"
+    threads: lambda w: model_setting(w.model, "threads", 1)
+    resources:
+        mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+    shell:
+        "python -m kvsharer --threads {threads} evaluate-harness --model {input.model} {params.policy}"
+        " --tasks {params.tasks} {params.task_dir} {params.limit} {params.fewshot}"
+        " --batch-size {params.batch} --dtype {params.dtype} --out {output} > {log} 2>&1"
+
+
+rule evaluate_longctx:
+    input:
+        unpack(lambda w: {"model": f"results/models/{w.model}", "text": "results/text/evaluation.txt",
+                          "policy": policy_input(w)}),
+    output:
+        "results/{model}/eval/{policy}/longctx.json",
+    params:
+        policy=policy_arg,
+        lengths=",".join(str(x) for x in EVAL.get("longctx", {}).get("lengths", [])),
+        depths=",".join(str(x) for x in EVAL.get("longctx", {}).get("depths", [0.0, 0.5, 1.0])),
+        trials=EVAL.get("longctx", {}).get("trials", 2),
+        seed=EVAL.get("longctx", {}).get("seed", 0),
+        dtype=lambda w: model_setting(w.model, "dtype", "float32"),
+    log:
+        "logs/{model}/eval/{policy}/longctx.log",
+    conda:
+        "../../envs/kvsharer.yaml"
+    threads: lambda w: model_setting(w.model, "threads", 1)
+    resources:
+        mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+    shell:
+        "python -m kvsharer --threads {threads} evaluate-longctx --model {input.model} {params.policy}"
+        " --text {input.text} --lengths {params.lengths} --depths {params.depths} --trials {params.trials}"
+        " --seed {params.seed} --dtype {params.dtype} --out {output} > {log} 2>&1"

@@ -1,0 +1,27 @@
+# One policy search per (model, rate, order, metric, threshold, seed). A killed search resumes from its
+# journal (results/{model}/policies/<name>.json.journal.jsonl) when the DAG is rerun.
+
+
+rule search:
+    input:
+        model="results/models/{model}",
+        calibration="results/{model}/calibration.safetensors",
+    output:
+        "results/{model}/policies/r{rate}_{order}_{metric}_T{threshold}_s{seed}.json",
+    params:
+        procedure=config["search"].get("procedure", "fast"),
+        samples=config["calibration"].get("samples", 30),
+        tokens=config["calibration"].get("tokens", 64),
+        dtype=lambda w: model_setting(w.model, "dtype", "float32"),
+    log:
+        "logs/{model}/search/r{rate}_{order}_{metric}_T{threshold}_s{seed}.log",
+    conda:
+        "../../envs/kvsharer.yaml"
+    threads: lambda w: model_setting(w.model, "threads", 1)
+    resources:
+        mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+    shell:
+        "python -m kvsharer --threads {threads} search --model {input.model} --calibration {input.calibration}"
+        " --rate {wildcards.rate} --order {wildcards.order} --metric {wildcards.metric}"
+        " --threshold {wildcards.threshold} --seed {wildcards.seed} --procedure {params.procedure}"
+        " --samples {params.samples} --tokens {params.tokens} --dtype {params.dtype} --out {output} > {log} 2>&1"
