@@ -25,10 +25,14 @@ STAGES = {
     "evaluate-ppl": ("kvsharer.evaluate.ppl", "perplexity on held-out text under a sharing policy"),
     "evaluate-harness": ("kvsharer.evaluate.harness", "lm-eval harness accuracy under a sharing policy"),
     "evaluate-longctx": ("kvsharer.evaluate.longctx", "passkey retrieval over lengths x depths under a sharing policy"),
+    "tables": ("kvsharer.report.tables", "paper-style tables (CSV + Markdown) from policy and evaluation files"),
+    "figures": ("kvsharer.report.figures", "report figures (PNG + PDF) from policy, evaluation and distance files"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
+    """All stages are listed; only ``stage``'s module is imported (stages that only read results, like
+    ``tables``, never pay for importing torch)."""
     parser = argparse.ArgumentParser(
         prog="python -m kvsharer",
         description="KVSharer: layer-wise dissimilar KV-cache sharing, stage by stage.",
@@ -39,12 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in STAGES.items():
         stage_parser = sub.add_parser(name, help=help_text, description=help_text)
         stage_parser.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(stage_parser)
+        if name == stage:
+            importlib.import_module(module).add_arguments(stage_parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    stage = next((a for a in argv if a in STAGES), None)
+    args = build_parser(stage).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s kvsharer %(levelname)s %(message)s",

@@ -11,8 +11,6 @@ import hashlib
 import logging
 from pathlib import Path
 
-import torch
-
 from .atomic import atomic_write_text
 
 log = logging.getLogger("kvsharer")
@@ -70,8 +68,10 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def token_chunks(tokenizer, text: str, n: int, t: int) -> torch.Tensor:
+def token_chunks(tokenizer, text: str, n: int, t: int):
     """``[n, t]`` consecutive, non-overlapping chunks of exactly ``t`` tokens (every sample counts)."""
+    import torch  # here, so that text-only stages do not import torch
+
     if n < 1 or t < 2:
         raise ValueError(f"need at least 1 sample of at least 2 tokens, got N={n}, T={t}")
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]

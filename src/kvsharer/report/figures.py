@@ -1,0 +1,345 @@
+"""Stage ``figures``: seaborn figures (PNG + PDF) from policy, evaluation and distance files.
+
+Always writes the same files under ``--out-dir`` (``<name>.png`` and ``<name>.pdf`` for every name in
+``FIGURES``), so Snakemake outputs stay fixed; a figure (or a panel) whose inputs are absent shows an
+empty axis saying "no data". Several models are panels of one figure.
+
+* ``ppl_vs_rate``: PPL vs requested sharing rate, one line per order (random: mean over seeds, band =
+  standard deviation), the plain model as a dashed line, log y axis; main metric and threshold;
+* ``distance_heatmap``: the layer distance matrix of every distances file (lower triangle) with the
+  accepted pairs of the main dissimilar policy (largest requested rate <= ``--main-rate``) marked;
+* ``acceptance_vs_rank``: accepted share of evaluated candidates per dissimilarity-rank bin, hue = T;
+* ``threshold_ablation``: PPL and layers shared vs threshold T, one line per rate;
+* ``metric_ablation``: PPL vs rate, one line per distance metric;
+* ``passkey``: passkey retrieval accuracy over context length x needle depth, for the plain model and
+  every rate of the main dissimilar policies (small multiples).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # before pyplot: files only, no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from ..atomic import atomic_path  # noqa: E402
+from .collect import (METRICS, Collection, Distances, collect, load_distances, order_rank,  # noqa: E402
+                      passkey_cells_frame, plain, results_frame, select, traces_frame)
+from .tables import (DEFAULT_METRIC, DEFAULT_RANK_BIN, DEFAULT_THRESHOLD, acceptance_by_rank,  # noqa: E402
+                     add_common_arguments, check_common_arguments, metric_long, rate_pct, threshold_ablation,
+                     warn_if_no_main)
+
+log = logging.getLogger("kvsharer")
+
+FIGURES = ("ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation", "passkey")
+FORMATS = ("png", "pdf")
+DEFAULT_MAIN_RATE = 0.25
+PANEL = (4.6, 3.6)  # inches per panel
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def grid(n_panels: int, ncols: int | None = None, nrows: int | None = None, panel=PANEL, **kwargs):
+    """A figure with ``n_panels`` axes (a flat list); unused grid cells are hidden."""
+    n_panels = max(n_panels, 1)
+    if nrows is None:
+        ncols = ncols or min(n_panels, 3)
+        nrows = math.ceil(n_panels / ncols)
+    ncols = ncols or math.ceil(n_panels / nrows)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel[0] * ncols, panel[1] * nrows), squeeze=False, **kwargs)
+    flat = list(axes.flat)
+    for ax in flat[n_panels:]:
+        ax.set_visible(False)
+    return fig, flat[:n_panels]
+
+
+def no_data(ax, what: str = "") -> None:
+    ax.text(0.5, 0.5, "no data" + (f"\n({what})" if what else ""), ha="center", va="center",
+            transform=ax.transAxes, fontsize=11, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def empty_figure(title: str, what: str):
+    fig, (ax,) = grid(1)
+    no_data(ax, what)
+    ax.set_title(title)
+    return fig
+
+
+def save(fig, out_dir: Path, name: str) -> None:
+    fig.tight_layout()
+    for fmt in FORMATS:
+        metadata = {"CreationDate": None} if fmt == "pdf" else {"Software": None}
+        with atomic_path(out_dir / f"{name}.{fmt}") as tmp:
+            fig.savefig(tmp, format=fmt, dpi=150, metadata=metadata)
+    plt.close(fig)
+
+
+def with_rate_pct(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.copy()
+    frame["rate_pct"] = rate_pct(frame["rate_requested"])
+    return frame
+
+
+def log_y(ax) -> None:
+    """Log y axis with plain numbers (12.5, not 1.25x10^1); minor ticks labelled when under a decade."""
+    ax.set_yscale("log")
+    plain_numbers = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain_numbers)
+    low, high = ax.get_ylim()
+    if low > 0 and high / low < 10:
+        ax.yaxis.set_minor_formatter(plain_numbers)
+        ax.tick_params(axis="y", which="minor", labelsize=7)
+    else:
+        ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _legend(ax, title: str | None = None) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, title=title, fontsize=8, title_fontsize=8)
+
+
+def main_policy(results: pd.DataFrame, model: str, metric: str, threshold: float, main_rate: float):
+    """The dissimilar main policy of ``model`` whose accepted pairs a heatmap marks: the largest requested
+    rate <= ``main_rate`` (else the smallest rate), at ``metric`` if there is one, else any metric."""
+    sub = select(results, order="dissimilar", threshold=threshold)
+    sub = sub[sub["model"].eq(model) & sub["policy_path"].notna()]
+    for candidates in (sub[sub["metric"].eq(metric)], sub):
+        if candidates.empty:
+            continue
+        rates = candidates["rate_requested"].astype(float)
+        below = candidates[rates <= main_rate + 1e-9]
+        pick = below.loc[[below["rate_requested"].astype(float).idxmax()]] if len(below) else \
+            candidates.loc[[rates.idxmin()]]
+        return pick.iloc[0]
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# the figures
+# ------------------------------------------------------------------------------------------------
+
+
+def fig_ppl_vs_rate(results: pd.DataFrame, metric: str, threshold: float):
+    sub = select(results, metric=metric, threshold=threshold)
+    sub = with_rate_pct(sub[sub["order"].notna() & sub["ppl"].notna()])
+    base = plain(results).dropna(subset=["ppl"])
+    models = sorted(set(sub["model"]) | set(base["model"]))
+    if not models:
+        return empty_figure("PPL vs sharing rate", "no perplexity results")
+    fig, axes = grid(len(models))
+    for ax, model in zip(axes, models):
+        part = sub[sub["model"] == model]
+        # one value per (order, rate, seed): several procedures of one setting are averaged first
+        part = part.groupby(["order", "rate_pct", "seed"], as_index=False, dropna=False)["ppl"].mean()
+        orders = sorted(set(part["order"]), key=lambda o: (order_rank(o), o))
+        if len(part):
+            sns.lineplot(data=part, x="rate_pct", y="ppl", hue="order", hue_order=orders, style="order",
+                         style_order=orders, markers=True, dashes=False, errorbar="sd", ax=ax)
+        for value in base.loc[base["model"] == model, "ppl"]:
+            ax.axhline(value, color="0.3", linestyle="--", linewidth=1, label="plain model")
+        log_y(ax)
+        ax.set_xlabel("requested sharing rate (%)")
+        ax.set_ylabel("perplexity (log scale)")
+        ax.set_title(f"{model} ({metric}, T={threshold:g})")
+        _legend(ax)
+    return fig
+
+
+def fig_distance_heatmap(distances: list[Distances], results: pd.DataFrame, traces: pd.DataFrame, metric: str,
+                         threshold: float, main_rate: float):
+    if not distances:
+        return empty_figure("layer distances", "no distances files")
+    fig, axes = grid(len(distances), panel=(5.2, 4.4))
+    for ax, dist in zip(axes, distances):
+        n = dist.matrix.shape[0]
+        mask = np.triu(np.ones((n, n), dtype=bool))  # pairs are (i > j): the lower triangle
+        step = max(1, n // 10)
+        sns.heatmap(dist.matrix, mask=mask, cmap="viridis", square=True, ax=ax, xticklabels=step, yticklabels=step,
+                    cbar_kws={"label": f"{dist.metric} distance", "shrink": 0.8})
+        policy = main_policy(results, dist.model, dist.metric if dist.metric else metric, threshold, main_rate)
+        title = f"{dist.model}: {dist.metric} distances"
+        if policy is not None:
+            accepted = traces[traces["policy_path"].eq(policy["policy_path"]) & traces["accepted"]]
+            for layer, source in zip(accepted["layer"], accepted["source"]):
+                ax.add_patch(Rectangle((int(source), int(layer)), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+            if len(accepted):
+                proxy = Rectangle((0, 0), 1, 1, fill=False, edgecolor="red", linewidth=1.5)
+                ax.legend([proxy], ["accepted pair (i shares j)"], loc="upper right", fontsize=7)
+            title += f"\nmarked: {policy['policy']}"
+        ax.grid(False)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("layer j (source)")
+        ax.set_ylabel("layer i (shares j's KV)")
+    return fig
+
+
+def fig_acceptance_vs_rank(traces: pd.DataFrame, metric: str, rank_bin: int):
+    table = acceptance_by_rank(traces, rank_bin)
+    table = table[table["metric"].eq(metric)].copy()
+    if table.empty:
+        return empty_figure("acceptance vs dissimilarity rank", f"no dissimilar {metric} search traces")
+    table["T"] = table["threshold"].map(lambda t: f"{t:g}")
+    table["rank_mid"] = (table["rank_lo"].astype(float) + table["rank_hi"].astype(float)) / 2
+    table["accepted_fraction"] = table["accepted_fraction"].astype(float)
+    models = sorted(set(table["model"]))
+    fig, axes = grid(len(models))
+    for ax, model in zip(axes, models):
+        part = table[table["model"] == model]
+        hue_order = sorted(set(part["T"]), key=float)
+        sns.lineplot(data=part, x="rank_mid", y="accepted_fraction", hue="T", hue_order=hue_order, marker="o", ax=ax)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlim(0, float(part["rank_hi"].max()) + 1)
+        ax.set_xlabel(f"dissimilarity rank (bins of {rank_bin}; 0 = most dissimilar)")
+        ax.set_ylabel("accepted fraction of candidates")
+        ax.set_title(f"{model} ({metric}, dissimilar order)")
+        _legend(ax, "threshold T")
+    return fig
+
+
+def fig_threshold_ablation(results: pd.DataFrame, metric: str, threshold: float):
+    table = threshold_ablation(results, metric, threshold)
+    if table.empty:
+        return empty_figure("threshold ablation", "no policies with a threshold besides the main one")
+    table = table.copy()
+    table["rate"] = table["rate_pct"].map(lambda r: f"{r:g} %")
+    for column in ("threshold", "ppl", "layers_shared", "target"):
+        table[column] = pd.to_numeric(table[column], errors="coerce").astype(float)
+    models = sorted(set(table["model"]))
+    fig, axes = grid(2 * len(models), ncols=2)
+    for k, model in enumerate(models):
+        part = table[table["model"] == model]
+        rates = list(dict.fromkeys(part.sort_values("rate_pct")["rate"]))
+        ax_ppl, ax_layers = axes[2 * k], axes[2 * k + 1]
+        if part["ppl"].notna().any():
+            sns.lineplot(data=part.dropna(subset=["ppl"]), x="threshold", y="ppl", hue="rate", hue_order=rates,
+                         marker="o", ax=ax_ppl)
+            log_y(ax_ppl)
+            _legend(ax_ppl, "requested rate")
+        else:
+            no_data(ax_ppl, "no perplexity results")
+        ax_ppl.set_xlabel("threshold T")
+        ax_ppl.set_ylabel("perplexity (log scale)")
+        ax_ppl.set_title(f"{model}: PPL vs T ({metric})")
+        sns.lineplot(data=part, x="threshold", y="layers_shared", hue="rate", hue_order=rates, marker="o", ax=ax_layers)
+        for _, row in part.drop_duplicates("rate").iterrows():
+            if not math.isnan(row["target"]):
+                ax_layers.axhline(row["target"], color="0.6", linestyle=":", linewidth=1)
+        ax_layers.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax_layers.set_xlabel("threshold T")
+        ax_layers.set_ylabel("layers shared (dotted: target)")
+        ax_layers.set_title(f"{model}: layers shared vs T")
+        _legend(ax_layers, "requested rate")
+    return fig
+
+
+def fig_metric_ablation(results: pd.DataFrame, metric: str, threshold: float):
+    sub = metric_long(results, metric, threshold)
+    if sub.empty:
+        return empty_figure("metric ablation", "no policies with a metric besides the main one")
+    sub = with_rate_pct(sub)
+    models = sorted(set(sub["model"]))
+    fig, axes = grid(len(models))
+    for ax, model in zip(axes, models):
+        part = sub[sub["model"] == model].groupby(["metric", "rate_pct"], as_index=False)["ppl"].mean()
+        metrics = sorted(set(part["metric"]), key=lambda m: (METRICS.index(m) if m in METRICS else 99, m))
+        sns.lineplot(data=part, x="rate_pct", y="ppl", hue="metric", hue_order=metrics, style="metric",
+                     style_order=metrics, markers=True, dashes=False, ax=ax)
+        log_y(ax)
+        ax.set_xlabel("requested sharing rate (%)")
+        ax.set_ylabel("perplexity (log scale)")
+        ax.set_title(f"{model} (dissimilar order, T={threshold:g})")
+        _legend(ax, "distance metric")
+    return fig
+
+
+def fig_passkey(cells: pd.DataFrame, metric: str, threshold: float):
+    sub = pd.concat([plain(cells), select(cells, order="dissimilar", metric=metric, threshold=threshold)])
+    if sub.empty:
+        return empty_figure("passkey retrieval", "no evaluate-longctx results")
+    sub = with_rate_pct(sub)
+    models = sorted(set(sub["model"]))
+    rates = sorted(set(sub["rate_pct"]))
+    fig, axes = grid(len(models) * len(rates), nrows=len(models), ncols=len(rates), panel=(3.4, 3.0))
+    for r, model in enumerate(models):
+        for c, rate in enumerate(rates):
+            ax = axes[r * len(rates) + c]
+            part = sub[(sub["model"] == model) & (sub["rate_pct"] == rate)]
+            label = "plain" if rate == 0 else f"{rate:g} % shared"
+            ax.set_title(f"{model}: {label}", fontsize=9)
+            if part.empty:
+                no_data(ax)
+                continue
+            # several policies of one rate (procedures): mean accuracy per cell
+            table = (part.assign(accuracy=part["accuracy"].astype(float))
+                         .pivot_table(index="depth", columns="length", values="accuracy", aggfunc="mean"))
+            annotate = table.size <= 64
+            sns.heatmap(table, vmin=0, vmax=1, cmap="RdYlGn", annot=annotate, fmt=".2f", ax=ax,
+                        cbar=c == len(rates) - 1, cbar_kws={"label": "accuracy"}, annot_kws={"fontsize": 7})
+            ax.grid(False)
+            ax.set_xlabel("context length (tokens)")
+            ax.set_ylabel("needle depth")
+    return fig
+
+
+def build_figures(collection: Collection, distances: list[Distances], metric: str = DEFAULT_METRIC,
+                  threshold: float = DEFAULT_THRESHOLD, rank_bin: int = DEFAULT_RANK_BIN, main_rate: float = DEFAULT_MAIN_RATE):
+    """``{name: function drawing that figure}`` for every name in ``FIGURES``."""
+    results = results_frame(collection)
+    traces = traces_frame(collection)
+    return {
+        "ppl_vs_rate": lambda: fig_ppl_vs_rate(results, metric, threshold),
+        "distance_heatmap": lambda: fig_distance_heatmap(distances, results, traces, metric, threshold, main_rate),
+        "acceptance_vs_rank": lambda: fig_acceptance_vs_rank(traces, metric, rank_bin),
+        "threshold_ablation": lambda: fig_threshold_ablation(results, metric, threshold),
+        "metric_ablation": lambda: fig_metric_ablation(results, metric, threshold),
+        "passkey": lambda: fig_passkey(passkey_cells_frame(collection), metric, threshold),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# stage
+# ------------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument("--distances", nargs="*", default=[], type=Path, metavar="FILE",
+                        help="distance JSON files (from `distances`)")
+    parser.add_argument("--main-rate", type=float, default=DEFAULT_MAIN_RATE,
+                        help="the heatmap marks the main dissimilar policy with the largest rate <= this")
+    parser.add_argument("--out-dir", required=True, type=Path,
+                        help=f"writes <name>.png and <name>.pdf for {', '.join(FIGURES)}")
+
+
+def main(args: argparse.Namespace) -> int:
+    check_common_arguments(args)
+    collection = collect(args.policies, args.evals)
+    distances = load_distances(args.distances)
+    warn_if_no_main(collection, args.main_metric, args.main_threshold)
+    sns.set_theme(style="whitegrid", context="paper")
+    makers = build_figures(collection, distances, args.main_metric, args.main_threshold, args.rank_bin, args.main_rate)
+    for name in FIGURES:
+        fig = makers[name]()
+        empty = ["no data" in t.get_text() for ax in fig.axes if ax.get_visible() for t in ax.texts]
+        note = " (no data: drawn empty)" if empty and all(empty) else " (no data in some panels)" if any(empty) else ""
+        save(fig, args.out_dir, name)
+        log.info("figure %s%s -> %s", name, note,
+                 ", ".join(str(args.out_dir / f"{name}.{fmt}") for fmt in FORMATS))
+    return 0

@@ -1,0 +1,344 @@
+"""Stage ``tables``: the paper-style tables (CSV + Markdown) from policy and evaluation files.
+
+Writes, under ``--out-dir``, always the same files (a table without inputs is written with its header
+only, so Snakemake outputs stay fixed): ``<name>.csv`` and ``<name>.md`` for every name in ``TABLES``:
+
+* ``table1``: per model, the plain model and the dissimilar order (the paper's method) at every requested
+  rate, at the main metric and threshold: PPL, every harness task's accuracy, passkey accuracy, their
+  mean (``mean_score``) and that mean as a percentage of the plain model's (``pct_of_plain``);
+* ``order_ablation``: PPL per rate for the dissimilar, similar and random orders (random: mean and sample
+  standard deviation, ddof=1, over seeds), at the main metric and threshold;
+* ``metric_ablation``: PPL per rate per distance metric (dissimilar order, main threshold);
+* ``threshold_ablation``: per rate and threshold T (dissimilar order, main metric): layers shared,
+  complete, candidates evaluated, PPL;
+* ``acceptance_by_rank``: share of accepted candidates per bin of the dissimilarity rank (dissimilar
+  order; per model, metric and threshold), from the search traces;
+* ``search_cost``: per policy: candidates evaluated, seconds, seconds per candidate.
+
+The ablation tables hold only the rates at which the ablation has a variant besides the main setting
+(the main setting's column is there for comparison); without any, they are empty. CSV keeps full
+precision (what the inputs hold); Markdown rounds to 4 decimals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..atomic import atomic_path, atomic_write_text
+from .collect import (METRICS, ORDERS, Collection, collect, plain, policies_frame, results_frame, select,
+                      task_columns, traces_frame)
+
+log = logging.getLogger("kvsharer")
+
+TABLES = ("table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank", "search_cost")
+DEFAULT_METRIC = "euclidean"
+DEFAULT_THRESHOLD = 0.5
+DEFAULT_RANK_BIN = 10
+
+# Markdown headers for the CSV column names that are not self-explanatory
+HEADERS = {
+    "rate_pct": "rate (%)", "layers_shared": "layers shared", "n_layers": "layers", "ppl": "PPL",
+    "mean_score": "mean score", "pct_of_plain": "% of plain", "random_seeds": "random seeds",
+    "candidates_evaluated": "candidates", "candidates_resumed": "resumed", "pairs_skipped": "pairs skipped",
+    "seconds_per_candidate": "s / candidate", "accepted_fraction": "accepted fraction",
+    "mean_similarity": "mean similarity", "rank_lo": "rank from", "rank_hi": "rank to", "threshold": "T",
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def rate_pct(rate: pd.Series) -> pd.Series:
+    """Requested rate as a percentage, rounded to 10 decimals (0.1 * 100 is 10.000000000000002)."""
+    return (pd.to_numeric(rate, errors="coerce").astype(float) * 100).round(10)
+
+
+def _integral(frame: pd.DataFrame, columns) -> pd.DataFrame:
+    for column in columns:
+        if column in frame:
+            values = pd.to_numeric(frame[column], errors="coerce").astype(float)
+            finite = values.dropna()
+            frame[column] = values.astype("Int64") if finite.eq(finite.round()).all() else values
+    return frame
+
+
+def _collapse(frame: pd.DataFrame, keys: list[str], columns: list[str]) -> pd.DataFrame:
+    """One row per ``keys`` (several policies of the same setting, e.g. fast and official procedure):
+    the mean of the numeric ``columns``; ``complete`` only if all are."""
+    numeric = [c for c in columns if c != "complete"]
+    data = frame[keys + columns].copy()
+    for column in numeric:
+        data[column] = pd.to_numeric(data[column], errors="coerce").astype(float)
+    grouped = data.groupby(keys, sort=False, dropna=False)
+    out = grouped[numeric].mean().reset_index() if numeric else grouped.size().reset_index()[keys]
+    if "complete" in columns:
+        out["complete"] = grouped["complete"].agg(lambda s: bool(s.dropna().all()) if s.notna().any() else None).values
+    return out
+
+
+def _rates_with_variant(frame: pd.DataFrame, column: str, main) -> pd.DataFrame:
+    """The rows at the (model, rate) where some row's ``column`` differs from ``main``."""
+    if frame.empty:
+        return frame
+    if isinstance(main, float):
+        other = ~np.isclose(frame[column].astype(float).to_numpy(), main, rtol=0, atol=1e-9)
+    else:
+        other = frame[column].ne(main).to_numpy()
+    keys = frame.loc[other, ["model", "rate_requested"]].drop_duplicates()
+    return frame.merge(keys, on=["model", "rate_requested"], how="inner")
+
+
+# ------------------------------------------------------------------------------------------------
+# the tables
+# ------------------------------------------------------------------------------------------------
+
+
+def table1(results: pd.DataFrame, metric: str, threshold: float) -> pd.DataFrame:
+    tasks = task_columns(results)
+    scores = tasks + ["passkey"]
+    columns = ["model", "rate_pct", "layers_shared", "n_layers", "ppl", *scores, "mean_score", "pct_of_plain"]
+    rows = pd.concat([plain(results).assign(_plain=0), select(results, "dissimilar", metric, threshold).assign(_plain=1)])
+    rows = rows.dropna(subset=["ppl", *scores], how="all")
+    if rows.empty:
+        return pd.DataFrame(columns=columns)
+    out = _collapse(rows, ["model", "_plain", "rate_requested"], ["num_shared", "n_layers", "ppl", *scores])
+    out = out.sort_values(["model", "_plain", "rate_requested"], kind="stable").reset_index(drop=True)
+    out["rate_pct"] = rate_pct(out["rate_requested"])
+    out = out.rename(columns={"num_shared": "layers_shared"})
+    out["mean_score"] = math.nan
+    out["pct_of_plain"] = math.nan
+    for model, index in out.groupby("model", sort=False).groups.items():
+        part = out.loc[index]
+        present = [c for c in scores if part[c].notna().any()]  # the same score set for every rate
+        if not present:
+            continue
+        out.loc[index, "mean_score"] = part[present].mean(axis=1, skipna=False)
+        base = out.loc[index][out.loc[index, "_plain"] == 0]["mean_score"]
+        if len(base) == 1 and base.iloc[0] and not math.isnan(base.iloc[0]):
+            out.loc[index, "pct_of_plain"] = out.loc[index, "mean_score"] / base.iloc[0] * 100
+    return _integral(out, ["layers_shared", "n_layers"])[columns]
+
+
+def order_long(results: pd.DataFrame, metric: str, threshold: float) -> pd.DataFrame:
+    """Policies with a PPL at the main metric and threshold, at the rates where an order other than
+    dissimilar was run."""
+    sub = select(results, metric=metric, threshold=threshold)
+    sub = sub[sub["order"].notna() & sub["ppl"].notna()]
+    return _rates_with_variant(sub, "order", "dissimilar")
+
+
+def order_ablation(results: pd.DataFrame, metric: str, threshold: float) -> pd.DataFrame:
+    sub = order_long(results, metric, threshold)
+    extra = sorted({o for o in sub["order"] if o not in ORDERS})
+    columns = ["model", "rate_pct", "ppl:dissimilar", "ppl:similar", "ppl:random_mean", "ppl:random_std",
+               "random_seeds", *[f"ppl:{o}" for o in extra]]
+    rows = []
+    for (model, rate), part in sub.groupby(["model", "rate_requested"], sort=True):
+        row = {"model": model, "rate_pct": rate}
+        for order in ("dissimilar", "similar", *extra):
+            values = part.loc[part["order"] == order, "ppl"]
+            row[f"ppl:{order}"] = values.mean() if len(values) else math.nan
+        # one value per seed (several procedures of one seed are averaged first)
+        seeds = part[part["order"] == "random"].groupby("seed", dropna=False)["ppl"].mean()
+        row["ppl:random_mean"] = seeds.mean() if len(seeds) else math.nan
+        row["ppl:random_std"] = seeds.std(ddof=1) if len(seeds) > 1 else math.nan
+        row["random_seeds"] = len(seeds)
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=columns)
+    out["rate_pct"] = rate_pct(out["rate_pct"])
+    return _integral(out, ["random_seeds"])
+
+
+def metric_long(results: pd.DataFrame, metric: str, threshold: float) -> pd.DataFrame:
+    """Dissimilar-order policies with a PPL at the main threshold, at the rates where a metric other than
+    the main one was run."""
+    sub = select(results, order="dissimilar", threshold=threshold)
+    sub = sub[sub["metric"].notna() & sub["ppl"].notna()]
+    return _rates_with_variant(sub, "metric", metric)
+
+
+def metric_ablation(results: pd.DataFrame, metric: str, threshold: float) -> pd.DataFrame:
+    sub = metric_long(results, metric, threshold)
+    metrics = list(METRICS) + sorted({m for m in list(sub["metric"]) + [metric] if m not in METRICS})
+    columns = ["model", "rate_pct", *[f"ppl:{m}" for m in metrics]]
+    rows = []
+    for (model, rate), part in sub.groupby(["model", "rate_requested"], sort=True):
+        row = {"model": model, "rate_pct": rate}
+        for m in metrics:
+            values = part.loc[part["metric"] == m, "ppl"]
+            row[f"ppl:{m}"] = values.mean() if len(values) else math.nan
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=columns)
+    out["rate_pct"] = rate_pct(out["rate_pct"])
+    return out
+
+
+def threshold_ablation(results: pd.DataFrame, metric: str, threshold: float) -> pd.DataFrame:
+    columns = ["model", "rate_pct", "threshold", "target", "layers_shared", "complete", "candidates_evaluated", "ppl"]
+    sub = select(results, order="dissimilar", metric=metric)
+    sub = _rates_with_variant(sub[sub["threshold"].notna()], "threshold", float(threshold))
+    if sub.empty:
+        return pd.DataFrame(columns=columns)
+    out = _collapse(sub, ["model", "rate_requested", "threshold"],
+                    ["target", "num_shared", "complete", "candidates_evaluated", "ppl"])
+    out = out.sort_values(["model", "rate_requested", "threshold"], kind="stable").reset_index(drop=True)
+    out["rate_pct"] = rate_pct(out["rate_requested"])
+    out = out.rename(columns={"num_shared": "layers_shared"})
+    return _integral(out, ["target", "layers_shared", "candidates_evaluated"])[columns]
+
+
+def acceptance_by_rank(traces: pd.DataFrame, width: int = DEFAULT_RANK_BIN) -> pd.DataFrame:
+    """Accepted share of the evaluated candidates per bin of ``width`` dissimilarity ranks (dissimilar order).
+
+    Searches of the same setting at different rates walk the same ranking, so the smaller one's trace is
+    a prefix of the larger one's: each rank counts once per (model, metric, threshold, calibration),
+    taken from the policy with the largest target."""
+    columns = ["model", "metric", "threshold", "rank_lo", "rank_hi", "candidates", "accepted",
+               "accepted_fraction", "mean_similarity"]
+    sub = traces[traces["order"].eq("dissimilar").fillna(False).astype(bool)].copy()
+    if sub.empty:
+        return pd.DataFrame(columns=columns)
+    sub["calibration_sha256"] = sub["calibration_sha256"].fillna("")
+    sub = sub.sort_values("target", ascending=False, kind="stable", na_position="last")
+    sub = sub.drop_duplicates(["model", "metric", "threshold", "calibration_sha256", "rank"])
+    sub["rank_lo"] = (sub["rank"].astype(int) // width) * width
+    sub["similarity"] = pd.to_numeric(sub["similarity"], errors="coerce").astype(float)
+    sub["accepted"] = sub["accepted"].astype(int)
+    out = (sub.groupby(["model", "metric", "threshold", "rank_lo"], sort=True, dropna=False)
+              .agg(candidates=("accepted", "size"), accepted=("accepted", "sum"),
+                   mean_similarity=("similarity", "mean"))
+              .reset_index())
+    out["rank_hi"] = out["rank_lo"] + width - 1
+    out["accepted_fraction"] = out["accepted"] / out["candidates"]
+    return _integral(out, ["rank_lo", "rank_hi", "candidates", "accepted"])[columns]
+
+
+def search_cost(policies: pd.DataFrame) -> pd.DataFrame:
+    columns = ["model", "policy", "order", "metric", "threshold", "seed", "procedure", "rate_pct", "target",
+               "layers_shared", "complete", "candidates_evaluated", "candidates_resumed", "pairs_skipped",
+               "seconds", "seconds_per_candidate"]
+    out = policies.rename(columns={"num_shared": "layers_shared", "search_seconds": "seconds"}).copy()
+    out["rate_pct"] = rate_pct(out["rate_requested"])
+    return out[columns].reset_index(drop=True)
+
+
+def build_tables(collection: Collection, metric: str = DEFAULT_METRIC, threshold: float = DEFAULT_THRESHOLD,
+                 rank_bin: int = DEFAULT_RANK_BIN) -> dict[str, pd.DataFrame]:
+    results = results_frame(collection)
+    return {
+        "table1": table1(results, metric, threshold),
+        "order_ablation": order_ablation(results, metric, threshold),
+        "metric_ablation": metric_ablation(results, metric, threshold),
+        "threshold_ablation": threshold_ablation(results, metric, threshold),
+        "acceptance_by_rank": acceptance_by_rank(traces_frame(collection), rank_bin),
+        "search_cost": search_cost(policies_frame(collection)),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# writing
+# ------------------------------------------------------------------------------------------------
+
+
+def format_value(value) -> str:
+    """A cell as Markdown text: up to 4 decimals, integers plain, missing values empty."""
+    if value is None or value is pd.NA or (isinstance(value, (float, np.floating)) and math.isnan(value)):
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        if value != 0 and abs(value) < 1e-4:
+            return f"{value:.3g}"
+        text = f"{value:.4f}".rstrip("0").rstrip(".")
+        return "0" if text == "-0" else text
+    return str(value)
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    """The table in GitHub Markdown (pandas ``to_markdown`` when ``tabulate`` is installed)."""
+    headers = [HEADERS.get(c, c) for c in frame.columns]
+    cells = [[format_value(v) for v in row] for row in frame.itertuples(index=False, name=None)]
+    numeric = [pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])
+               for c in frame.columns]
+    if importlib.util.find_spec("tabulate") is not None and cells:
+        text = pd.DataFrame(cells, columns=headers).to_markdown(
+            index=False, disable_numparse=True, colalign=["right" if n else "left" for n in numeric])
+        return text + "\n"
+
+    def line(values):
+        return "| " + " | ".join(str(v).replace("|", "\\|") for v in values) + " |"
+
+    rule = "|" + "|".join("---:" if n else "---" for n in numeric) + "|"
+    return "\n".join([line(headers), rule, *map(line, cells)]) + "\n"
+
+
+def write_table(frame: pd.DataFrame, out_dir: Path, name: str) -> list[Path]:
+    csv, md = out_dir / f"{name}.csv", out_dir / f"{name}.md"
+    with atomic_path(csv) as tmp:
+        frame.to_csv(tmp, index=False)
+    atomic_write_text(md, markdown(frame))
+    return [csv, md]
+
+
+# ------------------------------------------------------------------------------------------------
+# stage
+# ------------------------------------------------------------------------------------------------
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policies", nargs="*", default=[], type=Path, metavar="FILE",
+                        help="policy JSON files (from `search`)")
+    parser.add_argument("--evals", nargs="*", default=[], type=Path, metavar="FILE",
+                        help="evaluation JSON files (evaluate-ppl / -harness / -longctx)")
+    parser.add_argument("--main-metric", default=DEFAULT_METRIC, help="distance metric of the main results")
+    parser.add_argument("--main-threshold", type=float, default=DEFAULT_THRESHOLD, help="threshold T of the main results")
+    parser.add_argument("--rank-bin", type=int, default=DEFAULT_RANK_BIN,
+                        help="width of the dissimilarity-rank bins of the acceptance statistics")
+
+
+def check_common_arguments(args: argparse.Namespace) -> None:
+    if args.rank_bin < 1:
+        raise ValueError(f"--rank-bin must be at least 1, got {args.rank_bin}")
+    if not math.isfinite(args.main_threshold):
+        raise ValueError(f"--main-threshold must be a number, got {args.main_threshold}")
+
+
+def warn_if_no_main(collection: Collection, metric: str, threshold: float) -> None:
+    policies = policies_frame(collection)
+    dissimilar = select(policies, order="dissimilar")
+    if len(dissimilar) and select(dissimilar, metric=metric, threshold=threshold).empty:
+        log.warning("no dissimilar-order policy has the main metric %r and threshold %g (check --main-metric and "
+                    "--main-threshold): table1 and the main figures will be empty", metric, threshold)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument("--out-dir", required=True, type=Path,
+                        help=f"writes <name>.csv and <name>.md for {', '.join(TABLES)}")
+
+
+def main(args: argparse.Namespace) -> int:
+    check_common_arguments(args)
+    collection = collect(args.policies, args.evals)
+    warn_if_no_main(collection, args.main_metric, args.main_threshold)
+    tables = build_tables(collection, args.main_metric, args.main_threshold, args.rank_bin)
+    for name in TABLES:
+        frame = tables[name]
+        write_table(frame, args.out_dir, name)
+        log.info("table %s: %s -> %s", name, f"{len(frame)} rows" if len(frame) else "no inputs, header only",
+                 args.out_dir / f"{name}.csv")
+    return 0

@@ -1,0 +1,118 @@
+"""The Snakemake DAG, run for real on a tiny config (tiny random model, a few hundred tokens)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import save_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(model_dir: Path) -> dict:
+    return {
+        "models": {"tiny": {"source": str(model_dir), "dtype": "float32", "batch_size": 4, "threads": 1}},
+        "calibration": {"text": "embedded:pydoc", "eval_fraction": 0.5, "samples": 8, "tokens": 16},
+        "search": {
+            "procedure": "fast", "rates": [0.25, 0.5], "orders": ["dissimilar", "similar", "random"],
+            "metric": "euclidean", "threshold": 0.5, "seeds": [0, 1], "ablation_rates": [0.25],
+            "metrics": ["euclidean", "cosine"], "thresholds": [0.5, 0.9],
+        },
+        "evaluation": {
+            "ppl": {"max_tokens": 256, "window": 64},
+            "harness": {"tasks": ["kvs_next_sentence"], "local_tasks": True, "limit": 4},
+            "longctx": {"lengths": [64, 128], "depths": [0.0, 1.0], "trials": 1, "seed": 0},
+        },
+    }
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
+    if check and proc.returncode != 0:
+        logs = "\n".join(f"--- {p}\n{p.read_text()[-2000:]}" for p in (workdir / "logs").rglob("*.log"))
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stderr[-4000:]}\n{logs[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def dag_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("dag")
+    model_dir = save_tiny_model(workdir / "tiny-model", n_layers=8)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(tiny_config(model_dir)))
+    snakemake(workdir)
+    return workdir
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_dag_produces_every_result(dag_run):
+    res = dag_run / "results" / "tiny"
+    policies = sorted((res / "policies").glob("*.json"))
+    # 2 rates x (dissimilar + similar + 2 random seeds) + cosine + T=0.9 ablations at 25 %
+    assert len(policies) == 10
+    for path in policies:
+        data = _load(path)
+        assert len(data["map"]) == 8 and data["target"] == round(data["rate_requested"] * 8)
+    plain = _load(res / "eval" / "plain" / "ppl.json")
+    assert plain["num_shared"] == 0 and plain["ppl"] > 1
+    shared = _load(res / "eval" / "r0.5_dissimilar_euclidean_T0.5_s0" / "ppl.json")
+    policy = _load(res / "policies" / "r0.5_dissimilar_euclidean_T0.5_s0.json")
+    assert shared["map"] == policy["map"]
+    harness = _load(res / "eval" / "r0.25_dissimilar_euclidean_T0.5_s0" / "harness.json")
+    assert 0 <= harness["tasks"]["kvs_next_sentence"]["acc"] <= 1
+    longctx = _load(res / "eval" / "plain" / "longctx.json")
+    assert {(c["length"], c["depth"]) for c in longctx["cells"]} == {(64, 0.0), (64, 1.0), (128, 0.0), (128, 1.0)}
+    assert (dag_run / "logs" / "tiny" / "calibrate.log").read_text().count("written to") == 1
+
+
+def test_rerun_does_nothing(dag_run):
+    proc = snakemake(dag_run, "-n")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_changing_one_rate_reruns_only_what_depends_on_it(dag_run):
+    config = yaml.safe_load((dag_run / "config.yaml").read_text())
+    config["search"]["rates"] = [0.25, 0.375]
+    changed = dag_run / "config-changed.yaml"
+    changed.write_text(yaml.safe_dump(config))
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(dag_run),
+         "--configfile", str(changed), "--cores", "1", "-n", "--quiet", "rules"],
+        capture_output=True, text=True,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "search" in out and "calibrate" not in out and "prepare_model" not in out
+
+
+def test_bad_config_fails_validation_before_any_job(tmp_path):
+    config = tiny_config(tmp_path / "nowhere")
+    config["search"]["ratez"] = [0.25]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake(tmp_path, "-n", check=False)
+    assert proc.returncode != 0
+    assert "ratez" in proc.stderr and "Additional properties are not allowed" in proc.stderr
+    config = tiny_config(tmp_path / "nowhere")
+    config["search"]["rates"] = [1.5]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake(tmp_path, "-n", check=False)
+    assert proc.returncode != 0 and "1.5" in proc.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_lint_is_clean(tmp_path):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path / "m")))
+    proc = snakemake(tmp_path, "--lint", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Lints for" not in proc.stdout + proc.stderr

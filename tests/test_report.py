@@ -1,0 +1,415 @@
+"""The report stages (tables, figures) on synthetic result files that follow the stages' formats exactly.
+
+Two models: ``tiny`` (8 layers) with the plain model, 3 rates x 3 orders (random with 2 seeds), two
+extra metrics and an extra threshold; ``other`` with the plain model and one policy searched with a
+layer count (``rate_requested: null``). No torch anywhere: the stages only read JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kvsharer.cli import main as cli
+
+N_LAYERS = 8
+RATES = (0.125, 0.25, 0.5)
+TASKS = ("kvs_cloze", "kvs_next_sentence")
+LENGTHS, DEPTHS = (64, 128), (0.0, 0.5, 1.0)
+ORDER_FACTOR = {"dissimilar": 1.0, "similar": 3.0, "random": 2.0}
+METRIC_FACTOR = {"euclidean": 1.0, "cosine": 1.5, "cka": 1.8}
+ACCEPTED_PAIRS = [(7, 2), (6, 1), (5, 0), (4, 1)]  # (layer, source) of the k-th accepted candidate: no chains
+REJECTED_PAIR = (3, 0)
+
+# Full search traces as (rank, accepted); a search of target t walks it until t candidates are accepted, so
+# a smaller rate's trace is a prefix of a larger one's (as in the real greedy search).
+TRACES = {
+    ("euclidean", 0.5): [(0, True), (1, False), (3, True), (4, True), (12, False), (13, True)],
+    ("euclidean", 0.9): [(0, True), (1, False), (3, False), (4, False), (12, True), (13, False), (20, False), (27, False)],
+    ("cosine", 0.5): [(0, True), (2, True)],
+    ("cka", 0.5): [(0, False), (1, True), (2, True)],
+    ("similar", 0.5): [(0, True), (1, True), (2, True), (3, True)],
+    ("random", 0.5): [(0, True), (1, True), (2, True), (3, True)],
+}
+
+
+def ppl_of(rate, order="dissimilar", metric="euclidean", threshold=0.5, seed=0):
+    return round(10.0 * (1 + rate * ORDER_FACTOR[order] * METRIC_FACTOR[metric]) + seed * 0.37
+                 + (threshold - 0.5) * 2.0, 6)
+
+
+def acc_of(rate, task):
+    return round(0.8 - rate * (0.4 if task == TASKS[0] else 0.2), 6)
+
+
+def cell_acc(rate, length, depth):
+    return round(max(0.0, 1.0 - rate * (length / 64) * (0.5 + depth)), 6)
+
+
+def write(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def make_policy(root: Path, model: str, rate, order="dissimilar", metric="euclidean", threshold=0.5, seed=0,
+                layers: int | None = None) -> Path:
+    target = layers if layers is not None else round(rate * N_LAYERS)
+    key = (metric, threshold) if order == "dissimilar" else (order, threshold)
+    trace, accepted = [], 0
+    for rank, ok in TRACES[key]:
+        if accepted >= target:
+            break
+        layer, source = ACCEPTED_PAIRS[accepted] if ok else REJECTED_PAIR
+        trace.append({"rank": rank, "pair": [layer, source], "distance": 20.0 - rank, "similarity": 0.95 if ok else 0.4,
+                      "accepted": ok, "seconds": 0.5})
+        accepted += ok
+    share_map = list(range(N_LAYERS))
+    for t in trace:
+        if t["accepted"]:
+            share_map[t["pair"][0]] = t["pair"][1]
+    n = sum(1 for i, s in enumerate(share_map) if s != i)
+    name = f"r{rate:g}_{order}_{metric}_T{threshold:g}_s{seed}" if layers is None else f"l{layers}_{order}"
+    return write(root / model / "policies" / f"{name}.json", {
+        "map": share_map, "n_layers": N_LAYERS, "num_shared": n, "model": f"results/models/{model}",
+        "rate": n / N_LAYERS, "rate_requested": None if layers is not None else rate, "complete": n >= target,
+        "target": target, "trace": trace, "candidates_evaluated": len(trace), "candidates_resumed": 0,
+        "pairs_skipped": 1, "pairs_total": 28, "seconds": 0.5 * len(trace) + 0.25,
+        "seconds_per_candidate": (0.5 * len(trace) + 0.25) / max(len(trace), 1), "layers_computed": 100,
+        "settings": {"target": target, "threshold": threshold, "order": order, "metric": metric, "seed": seed,
+                     "procedure": "fast", "batch_size": None},
+        "calibration": f"results/{model}/calibration.safetensors", "calibration_sha256": "ab" * 32,
+    })
+
+
+def _common(model: str, policy: Path | None) -> dict:
+    data = json.loads(policy.read_text()) if policy else None
+    share_map = data["map"] if data else list(range(N_LAYERS))
+    shared = [i for i, s in enumerate(share_map) if s != i]
+    # the policy path as the evaluation stage got it: not normalized (joined by normpath)
+    given = None if policy is None else str(policy.parent / ".." / "policies" / policy.name)
+    return {"model": f"results/models/{model}", "policy": given, "map": share_map,
+            "rate": len(shared) / N_LAYERS, "num_shared": len(shared), "shared_layers": shared, "seconds": 1.0}
+
+
+def make_evals(root: Path, model: str, policy: Path | None, rate: float, ppl: float, full: bool) -> list[Path]:
+    name = policy.stem if policy else "plain"
+    out = [write(root / model / "eval" / name / "ppl.json", {
+        "stage": "evaluate-ppl", **_common(model, policy), "ppl": ppl, "nll_mean": float(np.log(ppl)),
+        "tokens_scored": 1000, "windows": 2, "window": 512})]
+    if full:
+        out.append(write(root / model / "eval" / name / "harness.json", {
+            "stage": "evaluate-harness", **_common(model, policy),
+            "tasks": {t: {"acc": acc_of(rate, t), "acc_stderr": 0.05, "acc_norm": 0.5, "acc_norm_stderr": 0.05,
+                          "samples": 20, "samples_total": 433} for t in TASKS}}))
+        cells = [{"length": n, "depth": d, "trials": 4, "correct": round(4 * cell_acc(rate, n, d)),
+                  "accuracy": cell_acc(rate, n, d)} for n in LENGTHS for d in DEPTHS]
+        out.append(write(root / model / "eval" / name / "longctx.json", {
+            "stage": "evaluate-longctx", **_common(model, policy), "accuracy": passkey_of(rate),
+            "correct": 0, "trials_total": 24, "cells": cells}))
+    return out
+
+
+def passkey_of(rate):
+    return float(np.mean([cell_acc(rate, n, d) for n in LENGTHS for d in DEPTHS]))
+
+
+def make_distances(root: Path, model: str, metric: str, n: int = N_LAYERS) -> Path:
+    rng = np.random.default_rng(len(metric))
+    m = rng.uniform(1, 20, (n, n))
+    m = (m + m.T) / 2
+    np.fill_diagonal(m, 0.0)
+    return write(root / model / "distances" / f"{metric}.json", {
+        "metric": metric, "model": f"results/models/{model}", "n_layers": n, "matrix": m.tolist(),
+        "ranking_dissimilar": [[i, j, m[i, j]] for i in range(n) for j in range(i)]})
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    return build_inputs(tmp_path)
+
+
+def build_inputs(tmp_path: Path) -> dict:
+    """Synthetic results: {"policies": [...], "evals": [...], "distances": [...], "main": {rate: path}}."""
+    root = tmp_path / "results"
+    policies, evals, main = [], [], {}
+    evals += make_evals(root, "tiny", None, 0.0, ppl_of(0.0), full=True)
+    for rate in RATES:
+        for order in ("dissimilar", "similar", "random"):
+            for seed in ((0, 1) if order == "random" else (0,)):
+                p = make_policy(root, "tiny", rate, order, seed=seed)
+                policies.append(p)
+                dissimilar = order == "dissimilar"
+                evals += make_evals(root, "tiny", p, rate, ppl_of(rate, order, seed=seed), full=dissimilar)
+                if dissimilar:
+                    main[rate] = p
+    for metric in ("cosine", "cka"):
+        p = make_policy(root, "tiny", 0.25, metric=metric)
+        policies.append(p)
+        evals += make_evals(root, "tiny", p, 0.25, ppl_of(0.25, metric=metric), full=False)
+    for rate in (0.25, 0.5):
+        p = make_policy(root, "tiny", rate, threshold=0.9)
+        policies.append(p)
+        evals += make_evals(root, "tiny", p, rate, ppl_of(rate, threshold=0.9), full=False)
+    # model "other": a search given a layer count (rate_requested null -> target / n_layers = 25 %)
+    p = make_policy(root, "other", 0.25, layers=2)
+    policies.append(p)
+    evals += make_evals(root, "other", None, 0.0, 11.0, full=False)
+    evals += make_evals(root, "other", p, 0.25, 13.0, full=False)
+    distances = [make_distances(root, "tiny", "euclidean"), make_distances(root, "tiny", "cosine"),
+                 make_distances(root, "other", "euclidean")]
+    return {"policies": policies, "evals": evals, "distances": distances, "main": main, "root": root}
+
+
+def args_for(stage: str, inputs: dict, out: Path, with_distances: bool = True) -> list[str]:
+    argv = [stage, "--policies", *map(str, inputs["policies"]), "--evals", *map(str, inputs["evals"])]
+    if stage == "figures" and with_distances:
+        argv += ["--distances", *map(str, inputs["distances"])]
+    return argv + ["--out-dir", str(out)]
+
+
+TABLES = ("table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank", "search_cost")
+FIGURES = ("ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation", "passkey")
+
+
+def read(out: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(out / f"{name}.csv")
+
+
+# ------------------------------------------------------------------------------------------------
+# tables
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tables(inputs, tmp_path):
+    out = tmp_path / "tables"
+    assert cli(args_for("tables", inputs, out)) == 0
+    return out
+
+
+def test_tables_files(tables):
+    assert sorted(p.name for p in tables.iterdir()) == sorted(f"{t}.{x}" for t in TABLES for x in ("csv", "md"))
+
+
+def test_table1_holds_the_inputs(tables):
+    t1 = read(tables, "table1")
+    tiny = t1[t1["model"] == "tiny"].set_index("rate_pct")
+    assert list(tiny.index) == [0.0, 12.5, 25.0, 50.0]
+    assert list(tiny["layers_shared"]) == [0, 1, 2, 4]
+    for rate in (0.0, *RATES):
+        row = tiny.loc[rate * 100]
+        assert row["ppl"] == ppl_of(rate)
+        for task in TASKS:
+            assert row[f"acc:{task}"] == acc_of(rate, task)
+        assert row["passkey"] == pytest.approx(passkey_of(rate), rel=1e-12)
+        mean = np.mean([acc_of(rate, t) for t in TASKS] + [passkey_of(rate)])
+        assert row["mean_score"] == pytest.approx(mean, rel=1e-12)
+        plain_mean = np.mean([acc_of(0.0, t) for t in TASKS] + [passkey_of(0.0)])
+        assert row["pct_of_plain"] == pytest.approx(mean / plain_mean * 100, rel=1e-12)
+    # "other": rate from target / n_layers; no harness/passkey results -> no mean score
+    other = t1[t1["model"] == "other"]
+    assert list(other["rate_pct"]) == [0.0, 25.0] and list(other["ppl"]) == [11.0, 13.0]
+    assert other["mean_score"].isna().all() and other["pct_of_plain"].isna().all()
+    md = (tables / "table1.md").read_text()
+    assert "% of plain" in md and "| tiny" in md
+
+
+def test_order_ablation_random_mean_std(tables):
+    t = read(tables, "order_ablation").set_index("rate_pct")
+    assert list(t.index) == [12.5, 25.0, 50.0] and set(t["model"]) == {"tiny"}
+    for rate in RATES:
+        row = t.loc[rate * 100]
+        seeds = [ppl_of(rate, "random", seed=s) for s in (0, 1)]
+        assert row["ppl:dissimilar"] == ppl_of(rate)
+        assert row["ppl:similar"] == ppl_of(rate, "similar")
+        assert row["ppl:random_mean"] == pytest.approx(np.mean(seeds), rel=1e-12)
+        assert row["ppl:random_std"] == pytest.approx(np.std(seeds, ddof=1), rel=1e-12)
+        assert row["random_seeds"] == 2
+
+
+def test_metric_and_threshold_ablation(tables):
+    m = read(tables, "metric_ablation")
+    assert len(m) == 1 and m.loc[0, "rate_pct"] == 25.0
+    for metric in ("euclidean", "cosine", "cka"):
+        assert m.loc[0, f"ppl:{metric}"] == ppl_of(0.25, metric=metric)
+    t = read(tables, "threshold_ablation")
+    assert list(zip(t["rate_pct"], t["threshold"])) == [(25.0, 0.5), (25.0, 0.9), (50.0, 0.5), (50.0, 0.9)]
+    assert list(t["layers_shared"]) == [2, 2, 4, 2]
+    assert list(t["complete"]) == [True, True, True, False]
+    assert list(t["candidates_evaluated"]) == [3, 5, 6, 8]
+    assert list(t["ppl"]) == [ppl_of(0.25), ppl_of(0.25, threshold=0.9), ppl_of(0.5), ppl_of(0.5, threshold=0.9)]
+
+
+def test_acceptance_by_rank_counts_each_rank_once(tables):
+    a = read(tables, "acceptance_by_rank")
+    euc = a[a["metric"] == "euclidean"]
+    got = {(r.threshold, r.rank_lo): (r.candidates, r.accepted, r.accepted_fraction) for r in euc.itertuples()}
+    # T=0.5: ranks 0 1 3 4 | 12 13 with accepted 1 0 1 1 | 0 1; the 12.5 % and 25 % traces are prefixes
+    # T=0.9: ranks 0 1 3 4 | 12 13 | 20 27 with accepted 1 0 0 0 | 1 0 | 0 0
+    assert got == {(0.5, 0): (4, 3, 0.75), (0.5, 10): (2, 1, 0.5),
+                   (0.9, 0): (4, 1, 0.25), (0.9, 10): (2, 1, 0.5), (0.9, 20): (2, 0, 0.0)}
+    assert set(a["metric"]) == {"euclidean", "cosine", "cka"}  # similar/random orders are not in it
+    assert list(a.loc[a["metric"] == "cka", "accepted_fraction"]) == [pytest.approx(2 / 3)]
+
+
+def test_search_cost(tables, inputs):
+    s = read(tables, "search_cost")
+    assert len(s) == len(inputs["policies"])
+    for path in inputs["policies"]:
+        data = json.loads(path.read_text())
+        row = s[s["policy"] == path.stem].iloc[0]
+        assert row["candidates_evaluated"] == data["candidates_evaluated"]
+        assert row["seconds"] == data["seconds"]
+        assert row["seconds_per_candidate"] == pytest.approx(data["seconds_per_candidate"], rel=1e-12)
+
+
+def test_missing_ablations_give_header_only_tables(inputs, tmp_path):
+    main = [inputs["main"][r] for r in RATES]
+    keep = {str(p) for p in main}
+    evals = [e for e in inputs["evals"] if e.parent.name in {"plain"} | {p.stem for p in main} and "tiny" in e.parts]
+    out = tmp_path / "few"
+    assert cli(["tables", "--policies", *keep, "--evals", *map(str, evals), "--out-dir", str(out)]) == 0
+    assert len(read(out, "table1")) == 4
+    for name, first in (("order_ablation", "model,rate_pct,ppl:dissimilar,ppl:similar,ppl:random_mean"),
+                        ("metric_ablation", "model,rate_pct,ppl:euclidean,ppl:cosine,ppl:cka"),
+                        ("threshold_ablation", "model,rate_pct,threshold,target,layers_shared")):
+        lines = (out / f"{name}.csv").read_text().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(first), lines
+        assert read(out, name).empty
+        md = (out / f"{name}.md").read_text().splitlines()
+        assert len(md) == 2 and md[0].startswith("| model")
+    # nothing at all: still every file, header only
+    out = tmp_path / "none"
+    assert cli(["tables", "--policies", "--evals", "--out-dir", str(out)]) == 0
+    assert all(read(out, t).empty for t in TABLES)
+
+
+def test_markdown_without_tabulate(monkeypatch):
+    from kvsharer.report import tables
+
+    frame = pd.DataFrame({"model": ["a|b"], "rate_pct": [25.0], "ppl": [12.345678], "complete": [True]})
+    with_tabulate = tables.markdown(frame)
+    monkeypatch.setattr(tables.importlib.util, "find_spec", lambda name: None)
+    plain = tables.markdown(frame)
+    assert plain.splitlines() == ["| model | rate (%) | PPL | complete |", "|---|---:|---:|---|",
+                                  "| a\\|b | 25 | 12.3457 | yes |"]
+    assert "12.3457" in with_tabulate and "rate (%)" in with_tabulate
+
+
+# ------------------------------------------------------------------------------------------------
+# figures
+# ------------------------------------------------------------------------------------------------
+
+
+def assert_figures(out: Path) -> None:
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{f}.{x}" for f in FIGURES for x in ("png", "pdf"))
+    for name in FIGURES:
+        png, pdf = (out / f"{name}.png").read_bytes(), (out / f"{name}.pdf").read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 2000, name
+        assert pdf.startswith(b"%PDF") and len(pdf) > 1000, name
+
+
+def test_figures(inputs, tmp_path, caplog):
+    out = tmp_path / "figures"
+    caplog.set_level("INFO", logger="kvsharer")
+    assert cli(args_for("figures", inputs, out)) == 0
+    assert_figures(out)
+    assert "no data" not in caplog.text
+
+
+def test_figures_without_inputs_still_write_every_file(tmp_path, caplog):
+    out = tmp_path / "figures"
+    caplog.set_level("INFO", logger="kvsharer")
+    assert cli(["figures", "--policies", "--evals", "--distances", "--out-dir", str(out)]) == 0
+    assert_figures(out)
+    assert caplog.text.count("no data") == len(FIGURES)
+
+
+def test_heatmap_marks_largest_main_rate_up_to_25(inputs):
+    from kvsharer.report.collect import collect, results_frame
+    from kvsharer.report.figures import main_policy
+
+    results = results_frame(collect(inputs["policies"], inputs["evals"]))
+    assert main_policy(results, "tiny", "euclidean", 0.5, 0.25)["policy"] == inputs["main"][0.25].stem
+    assert main_policy(results, "tiny", "euclidean", 0.5, 0.3)["policy"] == inputs["main"][0.25].stem
+    assert main_policy(results, "tiny", "euclidean", 0.5, 0.2)["policy"] == inputs["main"][0.125].stem
+    assert main_policy(results, "tiny", "euclidean", 0.5, 0.1)["policy"] == inputs["main"][0.125].stem  # smallest
+    assert main_policy(results, "other", "euclidean", 0.5, 0.25)["policy"] == "l2_dissimilar"
+
+
+# ------------------------------------------------------------------------------------------------
+# bad input, no torch
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["tables", "figures"])
+def test_eval_of_a_policy_not_given(inputs, tmp_path, caplog, stage):
+    missing = inputs["main"][0.25]
+    inputs["policies"] = [p for p in inputs["policies"] if p != missing]
+    assert cli(args_for(stage, inputs, tmp_path / "out")) == 2
+    assert "was run with policy" in caplog.text and missing.name in caplog.text
+    assert "not among the --policies files" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stage", ["tables", "figures"])
+def test_unreadable_json(inputs, tmp_path, caplog, stage):
+    inputs["evals"][3].write_text('{"stage": "evaluate-ppl", ')
+    assert cli(args_for(stage, inputs, tmp_path / "out")) == 2
+    assert f"evaluation file {inputs['evals'][3]} is not valid JSON" in caplog.text
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "does not exist"),
+    ("duplicate", "two evaluate-ppl results for model 'tiny'"),
+    ("stale", "used a different map than its policy"),
+    ("stage", "has stage 'search'"),
+    ("no-ppl", "needs a numeric 'ppl'"),
+    ("distances", "'matrix' must be a square"),
+    ("rank-bin", "--rank-bin must be at least 1"),
+])
+def test_bad_input(inputs, tmp_path, caplog, case, message):
+    argv = args_for("figures", inputs, tmp_path / "out")
+    ppl_file = next(e for e in inputs["evals"] if e.name == "ppl.json" and "r0.25_dissimilar_euclidean_T0.5" in str(e))
+    data = json.loads(ppl_file.read_text())
+    if case == "missing":
+        argv[argv.index("--evals") + 1] = str(tmp_path / "nope.json")
+    elif case == "duplicate":
+        copy = write(tmp_path / "copy" / "ppl.json", data)
+        argv.insert(argv.index("--evals") + 1, str(copy))
+    elif case == "stale":
+        write(ppl_file, {**data, "map": list(range(N_LAYERS))})
+    elif case == "stage":
+        write(ppl_file, {**data, "stage": "search"})
+    elif case == "no-ppl":
+        write(ppl_file, {k: v for k, v in data.items() if k != "ppl"})
+    elif case == "distances":
+        write(inputs["distances"][0], {"metric": "euclidean", "model": "results/models/tiny", "matrix": [[0, 1]]})
+    elif case == "rank-bin":
+        argv += ["--rank-bin", "0"]
+    assert cli(argv) == 2
+    assert message in caplog.text
+
+
+def test_no_torch(inputs, tmp_path):
+    """Both stages, run through the CLI in a fresh interpreter, never import torch or transformers."""
+    code = (
+        "import json, sys\n"
+        "from kvsharer.cli import main\n"
+        f"rc = [main({args_for('tables', inputs, tmp_path / 't')!r}), main({args_for('figures', inputs, tmp_path / 'f')!r})]\n"
+        "import kvsharer.report.collect, kvsharer.report.tables, kvsharer.report.figures\n"
+        "print(json.dumps({'rc': rc, 'loaded': sorted(m for m in ('torch', 'transformers') if m in sys.modules)}))\n"
+    )
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"rc": [0, 0], "loaded": []}, proc.stderr
