@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES)
 
 test: $(STAMP)
 	# pytest exits 5 when nothing was collected: not a failure of the code under test

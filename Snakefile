@@ -1,7 +1,6 @@
 # kvsharer-pipeline: the KVSharer experiments as a DAG.  Run:  snakemake --cores all
 # Every rule calls a `python -m kvsharer <stage>` subcommand; the stages are documented in README.md.
 import os
-import sys
 
 from snakemake.utils import min_version, validate
 
@@ -20,12 +19,10 @@ validate(config, "workflow/schemas/config.schema.yaml")
 report: "workflow/report/workflow.rst"
 
 
-# jobs (local or on Slurm) import the package from this checkout, and `python` is the interpreter that
-# runs Snakemake (a --software-deployment-method conda job puts its own env first on PATH instead)
-os.environ["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (os.path.join(workflow.basedir, "src"), os.environ.get("PYTHONPATH")) if p
-)
+# every job (local or on Slurm, venv or conda env) imports the package from this checkout
+# (the prefix is formatted like a shell command: doubled braces stand for literal ones)
+PACKAGE_SRC = os.path.join(workflow.basedir, "src")
+shell.prefix(f'set -euo pipefail; export PYTHONPATH="{PACKAGE_SRC}${{{{PYTHONPATH:+:$PYTHONPATH}}}}"; ')
 
 
 include: "workflow/rules/common.smk"

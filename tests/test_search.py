@@ -109,6 +109,9 @@ def test_loop_resolves_chains_skips_sharers_and_reports_incomplete():
     # 3->1 rejected, so (3, 2) is tried; 5->3 resolves to 5->2; pairs run out at 4 of 5
     assert short["map"] == [0, 0, 2, 2, 0, 2] and short["num_shared"] == 4 and not short["complete"]
     assert [t["accepted"] for t in short["trace"]] == [False, True, True, True, True]
+    assert short["stopped"] == "pairs exhausted" and result["stopped"] == "target reached"
+    budget = greedy_search(ranked, 6, target=5, threshold=0.5, evaluator=_Scripted(), progress=False, max_candidates=2)
+    assert budget["stopped"] == "budget" and len(budget["trace"]) == 2 and not budget["complete"]
 
 
 def test_chain_case_fast_equals_official_on_a_model():

@@ -64,10 +64,11 @@ class SearchSettings:
     seed: int = 0
     procedure: str = "fast"
     batch_size: int | None = None  # fast procedure: samples per forward (None: all)
+    max_candidates: int | None = None  # evaluate at most this many candidates (None: no budget)
 
     def key(self) -> dict:
-        """What decides the policy (batch size and procedure do not, beyond float rounding)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("batch_size",)}
+        """What a journal entry depends on (batch size: float rounding only; the budget only says when to stop)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("batch_size", "max_candidates")}
 
 
 def target_layers(n_layers: int, rate: float | None = None, count: int | None = None) -> int:
@@ -254,14 +255,24 @@ def greedy_search(
     evaluator,
     journal: Journal | None = None,
     progress: bool = True,
+    max_candidates: int | None = None,
 ) -> dict:
-    """The KVSharer loop over ``ranked`` pairs; returns map, completeness, trace and counts."""
+    """The KVSharer loop over ``ranked`` pairs; returns map, completeness, trace and counts.
+
+    ``max_candidates`` (optional) caps how many candidates are evaluated: a time budget for high
+    thresholds, where the paper's loop may try every pair. The result then says ``stopped: budget``.
+    """
     journal = journal or Journal(None, {})
     accepted = list(range(n_layers))
     trace, evaluated, resumed, skipped = [], 0, 0, 0
     bar = tqdm(total=target, desc="search", unit="layer", disable=not progress, leave=False)
+    stopped = "pairs exhausted"
     for rank, (i, j, distance) in enumerate(ranked):
         if sum(1 for k, s in enumerate(accepted) if s != k) >= target:
+            stopped = "target reached"
+            break
+        if max_candidates is not None and len(trace) >= max_candidates:
+            stopped = "budget"
             break
         if accepted[i] != i:
             skipped += 1
@@ -289,7 +300,10 @@ def greedy_search(
         bar.set_postfix(rank=rank, sim=f"{entry['similarity']:.3f}")
     bar.close()
     shared = sum(1 for k, s in enumerate(accepted) if s != k)
-    return {"map": accepted, "complete": shared >= target, "num_shared": shared, "target": target, "trace": trace,
+    if shared >= target:
+        stopped = "target reached"
+    return {"map": accepted, "complete": shared >= target, "num_shared": shared, "target": target,
+            "stopped": stopped, "trace": trace,
             "candidates_evaluated": evaluated, "candidates_resumed": resumed, "pairs_skipped": skipped,
             "pairs_total": len(ranked)}
 
@@ -316,7 +330,7 @@ def run_search(model, stats: dict, settings: SearchSettings, journal_path: Path 
     header = {**settings.key(), "calibration_sha256": calibration_hash, "n_layers": dist.shape[0]}
     start = time.perf_counter()
     result = greedy_search(ranked, dist.shape[0], settings.target, settings.threshold, evaluator,
-                           Journal(journal_path, header), progress)
+                           Journal(journal_path, header), progress, settings.max_candidates)
     result["seconds"] = time.perf_counter() - start
     result["seconds_per_candidate"] = result["seconds"] / max(result["candidates_evaluated"], 1)
     result["layers_computed"] = getattr(evaluator, "layers_run", None)
@@ -340,6 +354,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random order")
     parser.add_argument("--procedure", default="fast", choices=PROCEDURES)
     parser.add_argument("--batch-size", type=int, default=None, help="fast: samples per forward (default all)")
+    parser.add_argument("--max-candidates", type=int, default=None,
+                        help="evaluate at most this many candidates (a time budget; default: no limit)")
     parser.add_argument("--samples", type=int, help="expected N of the calibration file (checked)")
     parser.add_argument("--tokens", type=int, help="expected T of the calibration file (checked)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
@@ -370,12 +386,15 @@ def main(args: argparse.Namespace) -> int:
     check_order(args.order)
     check_metric(args.metric)
     check_threshold(args.threshold)
+    if args.max_candidates is not None and args.max_candidates < 1:
+        raise ValueError(f"--max-candidates must be at least 1, got {args.max_candidates}")
     meta = calibrate.read_meta(args.calibration)
     n_layers = meta["n_layers"]
     target = target_layers(n_layers, args.rate, args.layers)
     check_calibration(meta, args.model, args.samples, args.tokens)
     settings = SearchSettings(target=target, threshold=args.threshold, order=args.order, metric=args.metric,
-                              seed=args.seed, procedure=args.procedure, batch_size=args.batch_size)
+                              seed=args.seed, procedure=args.procedure, batch_size=args.batch_size,
+                              max_candidates=args.max_candidates)
 
     stats = calibrate.load(args.calibration)
     model, _ = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))
@@ -396,6 +415,7 @@ def main(args: argparse.Namespace) -> int:
              ", ".join(f"{t['pair'][0]}->{t['pair'][1]}" for t in accepted) or "none",
              result["candidates_evaluated"], result["candidates_resumed"], result["seconds"], args.out)
     if not result["complete"]:
-        log.warning("pairs ran out before the target: only %d of %d layers share at T=%s",
-                    result["num_shared"], target, args.threshold)
+        why = "the candidate budget ran out" if result["stopped"] == "budget" else "pairs ran out"
+        log.warning("INCOMPLETE: %s before the target: only %d of %d layers share at T=%s",
+                    why, result["num_shared"], target, args.threshold)
     return 0

@@ -76,6 +76,27 @@ def policy_arg(wildcards, input):
     return f"--policy {input.policy}" if input.get("policy") else ""
 
 
+def harness_inputs(w):
+    inputs = {"model": f"results/models/{w.model}", "policy": policy_input(w)}
+    if EVAL["harness"].get("local_tasks", False):
+        inputs["tasks"] = "results/text/tasks/tasks.json"
+    return inputs
+
+
+TABLES = ["table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank", "search_cost"]
+FIGURES = ["ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation", "passkey"]
+
+
+def all_evals():
+    return eval_files("ppl") + eval_files("harness") + eval_files("longctx")
+
+
+def final_outputs():
+    return expand("results/tables/{table}.{ext}", table=TABLES, ext=["csv", "md"]) + expand(
+        "results/figures/{figure}.{ext}", figure=FIGURES, ext=["png", "pdf"]
+    )
+
+
 wildcard_constraints:
     model="|".join(map(lambda m: m.replace(".", r"\."), config["models"])),
     rate=r"[0-9.e-]+",

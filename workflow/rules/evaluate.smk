@@ -26,13 +26,6 @@ rule evaluate_ppl:
         " --batch-size {params.batch} --dtype {params.dtype} --out {output} > {log} 2>&1"
 
 
-def harness_inputs(w):
-    inputs = {"model": f"results/models/{w.model}", "policy": policy_input(w)}
-    if EVAL["harness"].get("local_tasks", False):
-        inputs["tasks"] = "results/text/tasks/tasks.json"
-    return inputs
-
-
 rule evaluate_harness:
     input:
         unpack(harness_inputs),

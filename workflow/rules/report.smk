@@ -1,19 +1,5 @@
 # Tables, figures and the HTML report (`snakemake --report report.html`), from every stage's results.
 
-TABLES = ["table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank", "search_cost"]
-FIGURES = ["ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation", "passkey"]
-
-
-def all_evals():
-    return eval_files("ppl") + eval_files("harness") + eval_files("longctx")
-
-
-def final_outputs():
-    return expand("results/tables/{table}.{ext}", table=TABLES, ext=["csv", "md"]) + expand(
-        "results/figures/{figure}.{ext}", figure=FIGURES, ext=["png", "pdf"]
-    )
-
-
 rule tables:
     input:
         policies=policy_files(),

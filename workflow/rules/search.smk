@@ -10,6 +10,7 @@ rule search:
         "results/{model}/policies/r{rate}_{order}_{metric}_T{threshold}_s{seed}.json",
     params:
         procedure=config["search"].get("procedure", "fast"),
+        budget=(f"--max-candidates {config['search']['max_candidates']}" if config["search"].get("max_candidates") else ""),
         samples=config["calibration"].get("samples", 30),
         tokens=config["calibration"].get("tokens", 64),
         dtype=lambda w: model_setting(w.model, "dtype", "float32"),
@@ -23,5 +24,5 @@ rule search:
     shell:
         "python -m kvsharer --threads {threads} search --model {input.model} --calibration {input.calibration}"
         " --rate {wildcards.rate} --order {wildcards.order} --metric {wildcards.metric}"
-        " --threshold {wildcards.threshold} --seed {wildcards.seed} --procedure {params.procedure}"
+        " --threshold {wildcards.threshold} --seed {wildcards.seed} --procedure {params.procedure} {params.budget}"
         " --samples {params.samples} --tokens {params.tokens} --dtype {params.dtype} --out {output} > {log} 2>&1"

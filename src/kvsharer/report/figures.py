@@ -146,12 +146,13 @@ def fig_ppl_vs_rate(results: pd.DataFrame, metric: str, threshold: float):
     fig, axes = grid(len(models))
     for ax, model in zip(axes, models):
         part = sub[sub["model"] == model]
-        # one value per (order, rate, seed): several procedures of one setting are averaged first
+        # one value per (order, rate, seed): several procedures of one setting are averaged first;
+        # the random order's band spans min..max over seeds (a +-sd band of a skewed PPL dips below zero)
         part = part.groupby(["order", "rate_pct", "seed"], as_index=False, dropna=False)["ppl"].mean()
         orders = sorted(set(part["order"]), key=lambda o: (order_rank(o), o))
         if len(part):
             sns.lineplot(data=part, x="rate_pct", y="ppl", hue="order", hue_order=orders, style="order",
-                         style_order=orders, markers=True, dashes=False, errorbar="sd", ax=ax)
+                         style_order=orders, markers=True, dashes=False, errorbar=("pi", 100), ax=ax)
         for value in base.loc[base["model"] == model, "ppl"]:
             ax.axhline(value, color="0.3", linestyle="--", linewidth=1, label="plain model")
         log_y(ax)
