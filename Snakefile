@@ -1,6 +1,7 @@
 # kvsharer-pipeline: the KVSharer experiments as a DAG.  Run:  snakemake --cores all
 # Every rule calls a `python -m kvsharer <stage>` subcommand; the stages are documented in README.md.
 import os
+import sys
 
 from snakemake.utils import min_version, validate
 
@@ -23,6 +24,18 @@ report: "workflow/report/workflow.rst"
 # (the prefix is formatted like a shell command: doubled braces stand for literal ones)
 PACKAGE_SRC = os.path.join(workflow.basedir, "src")
 shell.prefix(f'set -euo pipefail; export PYTHONPATH="{PACKAGE_SRC}${{{{PYTHONPATH:+:$PYTHONPATH}}}}"; ')
+
+
+# checks the schema cannot express (model sources and architectures, rates vs depth, task names),
+# before any job is submitted; jobs themselves skip them
+if workflow.is_main_process:
+    sys.path.insert(0, PACKAGE_SRC)
+    try:
+        from kvsharer.preflight import preflight
+    except ImportError as err:  # Snakemake runs outside the project's environment (e.g. conda jobs)
+        print(f"kvsharer preflight skipped: {err}", file=sys.stderr)
+    else:
+        preflight(config)
 
 
 include: "workflow/rules/common.smk"

@@ -1,6 +1,6 @@
 """The authors' search procedure vs ours, side by side in one run, on the same calibration file.
 
-    python benchmarks/search_speed.py --model results/models/smollm2-135m-instruct
+    python benchmarks/search_speed.py --model results/models/smollm2-135m
 
 Calibrates (30 × 64 tokens, unless --calibration is given), runs the search at the given rate with
 ``--procedure official`` and ``--procedure fast``, asserts they found the same policy, and writes
@@ -27,7 +27,7 @@ from kvsharer.search import SearchSettings, run_search, sha256_file, target_laye
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="results/models/smollm2-135m-instruct")
+    parser.add_argument("--model", default="results/models/smollm2-135m")
     parser.add_argument("--calibration", type=Path, help="existing calibration file (default: make one)")
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=64)

@@ -1,6 +1,6 @@
 """Plain model vs KV sharing at a given rate, side by side in one run: KV bytes and prefill time.
 
-    python benchmarks/sharing_cost.py --model results/models/smollm2-135m-instruct
+    python benchmarks/sharing_cost.py --model results/models/smollm2-135m
 
 Writes a JSON file with both measurements and their ratios (sharing / plain). The shared layers are
 spread evenly over the depth, each reading the layer just before it: the cost of sharing does not
@@ -45,7 +45,7 @@ def prefill(model, tokens) -> tuple[float, int]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="results/models/smollm2-135m-instruct")
+    parser.add_argument("--model", default="results/models/smollm2-135m")
     parser.add_argument("--rate", type=float, default=0.25)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=512)

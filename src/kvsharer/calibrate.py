@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
-import subprocess
 from pathlib import Path
 
 import torch
@@ -27,6 +25,7 @@ from tqdm import tqdm
 from .atomic import atomic_path, atomic_write_text
 from .data import check_text_source, load_corpus, sha256_text, token_chunks
 from .models import DTYPES, check_source, find_parts, load_model, model_id, resolve_device
+from .provenance import code_commit, versions
 
 log = logging.getLogger("kvsharer")
 
@@ -54,24 +53,6 @@ def collect(model, input_ids: torch.Tensor, batch_size: int | None = None) -> di
         "values": (value_sum / n).cpu().contiguous(),
         "reference_hidden": torch.cat(hidden).contiguous(),
     }
-
-
-def package_versions() -> dict[str, str]:
-    import transformers
-
-    from . import __version__
-
-    return {"kvsharer": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-
-
-def code_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def read_meta(path: str | Path) -> dict:
@@ -124,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
         "tokens": args.tokens,
         "dtype": args.dtype,
         "device": str(model.device),
-        "versions": package_versions(),
+        "versions": versions(),
         "commit": code_commit(),
     }
     with atomic_path(args.out) as tmp:

@@ -12,6 +12,7 @@ rule calibrate:
         samples=config["calibration"].get("samples", 30),
         tokens=config["calibration"].get("tokens", 64),
         dtype=lambda w: model_setting(w.model, "dtype", "float32"),
+        batch=batch_arg,
     log:
         "logs/{model}/calibrate.log",
     conda:
@@ -19,9 +20,10 @@ rule calibrate:
     threads: lambda w: model_setting(w.model, "threads", 1)
     resources:
         mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+        batch=retry_batch(),
     shell:
         "python -m kvsharer --threads {threads} calibrate --model {input.model} --text {input.text}"
-        " --samples {params.samples} --tokens {params.tokens} --dtype {params.dtype} --out {output.stats} > {log} 2>&1"
+        " --samples {params.samples} --tokens {params.tokens} --dtype {params.dtype} {params.batch} --out {output.stats} > {log} 2>&1"
 
 
 rule distances:

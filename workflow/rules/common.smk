@@ -1,4 +1,5 @@
 # Path helpers only: which policies and evaluations the config asks for. No computation here.
+import json
 import os
 from itertools import product
 
@@ -41,6 +42,23 @@ def table1_policies():
 
 def model_setting(model, key, default):
     return config["models"][model].get(key, default)
+
+
+def retry_batch(default_key=None):
+    """Batch size for a job's attempt: halved on every retry (a job that ran out of GPU memory is
+    resubmitted by `retries:` with a smaller batch). 0 means "the stage's default" on the first attempt."""
+
+    def batch(wildcards, attempt):
+        first = model_setting(wildcards.model, "batch_size", 8) if default_key else config["calibration"].get("samples", 30)
+        if default_key is None and attempt == 1:
+            return 0
+        return max(1, first // 2 ** (attempt - 1))
+
+    return batch
+
+
+def batch_arg(wildcards, resources):
+    return f"--batch-size {resources.batch}" if resources.batch else ""
 
 
 EVAL = config["evaluation"]
@@ -92,7 +110,7 @@ def all_evals():
 
 
 def final_outputs():
-    return expand("results/tables/{table}.{ext}", table=TABLES, ext=["csv", "md"]) + expand(
+    return [f"results/{m}/run_meta.json" for m in config["models"]] + expand("results/tables/{table}.{ext}", table=TABLES, ext=["csv", "md"]) + expand(
         "results/figures/{figure}.{ext}", figure=FIGURES, ext=["png", "pdf"]
     )
 

@@ -11,7 +11,6 @@ rule evaluate_ppl:
         policy=policy_arg,
         max_tokens=EVAL.get("ppl", {}).get("max_tokens", 4096),
         window=EVAL.get("ppl", {}).get("window", 512),
-        batch=lambda w: model_setting(w.model, "batch_size", 8),
         dtype=lambda w: model_setting(w.model, "dtype", "float32"),
     log:
         "logs/{model}/eval/{policy}/ppl.log",
@@ -20,10 +19,11 @@ rule evaluate_ppl:
     threads: lambda w: model_setting(w.model, "threads", 1)
     resources:
         mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+        batch=retry_batch("batch_size"),
     shell:
         "python -m kvsharer --threads {threads} evaluate-ppl --model {input.model} {params.policy}"
         " --text {input.text} --max-tokens {params.max_tokens} --window {params.window}"
-        " --batch-size {params.batch} --dtype {params.dtype} --out {output} > {log} 2>&1"
+        " --batch-size {resources.batch} --dtype {params.dtype} --out {output} > {log} 2>&1"
 
 
 rule evaluate_harness:
@@ -38,7 +38,6 @@ rule evaluate_harness:
         limit=lambda w: f"--limit {EVAL['harness']['limit']}" if EVAL["harness"].get("limit") else "",
         fewshot=lambda w: (f"--num-fewshot {EVAL['harness']['num_fewshot']}"
                            if EVAL["harness"].get("num_fewshot") is not None else ""),
-        batch=lambda w: model_setting(w.model, "batch_size", 8),
         dtype=lambda w: model_setting(w.model, "dtype", "float32"),
     log:
         "logs/{model}/eval/{policy}/harness.log",
@@ -47,10 +46,11 @@ rule evaluate_harness:
     threads: lambda w: model_setting(w.model, "threads", 1)
     resources:
         mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+        batch=retry_batch("batch_size"),
     shell:
         "python -m kvsharer --threads {threads} evaluate-harness --model {input.model} {params.policy}"
         " --tasks {params.tasks} {params.task_dir} {params.limit} {params.fewshot}"
-        " --batch-size {params.batch} --dtype {params.dtype} --out {output} > {log} 2>&1"
+        " --batch-size {resources.batch} --dtype {params.dtype} --out {output} > {log} 2>&1"
 
 
 rule evaluate_longctx:

@@ -41,3 +41,16 @@ rule figures:
     shell:
         "python -m kvsharer figures --policies {input.policies} --evals {input.evals} --distances {input.distances}"
         " {params.main} --out-dir results/figures > {log} 2>&1"
+
+
+rule run_meta:
+    output:
+        "results/{model}/run_meta.json",
+    params:
+        config=json.dumps(config, sort_keys=True),
+    log:
+        "logs/{model}/run_meta.log",
+    conda:
+        "../../envs/kvsharer.yaml"
+    shell:
+        "python -m kvsharer run-meta --config-json {params.config:q} --model {wildcards.model} --out {output} > {log} 2>&1"

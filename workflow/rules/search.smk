@@ -14,6 +14,7 @@ rule search:
         samples=config["calibration"].get("samples", 30),
         tokens=config["calibration"].get("tokens", 64),
         dtype=lambda w: model_setting(w.model, "dtype", "float32"),
+        batch=batch_arg,
     log:
         "logs/{model}/search/r{rate}_{order}_{metric}_T{threshold}_s{seed}.log",
     conda:
@@ -21,8 +22,9 @@ rule search:
     threads: lambda w: model_setting(w.model, "threads", 1)
     resources:
         mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+        batch=retry_batch(),
     shell:
         "python -m kvsharer --threads {threads} search --model {input.model} --calibration {input.calibration}"
         " --rate {wildcards.rate} --order {wildcards.order} --metric {wildcards.metric}"
         " --threshold {wildcards.threshold} --seed {wildcards.seed} --procedure {params.procedure} {params.budget}"
-        " --samples {params.samples} --tokens {params.tokens} --dtype {params.dtype} --out {output} > {log} 2>&1"
+        " --samples {params.samples} --tokens {params.tokens} --dtype {params.dtype} {params.batch} --out {output} > {log} 2>&1"

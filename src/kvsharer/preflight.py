@@ -1,0 +1,91 @@
+"""Checks of a pipeline config that need more than its schema, run before any job is submitted.
+
+The Snakefile calls ``preflight(config)`` in Snakemake's main process (never inside jobs). It collects
+every problem and raises one ``ValueError`` listing them: a model source that is neither a folder, a hub
+id nor an embedded model; an architecture the sharing mechanism cannot handle (checked on an empty model
+built on the ``meta`` device from the config: no weights are read); a sharing rate no policy can reach
+for the model's depth; a long-context length beyond the model's window; an lm-eval task name unknown to
+lm-eval's registry. Hub models whose config is not in the local Hugging Face cache (offline dry runs)
+are not checked for architecture; that is logged, not an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+log = logging.getLogger("kvsharer")
+
+
+def _model_config(source: str):
+    """The model's transformers config from a folder or the local HF cache, or None when unavailable."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, local_files_only=True)
+    except Exception as err:  # not cached, remote code, ...
+        log.warning("preflight: config of %s is not available offline (%s); architecture not checked",
+                    source, str(err).splitlines()[0][:120])
+        return None
+
+
+def check_model(name: str, settings: dict, rates: list[float], lengths: list[int]) -> list[str]:
+    from .models import EMBEDDED_PREFIX, ModelError, UnsupportedArchitecture, check_source, find_parts
+
+    source = settings["source"]
+    try:
+        check_source(source)
+    except ModelError as err:
+        return [f"model {name!r}: {err}"]
+    if source.startswith(EMBEDDED_PREFIX):
+        return []  # a known, supported Llama checkpoint
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = _model_config(source)
+    if config is None:
+        return []
+    problems = []
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        n_layers = find_parts(model).n_layers
+    except UnsupportedArchitecture as err:
+        return [f"model {name!r}: {err}"]
+    except Exception as err:  # an architecture transformers cannot build
+        return [f"model {name!r}: cannot build {type(config).__name__} ({err})"]
+    for rate in rates:
+        if rate > (n_layers - 1) / n_layers or math.floor(rate * n_layers + 0.5) > n_layers - 1:
+            problems.append(f"model {name!r}: sharing rate {rate} is impossible for its {n_layers} layers")
+    window = getattr(config, "max_position_embeddings", None)
+    limit = settings.get("max_length") or window
+    for length in lengths:
+        if limit and length > limit:
+            problems.append(f"model {name!r}: long-context length {length} exceeds its window of {limit} tokens")
+    return problems
+
+
+def check_tasks(tasks: list[str]) -> list[str]:
+    from lm_eval.tasks import TaskManager
+
+    known = TaskManager().all_tasks
+    unknown = [t for t in tasks if t not in known]
+    return [f"unknown lm-eval task(s): {', '.join(unknown)}"] if unknown else []
+
+
+def preflight(config: dict) -> None:
+    search, evaluation = config["search"], config.get("evaluation", {})
+    rates = sorted(set(search["rates"]) | set(search.get("ablation_rates", [])))
+    lengths = evaluation.get("longctx", {}).get("lengths", [])
+    problems = []
+    for name, settings in config["models"].items():
+        problems += check_model(name, settings, rates, lengths)
+    text = config["calibration"]["text"]
+    if not (text.startswith(("embedded:", "hf:")) or Path(text).is_file()):
+        problems.append(f"calibration text {text!r} is not a file, embedded:pydoc, or hf:<dataset>")
+    harness = evaluation.get("harness")
+    if harness and not harness.get("local_tasks", False):
+        problems += check_tasks(harness["tasks"])
+    if problems:
+        raise ValueError("config check failed before any job was submitted:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,70 @@
+"""Stage ``run-meta``: what produced a result directory (commit, config hash, versions, host, GPU)."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import socket
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+from .atomic import atomic_write_text
+
+PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "lm_eval", "datasets", "snakemake",
+            "pandas", "seaborn", "kvsharer-pipeline")
+
+
+def code_commit() -> str | None:
+    """The checkout's commit (with ``+dirty`` when tracked files changed), or None outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=5, cwd=here)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = head.stdout.strip()
+    return (commit + ("+dirty" if dirty.stdout.strip() else "")) if commit else None
+
+
+def versions() -> dict[str, str | None]:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def gpu_name() -> str | None:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        return None
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config-json", required=True, help="the pipeline config as JSON (Snakemake passes it)")
+    parser.add_argument("--model", help="model name this directory belongs to")
+    parser.add_argument("--out", required=True, type=Path)
+
+
+def main(args: argparse.Namespace) -> int:
+    config = json.loads(args.config_json)
+    meta = {
+        "model": args.model, "commit": code_commit(), "config_sha256": config_hash(config),
+        "host": socket.gethostname(), "platform": platform.platform(), "gpu": gpu_name(),
+        "versions": versions(), "config": config,
+    }
+    atomic_write_text(args.out, json.dumps(meta, indent=2) + "\n")
+    return 0
