@@ -114,6 +114,42 @@ def test_bad_config_fails_validation_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_preflight_refuses_bad_models_before_any_job(tmp_path, tiny_model_dir):
+    config = tiny_config(tmp_path / "no-such-model")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake(tmp_path, "-n", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "config check failed before any job was submitted" in out
+    assert "no-such-model" in out
+    config = tiny_config(tiny_model_dir)
+    config["search"]["rates"] = [0.25, 0.9]  # 0.9 x 8 layers: 7.2 -> would leave no layer storing KV
+    config["evaluation"]["longctx"]["lengths"] = [4096]  # beyond the tiny model's 512-token window
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    out = "".join(snakemake(tmp_path, "-n", check=False).stdout)
+    assert "sharing rate 0.9 is impossible for its 8 layers" in out
+    assert "long-context length 4096 exceeds its window of 512 tokens" in out
+    assert not (tmp_path / "results").exists()
+    from transformers import Phi3Config  # fused qkv_proj: no adapter, refused by name
+
+    Phi3Config(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+               vocab_size=300).save_pretrained(tmp_path / "phi3")
+    config["models"]["tiny"]["source"] = str(tmp_path / "phi3")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    out = snakemake(tmp_path, "-n", check=False).stdout
+    assert "fused projection 'qkv_proj'" in out and "no adapter is registered for Phi3ForCausalLM" in out
+
+
+def test_paper_config_plans_offline():
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--configfile", "config/paper.yaml", "--cores", "1", "--quiet",
+         "rules", "--directory", str(REPO)], capture_output=True, text=True, cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "search" in out and "evaluate_harness" in out
+
+
 def test_lint_is_clean(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path / "m")))
     proc = snakemake(tmp_path, "--lint", check=False)
