@@ -132,7 +132,7 @@ def test_preflight_refuses_bad_models_before_any_job(tmp_path, tiny_model_dir):
     from transformers import Phi3Config  # fused qkv_proj: no adapter, refused by name
 
     Phi3Config(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, intermediate_size=128,
-               vocab_size=300).save_pretrained(tmp_path / "phi3")
+               vocab_size=300, pad_token_id=0, eos_token_id=2, bos_token_id=1).save_pretrained(tmp_path / "phi3")
     config["models"]["tiny"]["source"] = str(tmp_path / "phi3")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     out = snakemake(tmp_path, "-n", check=False).stdout
