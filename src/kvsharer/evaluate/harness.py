@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from ..atomic import atomic_write_text
-from ..models import DTYPES, check_source, find_parts, load_model, model_id, resolve_device
+from . import result_header
+from ..models import DTYPES, check_source, find_parts, load_model, resolve_device
 from ..policy import SharingPolicy
 from ..sharing import share_kv
 
@@ -124,12 +125,8 @@ def main(args: argparse.Namespace) -> int:
                "samples_total": counts.get(name, {}).get("original")}
         for name, metrics in out["results"].items()
     }
-    source, weights = model_id(args.model)
     summary = {
-        "stage": "evaluate-harness",
-        "model": args.model, "model_source": source, "weights_sha256": weights,
-        "policy": args.policy, "map": policy.map, "rate": policy.rate, "num_shared": policy.num_shared,
-        "shared_layers": policy.shared_layers,
+        **result_header("evaluate-harness", args.model, args.policy, policy),
         "tasks": tasks,
         "requested": names, "task_dir": str(task_dir) if task_dir else None,
         "limit": args.limit, "num_fewshot": args.num_fewshot, "batch_size": args.batch_size,

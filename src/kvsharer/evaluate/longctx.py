@@ -24,8 +24,9 @@ import torch
 from tqdm import tqdm
 
 from ..atomic import atomic_write_text
+from . import result_header
 from ..data import check_text_source, load_corpus, sha256_text
-from ..models import (DTYPES, EMBEDDED_PREFIX, check_source, embedded_gguf, find_parts, load_model, model_id,
+from ..models import (DTYPES, EMBEDDED_PREFIX, check_source, embedded_gguf, find_parts, load_model,
                       resolve_device, text_config)
 from ..policy import SharingPolicy
 from ..sharing import share_kv
@@ -199,12 +200,8 @@ def main(args: argparse.Namespace) -> int:
 
     total_correct = sum(c["correct"] for c in cells)
     total_trials = sum(c["trials"] for c in cells)
-    source, weights = model_id(args.model)
     summary = {
-        "stage": "evaluate-longctx",
-        "model": args.model, "model_source": source, "weights_sha256": weights,
-        "policy": args.policy, "map": policy.map, "rate": policy.rate, "num_shared": policy.num_shared,
-        "shared_layers": policy.shared_layers,
+        **result_header("evaluate-longctx", args.model, args.policy, policy),
         "accuracy": total_correct / total_trials, "correct": total_correct, "trials_total": total_trials,
         "cells": cells,
         "lengths": lengths, "depths": depths, "trials": args.trials, "seed": args.seed,

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..atomic import atomic_write_text
+from . import result_header
 from ..data import check_text_source, load_corpus, sha256_text
-from ..models import DTYPES, check_source, find_parts, load_model, model_id, resolve_device, text_config
+from ..models import DTYPES, check_source, find_parts, load_model, resolve_device, text_config
 from ..policy import SharingPolicy
 from ..sharing import share_kv
 
@@ -111,12 +112,8 @@ def main(args: argparse.Namespace) -> int:
         result = perplexity(model, windows, args.batch_size)
     seconds = time.perf_counter() - start
 
-    source, weights = model_id(args.model)
     summary = {
-        "stage": "evaluate-ppl",
-        "model": args.model, "model_source": source, "weights_sha256": weights,
-        "policy": args.policy, "map": policy.map, "rate": policy.rate, "num_shared": policy.num_shared,
-        "shared_layers": policy.shared_layers,
+        **result_header("evaluate-ppl", args.model, args.policy, policy),
         "text": args.text, "text_sha256": sha256_text(text), "text_tokens": len(ids),
         **result,
         "max_tokens": args.max_tokens, "batch_size": args.batch_size,
