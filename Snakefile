@@ -43,6 +43,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/search.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/scaling.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -24,6 +24,7 @@ def tiny_config(model_dir: Path) -> dict:
             "metric": "euclidean", "threshold": 0.5, "seeds": [0, 1], "ablation_rates": [0.25],
             "metrics": ["euclidean", "cosine"], "thresholds": [0.5, 0.9],
         },
+        "scaling": {"layers": [4, 8], "hidden": [64], "samples": 4, "tokens": 8},
         "evaluation": {
             "ppl": {"max_tokens": 256, "window": 64},
             "harness": {"tasks": ["kvs_next_sentence"], "local_tasks": True, "limit": 4},
@@ -76,6 +77,29 @@ def test_dag_produces_every_result(dag_run):
     longctx = _load(res / "eval" / "plain" / "longctx.json")
     assert {(c["length"], c["depth"]) for c in longctx["cells"]} == {(256, 0.0), (256, 1.0), (384, 0.0), (384, 1.0)}
     assert (dag_run / "logs" / "tiny" / "calibrate.log").read_text().count("written to") == 1
+    scaling = _load(dag_run / "results" / "scaling" / "search_scaling.json")
+    assert scaling["factors"]["policies"] == 2  # the real dissimilar searches of both rates
+    meta = _load(res / "run_meta.json")
+    assert meta["model"] == "tiny" and len(meta["config_sha256"]) == 64 and meta["versions"]["torch"]
+
+
+def test_tables_hold_the_numbers_the_stages_computed(dag_run):
+    import csv
+
+    res = dag_run / "results"
+    with open(res / "tables" / "table1.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    plain = _load(res / "tiny" / "eval" / "plain" / "ppl.json")["ppl"]
+    half = _load(res / "tiny" / "eval" / "r0.5_dissimilar_euclidean_T0.5_s0" / "ppl.json")["ppl"]
+    by_rate = {float(r["rate_pct"]): r for r in rows}
+    assert float(by_rate[0.0]["ppl"]) == pytest.approx(plain)
+    assert float(by_rate[50.0]["ppl"]) == pytest.approx(half)
+    harness = _load(res / "tiny" / "eval" / "r0.25_dissimilar_euclidean_T0.5_s0" / "harness.json")
+    assert float(by_rate[25.0]["acc:kvs_next_sentence"]) == pytest.approx(harness["tasks"]["kvs_next_sentence"]["acc"])
+    for name in ("ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation",
+                 "passkey", "search_scaling"):
+        for ext in ("png", "pdf"):
+            assert (res / "figures" / f"{name}.{ext}").stat().st_size > 1000
 
 
 def test_rerun_does_nothing(dag_run):
@@ -150,8 +174,8 @@ def test_paper_config_plans_offline():
     assert "search" in out and "evaluate_harness" in out
 
 
-def test_lint_is_clean(tmp_path):
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config(tmp_path / "m")))
+def test_lint_is_clean(tmp_path, tiny_model_dir):
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config(tiny_model_dir)))
     proc = snakemake(tmp_path, "--lint", check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Lints for" not in proc.stdout + proc.stderr

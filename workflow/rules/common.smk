@@ -101,8 +101,17 @@ def harness_inputs(w):
     return inputs
 
 
+def scaling_files():
+    return ["results/scaling/search_scaling.json"] if "scaling" in config else []
+
+
+def scaling_arg(wildcards, input):
+    return f"--scaling {input.scaling}" if input.get("scaling") else ""
+
+
 TABLES = ["table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank", "search_cost"]
-FIGURES = ["ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation", "passkey"]
+FIGURES = ["ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation", "passkey",
+           "search_scaling"]
 
 
 def all_evals():

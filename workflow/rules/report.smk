@@ -26,6 +26,7 @@ rule figures:
         policies=policy_files(),
         evals=all_evals(),
         distances=distance_files(),
+        scaling=scaling_files(),
     output:
         png=[
             report(f"results/figures/{f}.png", caption=f"../report/figure_{f}.rst", category="Figures")
@@ -34,13 +35,14 @@ rule figures:
         pdf=[f"results/figures/{f}.pdf" for f in FIGURES],
     params:
         main=f"--main-metric {MAIN_METRIC} --main-threshold {MAIN_T}",
+        scaling=scaling_arg,
     log:
         "logs/figures.log",
     conda:
         "../../envs/kvsharer.yaml"
     shell:
         "python -m kvsharer figures --policies {input.policies} --evals {input.evals} --distances {input.distances}"
-        " {params.main} --out-dir results/figures > {log} 2>&1"
+        " {params.main} {params.scaling} --out-dir results/figures > {log} 2>&1"
 
 
 rule run_meta:

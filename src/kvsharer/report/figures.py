@@ -12,12 +12,15 @@ empty axis saying "no data". Several models are panels of one figure.
 * ``threshold_ablation``: PPL and layers shared vs threshold T, one line per rate;
 * ``metric_ablation``: PPL vs rate, one line per distance metric;
 * ``passkey``: passkey retrieval accuracy over context length x needle depth, for the plain model and
-  every rate of the main dissimilar policies (small multiples).
+  every rate of the main dissimilar policies (small multiples);
+* ``search_scaling``: measured search seconds vs FLOPs with the fitted cost model, and the projected
+  search time of 7B-405B models (from ``search-scaling``'s JSON, ``--scaling``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 from pathlib import Path
@@ -42,7 +45,8 @@ from .tables import (DEFAULT_METRIC, DEFAULT_RANK_BIN, DEFAULT_THRESHOLD, accept
 
 log = logging.getLogger("kvsharer")
 
-FIGURES = ("ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation", "passkey")
+FIGURES = ("ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation", "passkey",
+           "search_scaling")
 FORMATS = ("png", "pdf")
 DEFAULT_MAIN_RATE = 0.25
 PANEL = (4.6, 3.6)  # inches per panel
@@ -299,8 +303,44 @@ def fig_passkey(cells: pd.DataFrame, metric: str, threshold: float):
     return fig
 
 
+def fig_search_scaling(scaling: dict | None):
+    if not scaling:
+        return empty_figure("search scaling", "no search-scaling results")
+    fig, (ax_fit, ax_proj) = plt.subplots(1, 2, figsize=(10, 4))
+    rows = pd.DataFrame(scaling["measurements"])
+    rows["flops"] = rows["layers_computed"] * rows["samples"] * rows["tokens"] * rows["flops_per_layer_token"]
+    rows["depth x width"] = rows["layers"].astype(str) + " x " + rows["hidden"].astype(str)
+    sns.scatterplot(data=rows, x="flops", y="seconds", hue="layers", size="hidden", ax=ax_fit)
+    fit = scaling["fit"]
+    xs = pd.Series(sorted(rows["flops"]))
+    ax_fit.plot(xs, xs / fit["throughput_flops"] + fit["fixed_seconds_per_candidate"] * rows["candidates"].mean(),
+                color="0.3", linestyle="--", label=f"fit: {fit['throughput_flops'] / 1e9:.0f} GFLOP/s")
+    ax_fit.set_xscale("log")
+    ax_fit.set_yscale("log")
+    ax_fit.set_xlabel("FLOPs of one search (fast procedure)")
+    ax_fit.set_ylabel("seconds (this machine)")
+    ax_fit.set_title(f"measured, R$^2$ = {fit['r2']:.2f}")
+    ax_fit.legend(fontsize=7)
+    proj = pd.DataFrame(scaling["projection"]).melt(
+        id_vars="model", value_vars=["gpu_seconds_expected", "gpu_seconds_official_expected", "gpu_seconds_worst"],
+        var_name="case", value_name="seconds")
+    proj["case"] = proj["case"].map({"gpu_seconds_expected": "fast, expected candidates",
+                                     "gpu_seconds_official_expected": "official, expected candidates",
+                                     "gpu_seconds_worst": "fast, every pair tried"})
+    sns.barplot(data=proj, x="model", y="seconds", hue="case", ax=ax_proj)
+    ax_proj.set_yscale("log")
+    ax_proj.set_xlabel("")
+    ax_proj.set_ylabel(f"compute seconds at {scaling['assumptions']['gpu_flops'] / 1e12:.0f} TFLOP/s (assumed)")
+    ax_proj.set_title("projected search compute")
+    ax_proj.tick_params(axis="x", labelrotation=20)
+    ax_proj.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def build_figures(collection: Collection, distances: list[Distances], metric: str = DEFAULT_METRIC,
-                  threshold: float = DEFAULT_THRESHOLD, rank_bin: int = DEFAULT_RANK_BIN, main_rate: float = DEFAULT_MAIN_RATE):
+                  threshold: float = DEFAULT_THRESHOLD, rank_bin: int = DEFAULT_RANK_BIN, main_rate: float = DEFAULT_MAIN_RATE,
+                  scaling: dict | None = None):
     """``{name: function drawing that figure}`` for every name in ``FIGURES``."""
     results = results_frame(collection)
     traces = traces_frame(collection)
@@ -311,6 +351,7 @@ def build_figures(collection: Collection, distances: list[Distances], metric: st
         "threshold_ablation": lambda: fig_threshold_ablation(results, metric, threshold),
         "metric_ablation": lambda: fig_metric_ablation(results, metric, threshold),
         "passkey": lambda: fig_passkey(passkey_cells_frame(collection), metric, threshold),
+        "search_scaling": lambda: fig_search_scaling(scaling),
     }
 
 
@@ -323,6 +364,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     parser.add_argument("--distances", nargs="*", default=[], type=Path, metavar="FILE",
                         help="distance JSON files (from `distances`)")
+    parser.add_argument("--scaling", type=Path, help="search-scaling JSON (from `search-scaling`)")
     parser.add_argument("--main-rate", type=float, default=DEFAULT_MAIN_RATE,
                         help="the heatmap marks the main dissimilar policy with the largest rate <= this")
     parser.add_argument("--out-dir", required=True, type=Path,
@@ -335,7 +377,14 @@ def main(args: argparse.Namespace) -> int:
     distances = load_distances(args.distances)
     warn_if_no_main(collection, args.main_metric, args.main_threshold)
     sns.set_theme(style="whitegrid", context="paper")
-    makers = build_figures(collection, distances, args.main_metric, args.main_threshold, args.rank_bin, args.main_rate)
+    scaling = None
+    if args.scaling is not None:
+        try:
+            scaling = json.loads(args.scaling.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read search-scaling file {args.scaling}: {err}") from None
+    makers = build_figures(collection, distances, args.main_metric, args.main_threshold, args.rank_bin, args.main_rate,
+                           scaling)
     for name in FIGURES:
         fig = makers[name]()
         empty = ["no data" in t.get_text() for ax in fig.axes if ax.get_visible() for t in ax.texts]

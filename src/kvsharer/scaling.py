@@ -1,0 +1,203 @@
+"""Stage ``search-scaling``: how the policy search's cost grows with depth and width, and what it would
+cost for 7B / 70B / 400B-class models (the reviewer's "time scalability" question).
+
+Measured here: random-initialised Llama-shaped models of several depths L and widths d (weights do not
+change the cost), calibrated on N × T random tokens, searched with the fast procedure at a sharing rate
+with T = −0.99 (every candidate is accepted, so a search evaluates exactly ``round(rate × L)`` candidates
+and the cost per candidate is what is measured; how many candidates a real search needs is a separate
+factor, taken from real search traces when given).
+
+Cost model. A candidate ``i → j`` re-runs the decoder from layer ``i`` on: ``layers_computed`` layer
+forwards of N × T tokens. One layer forward on one token costs ``flops_per_layer_token`` ≈ 2 × (weights
+of one layer) + 4 × T × d (attention scores and mixing). So
+
+    seconds ≈ fixed × candidates + layers_computed × N × T × flops_per_layer_token / throughput
+
+and ``throughput`` (FLOP/s actually achieved) and ``fixed`` (per-candidate overhead) are fitted by least
+squares on the measurements. The projection for a target shape multiplies its FLOPs per search by the
+fitted CPU throughput, and by an *assumed* GPU throughput (stated in the output), and says how much
+memory the model needs to be searched at all (weights + the fast procedure's cached states).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from .atomic import atomic_write_text
+
+log = logging.getLogger("kvsharer")
+
+# Target shapes for the projection: layers, hidden, intermediate, heads, kv heads, vocab
+PROJECTED = {
+    "Llama-2-7B": (32, 4096, 11008, 32, 32, 32000),
+    "Llama-2-13B": (40, 5120, 13824, 40, 40, 32000),
+    "Llama-2-70B": (80, 8192, 28672, 64, 8, 32000),
+    "Llama-3.1-405B": (126, 16384, 53248, 128, 8, 128256),
+}
+# Assumed sustained throughput of one H100 on these small batches (N × T = 1,920 tokens), bf16 dense.
+# Peak is ~989 TFLOP/s; a prefill-shaped forward of 2k tokens reaches well below it. 40 % is an assumption.
+GPU_ASSUMED_FLOPS = 0.4 * 989e12
+GPU_MEMORY_BYTES = 80e9
+
+
+def layer_params(hidden: int, inter: int, heads: int, kv_heads: int) -> int:
+    head_dim = hidden // heads
+    attn = hidden * hidden * 2 + 2 * hidden * kv_heads * head_dim  # q, o, k, v
+    return attn + 3 * hidden * inter  # gate, up, down
+
+
+def flops_per_layer_token(hidden: int, inter: int, heads: int, kv_heads: int, tokens: int) -> float:
+    return 2.0 * layer_params(hidden, inter, heads, kv_heads) + 4.0 * tokens * hidden
+
+
+def measure(layers: list[int], hiddens: list[int], samples: int, tokens: int, rate: float, seed: int = 0) -> list[dict]:
+    """Time the fast search on random Llama-shaped models of every (L, d)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .calibrate import collect  # its forward also warms up the kernels before the search is timed
+    from .search import SearchSettings, run_search, target_layers
+
+    rows = []
+    for n_layers in layers:
+        for hidden in hiddens:
+            heads = max(1, hidden // 64)
+            inter = int(hidden * 8 / 3) // 64 * 64
+            config = LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=inter,
+                                 num_hidden_layers=n_layers, num_attention_heads=heads, num_key_value_heads=heads,
+                                 max_position_embeddings=max(512, tokens))
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config).eval()
+            ids = torch.randint(0, 1024, (samples, tokens), generator=torch.Generator().manual_seed(seed))
+            stats = collect(model, ids)
+            for _ in range(3):  # warm up: the first forwards of a new shape build kernels and caches
+                collect(model, ids)
+            target = target_layers(n_layers, rate=rate)
+            settings = SearchSettings(target=target, threshold=-0.99, procedure="fast")
+            start = time.perf_counter()
+            result = run_search(model, stats, settings, progress=False)
+            seconds = time.perf_counter() - start
+            row = {
+                "layers": n_layers, "hidden": hidden, "intermediate": inter, "heads": heads,
+                "samples": samples, "tokens": tokens, "rate": rate, "candidates": result["candidates_evaluated"],
+                "layers_computed": result["layers_computed"] // samples, "seconds": seconds,
+                "flops_per_layer_token": flops_per_layer_token(hidden, inter, heads, heads, tokens),
+            }
+            rows.append(row)
+            log.info("L=%d d=%d: %d candidates, %d layer forwards, %.2f s", n_layers, hidden, row["candidates"],
+                     row["layers_computed"], seconds)
+    return rows
+
+
+def fit(rows: list[dict]) -> dict:
+    """Least squares (in relative error) of seconds = fixed × candidates + flops / throughput."""
+    import numpy as np
+
+    a = np.array([[r["candidates"], r["layers_computed"] * r["samples"] * r["tokens"] * r["flops_per_layer_token"]]
+                  for r in rows], dtype=float)
+    y = np.array([r["seconds"] for r in rows], dtype=float)
+    scale = a.max(axis=0)
+    # relative errors (rows divided by the measured seconds): small and large searches weigh alike
+    coef, *_ = np.linalg.lstsq(a / scale / y[:, None], np.ones_like(y), rcond=None)
+    coef = np.clip(coef / scale, 1e-30, None)
+    predicted = a @ coef
+    r2 = 1 - ((y - predicted) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30)
+    return {"fixed_seconds_per_candidate": float(coef[0]), "throughput_flops": float(1 / coef[1]), "r2": float(r2),
+            "predicted_seconds": predicted.tolist()}
+
+
+def candidate_factors(policies: list[dict]) -> dict:
+    """From real search traces: candidates per shared layer and the share of the depth a candidate re-runs."""
+    per_layer, depth_share = [], []
+    for p in policies:
+        n = p["n_layers"]
+        if p.get("num_shared"):
+            per_layer.append(p["candidates_evaluated"] / p["num_shared"])
+        depth_share += [(n - t["pair"][0]) / n for t in p["trace"]]
+    return {
+        "candidates_per_shared_layer": sum(per_layer) / len(per_layer) if per_layer else 1.0,
+        "depth_share_per_candidate": sum(depth_share) / len(depth_share) if depth_share else 0.5,
+        "policies": len(policies),
+    }
+
+
+def project(fitted: dict, factors: dict, samples: int, tokens: int, rate: float) -> list[dict]:
+    out = []
+    for name, (n_layers, hidden, inter, heads, kv_heads, vocab) in PROJECTED.items():
+        target = round(rate * n_layers)
+        candidates = target * factors["candidates_per_shared_layer"]
+        worst = n_layers * (n_layers - 1) / 2  # every pair tried
+        layer_token = flops_per_layer_token(hidden, inter, heads, kv_heads, tokens)
+        per_candidate = factors["depth_share_per_candidate"] * n_layers * samples * tokens * layer_token
+        # the authors' procedure: per sample, a full reference and a full candidate forward, with LM head
+        official = 2 * samples * tokens * (n_layers * layer_token + 2 * vocab * hidden)
+        params = n_layers * layer_params(hidden, inter, heads, kv_heads) + 2 * vocab * hidden
+        head_dim = hidden // heads
+        cached = n_layers * samples * tokens * (hidden + 2 * kv_heads * head_dim) * 2  # bf16 outputs + K/V
+        memory = params * 2 + cached
+        out.append({
+            "model": name, "layers": n_layers, "hidden": hidden, "params": params, "target": target,
+            "candidates_expected": candidates, "candidates_worst": worst,
+            "flops_per_candidate": per_candidate, "flops_per_candidate_official": official,
+            "cpu_seconds_expected": candidates * (per_candidate / fitted["throughput_flops"] + fitted["fixed_seconds_per_candidate"]),
+            "gpu_seconds_expected": candidates * per_candidate / GPU_ASSUMED_FLOPS,
+            "gpu_seconds_worst": worst * per_candidate / GPU_ASSUMED_FLOPS,
+            "gpu_seconds_official_expected": candidates * official / GPU_ASSUMED_FLOPS,
+            "memory_bytes": memory, "gpus_needed": int(-(-memory // GPU_MEMORY_BYTES)),
+        })
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# stage search-scaling
+# ------------------------------------------------------------------------------------------------
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"expected a comma-separated list of integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layers", default="8,16,32", help="depths to measure")
+    parser.add_argument("--hidden", default="256,512", help="widths to measure (heads of 64)")
+    parser.add_argument("--samples", type=int, default=30)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rate", type=float, default=0.25)
+    parser.add_argument("--policies", nargs="*", default=[], help="real search results (for candidate counts)")
+    parser.add_argument("--out", required=True, type=Path, help="JSON with measurements, fit and projections")
+
+
+def main(args: argparse.Namespace) -> int:
+    layers, hiddens = _ints(args.layers), _ints(args.hidden)
+    if not 0 < args.rate < 1:
+        raise ValueError(f"--rate must be in (0, 1), got {args.rate}")
+    if min(layers) < 4:
+        raise ValueError("measure at least 4 layers deep")
+    policies = [json.loads(Path(p).read_text()) for p in args.policies]
+    rows = measure(layers, hiddens, args.samples, args.tokens, args.rate)
+    fitted = fit(rows)
+    factors = candidate_factors(policies)
+    projection = project(fitted, factors, args.samples, args.tokens, args.rate)
+    result = {"measurements": rows, "fit": fitted, "factors": factors, "projection": projection,
+              "assumptions": {"gpu_flops": GPU_ASSUMED_FLOPS, "gpu_memory_bytes": GPU_MEMORY_BYTES,
+                              "dtype_bytes_projected": 2, "samples": args.samples, "tokens": args.tokens,
+                              "rate": args.rate}}
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    for p in projection:
+        log.info("%s: ~%.0f candidates, %.2e FLOP each: %.1f s on one H100 (assumed %.0f TFLOP/s), "
+                 "%.1f s if every pair is tried; %d GPU(s) of memory", p["model"], p["candidates_expected"],
+                 p["flops_per_candidate"], p["gpu_seconds_expected"], GPU_ASSUMED_FLOPS / 1e12,
+                 p["gpu_seconds_worst"], p["gpus_needed"])
+    log.info("fit: %.2f GFLOP/s achieved here, %.3f s fixed per candidate, R^2 %.3f -> %s",
+             fitted["throughput_flops"] / 1e9, fitted["fixed_seconds_per_candidate"], fitted["r2"], args.out)
+    return 0

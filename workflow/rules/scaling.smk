@@ -1,0 +1,24 @@
+# Search cost vs depth and width (random-init Llama shapes), fitted and projected to 7B-405B models;
+# candidate counts per shared layer come from the real searches of the config's models.
+
+
+rule search_scaling:
+    input:
+        policies=[f"results/{m}/policies/{p}.json" for m in config["models"] for p in main_policies("dissimilar")],
+    output:
+        "results/scaling/search_scaling.json",
+    params:
+        layers=",".join(str(x) for x in config.get("scaling", {}).get("layers", [8, 16, 32])),
+        hidden=",".join(str(x) for x in config.get("scaling", {}).get("hidden", [256, 512])),
+        samples=config.get("scaling", {}).get("samples", 30),
+        tokens=config.get("scaling", {}).get("tokens", 64),
+        rate=config.get("scaling", {}).get("rate", 0.25),
+    log:
+        "logs/search_scaling.log",
+    conda:
+        "../../envs/kvsharer.yaml"
+    threads: 2
+    shell:
+        "python -m kvsharer --threads {threads} search-scaling --layers {params.layers} --hidden {params.hidden}"
+        " --samples {params.samples} --tokens {params.tokens} --rate {params.rate} --policies {input.policies}"
+        " --out {output} > {log} 2>&1"
