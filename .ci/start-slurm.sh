@@ -28,7 +28,7 @@ NODE=$(hostname -s)
 die() {
     echo "start-slurm: ERROR: $*" >&2
     for f in "$LOG_DIR/slurmctld.log" "$LOG_DIR/slurmd.log" /var/log/munge/munged.log; do
-        [ -s "$f" ] && { echo "--- last lines of $f" >&2; tail -n 15 "$f" >&2; }
+        [ -s "$f" ] && { echo "--- last lines of $f" >&2; tail -n 10 "$f" >&2; }
     done
     exit 1
 }
@@ -91,12 +91,14 @@ conf=$(mktemp)
 cat >"$conf" <<EOF
 # Written by .ci/start-slurm.sh: a one-node test cluster (controller and compute node on $NODE).
 ClusterName=kvsharer-ci
-SlurmctldHost=$NODE
+# both daemons on this host, reached over loopback (no DNS needed for the host name)
+SlurmctldHost=$NODE(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CryptoType=crypto/munge
 MpiDefault=none
+MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 ReturnToService=2
@@ -118,7 +120,7 @@ JobCompType=jobcomp/none
 MinJobAge=600
 # one dummy GPU, described in gres.conf
 GresTypes=gpu
-NodeName=$NODE $HW Gres=gpu:1 State=UNKNOWN
+NodeName=$NODE NodeAddr=127.0.0.1 $HW Gres=gpu:1 State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
 gres=$(mktemp)
@@ -130,10 +132,9 @@ EOF
 changed=0
 for pair in "$conf:$CONF_DIR/slurm.conf" "$gres:$CONF_DIR/gres.conf"; do
     src=${pair%%:*}; dst=${pair#*:}
-    if ! cmp -s "$src" "$dst"; then install -m 0644 "$src" "$dst"; changed=1; fi
+    if ! cmp -s "$src" "$dst"; then install -m 0644 "$src" "$dst"; changed=1; log "wrote $dst"; fi
     rm -f "$src"
 done
-[ "$changed" -eq 1 ] && log "wrote $CONF_DIR/slurm.conf and $CONF_DIR/gres.conf"
 
 # --- 4. daemons -------------------------------------------------------------------------------------
 running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }

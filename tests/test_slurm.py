@@ -1,0 +1,227 @@
+"""The repository's Slurm profile (slurm/config.yaml), and the tiny DAG of test_dag.py through a real Slurm.
+
+The tests marked `slurm` need a running Slurm controller (`sudo .ci/start-slurm.sh` starts a one-node
+cluster on this machine; CI does it) and are skipped when none answers; the profile's dry run needs none.
+Every job of the Slurm run is submitted with sbatch by snakemake-executor-plugin-slurm; the sbatch lines
+are printed and written to <tmp>/slurm_dag*/sbatch_calls.txt (the whole log: snakemake_slurm.log).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import save_tiny_model
+from test_dag import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+PROFILE = yaml.safe_load((REPO / "slurm" / "config.yaml").read_text())
+# the rules that load a model: one GPU each in the profile; every other rule runs on CPUs only
+GPU_RULES = {"prepare_model", "calibrate", "search", "evaluate_ppl", "evaluate_harness", "evaluate_longctx"}
+# the one-node cluster of .ci/start-slurm.sh has partition `debug` with one (dummy) GPU
+PARTITION = os.environ.get("KVSHARER_SLURM_PARTITION", "debug")
+
+
+def _env() -> dict:
+    # `python` in the rules must be this interpreter: local jobs and Slurm jobs (sbatch --export=ALL)
+    # inherit this PATH
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+    env.update(PATH=path, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return env
+
+
+def _jobs(log: str) -> list[dict]:
+    """Snakemake's job blocks ("rule X:" / "localrule X:" and their indented lines) in a (dry) run's log."""
+    jobs = []
+    for m in re.finditer(r"^(local)?rule (\w+):\n((?:    .*\n?)*)", log, re.M):
+        body = m.group(3)
+        threads = re.search(r"^    threads: (\d+)", body, re.M)
+        res = re.search(r"^    resources: (.*)$", body, re.M)
+        jobs.append({
+            "rule": m.group(2), "local": bool(m.group(1)), "threads": int(threads.group(1)) if threads else 1,
+            "resources": dict(kv.split("=", 1) for kv in res.group(1).split(", ")) if res else {},
+        })
+    return jobs
+
+
+def test_profile_requests_a_gpu_for_the_model_rules_only(tmp_path):
+    """Without a cluster: a dry run of test_dag's whole tiny DAG with the profile shows every job's resources."""
+    assert set(PROFILE["set-resources"]) == GPU_RULES
+    model_dir = save_tiny_model(tmp_path / "tiny-model", n_layers=8)  # the config check reads its config.json
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config(model_dir)))
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
+           "--configfile", str(tmp_path / "config.yaml"), "--profile", str(REPO / "slurm"), "-n", "--cores", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    jobs = [j for j in _jobs(out) if not j["local"]]
+    assert GPU_RULES | {"prepare_text", "make_tasks", "distances", "tables", "figures"} <= {j["rule"] for j in jobs}
+    for job in jobs:
+        res, rule = job["resources"], job["rule"]
+        assert (res.get("gpu") == "1") == (rule in GPU_RULES), job
+        runtime = PROFILE["set-resources"].get(rule, PROFILE["default-resources"])["runtime"]
+        assert res["runtime"] == str(runtime) and res["slurm_partition"] == "" and res["slurm_account"] == "", job
+        assert res["cpus_per_task"] == str(job["threads"]), job  # `cpus_per_task: threads`
+
+
+# --- through a real Slurm ------------------------------------------------------------------------------
+
+
+def _slurm(*args: str) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _cluster_problem() -> str | None:
+    """Why the Slurm tests cannot run here (None: a controller answers and the partition has an idle node)."""
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "no Slurm client (sinfo/sbatch) on PATH; start a local cluster with `sudo .ci/start-slurm.sh`"
+    proc = _slurm("sinfo", "-h", "-p", PARTITION, "-o", "%T")
+    if proc is None or proc.returncode != 0:
+        err = "timed out" if proc is None else proc.stderr.strip()
+        return f"no Slurm controller answers (sinfo: {err}); start one with `sudo .ci/start-slurm.sh`"
+    states = proc.stdout.split()
+    if not states:
+        return f"Slurm has no partition {PARTITION!r} (set KVSHARER_SLURM_PARTITION)"
+    if not any(s.rstrip("*~#") in {"idle", "mixed"} for s in states):
+        return f"no idle node in Slurm partition {PARTITION!r} (node states: {', '.join(states)})"
+    return None
+
+
+def _partition_has_gpu() -> bool:
+    proc = _slurm("sinfo", "-h", "-p", PARTITION, "-o", "%G")
+    return proc is not None and "gpu" in proc.stdout
+
+
+def slurm_config(model_dir: Path) -> dict:
+    """test_dag's tiny config, smaller: one policy (25 %, dissimilar), no ablations, perplexity only."""
+    config = tiny_config(model_dir)
+    config["models"]["tiny"]["mem_mb"] = 1000
+    config["search"].update(rates=[0.25], orders=["dissimilar"], seeds=[0], ablation_rates=[], metrics=[],
+                            thresholds=[])
+    config["evaluation"] = {"ppl": config["evaluation"]["ppl"]}
+    return config
+
+
+def snakemake_slurm(workdir: Path, *args: str, gpu: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run Snakemake with the repository's profile from `workdir`, plus this test cluster's overrides."""
+    cmd = [
+        sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+        "--configfile", str(workdir / "config.yaml"),
+        "--profile", str(REPO / "slurm"),
+        # the test cluster: partition debug, no account, small jobs (this restates the profile's whole key)
+        "--default-resources", f"slurm_partition={PARTITION}", "runtime=10", "mem_mb=500", "cpus_per_task=threads",
+        # no accounting on the test cluster: sacct reports nothing, squeue does; poll every few seconds
+        "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "3",
+        "--slurm-keep-successful-logs",
+        "--retries", "0", "--latency-wait", "10", "--jobs", "4",
+        "--verbose",  # the plugin logs each `sbatch call: ...` at debug level
+        *args,
+    ]
+    if not gpu:  # a cluster without GPUs: the profile's per-rule requests (restated whole), GPUs set to 0
+        cmd += ["--set-resources", *(f"{rule}:{key}={0 if key == 'gpu' else value}"
+                                     for rule, res in PROFILE["set-resources"].items() for key, value in res.items())]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=workdir, timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # leave no job behind in the queue
+        log = "".join(x.decode() if isinstance(x, bytes) else x for x in (e.stdout or "", e.stderr or ""))
+        jobs = re.findall(r"submitted with SLURM jobid (\d+)", log)
+        if jobs:
+            subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)
+        raise AssertionError(f"snakemake --profile slurm ran past {timeout} s (cancelled Slurm jobs {jobs}):\n"
+                             f"{log[-4000:]}") from None
+
+
+def _sbatch_calls(log: str) -> list[str]:
+    return [m.group(1).strip() for m in re.finditer(r"sbatch call: (sbatch .*)", log)]
+
+
+def _short(call: str) -> str:
+    """An sbatch line without its --wrap payload (the jobstep's snakemake command, thousands of chars)."""
+    return re.sub(r' --wrap=".*', ' --wrap="<snakemake jobstep command>"', call)
+
+
+@pytest.fixture(scope="module")
+def slurm_run(tmp_path_factory):
+    problem = _cluster_problem()
+    if problem:
+        pytest.skip(problem)
+    workdir = tmp_path_factory.mktemp("slurm_dag")
+    model_dir = save_tiny_model(workdir / "tiny-model", n_layers=8)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(slurm_config(model_dir)))
+    gpu = _partition_has_gpu()
+    start = time.monotonic()
+    proc = snakemake_slurm(workdir, gpu=gpu)
+    wall = time.monotonic() - start
+    log = proc.stdout + proc.stderr
+    (workdir / "snakemake_slurm.log").write_text(log)
+    calls = _sbatch_calls(log)
+    (workdir / "sbatch_calls.txt").write_text("\n".join(calls) + "\n")
+    if proc.returncode != 0:
+        logs = "\n".join(f"--- {p}\n{p.read_text()[-1500:]}" for p in sorted(workdir.rglob("*.log"))
+                         if ".snakemake" in p.parts or "logs" in p.parts)
+        raise AssertionError(f"snakemake --profile slurm failed (rc {proc.returncode}):\n{log[-6000:]}\n{logs[-6000:]}")
+    return {"workdir": workdir, "log": log, "calls": calls, "gpu": gpu, "wall": wall}
+
+
+@pytest.mark.slurm
+def test_tiny_dag_runs_through_slurm(slurm_run, capsys):
+    workdir, log, calls = slurm_run["workdir"], slurm_run["log"], slurm_run["calls"]
+    with capsys.disabled():
+        print(f"\n[slurm] {len(calls)} jobs submitted with sbatch; the DAG took {slurm_run['wall']:.0f} s "
+              f"(full lines: {workdir / 'sbatch_calls.txt'}):")
+        for call in calls:
+            print("  " + _short(call))
+
+    # the results, from the jobs' own outputs
+    for table in ("table1", "order_ablation", "search_cost"):
+        assert (workdir / "results" / "tables" / f"{table}.csv").stat().st_size > 0
+        assert (workdir / "results" / "tables" / f"{table}.md").exists()
+    assert (workdir / "results" / "figures" / "ppl_vs_rate.png").stat().st_size > 0
+    res = workdir / "results" / "tiny"
+    assert [p.name for p in (res / "policies").glob("*.json")] == ["r0.25_dissimilar_euclidean_T0.5_s0.json"]
+    assert {p.parent.name for p in (res / "eval").glob("*/ppl.json")} == {"plain", "r0.25_dissimilar_euclidean_T0.5_s0"}
+    assert not list(res.glob("eval/*/harness.json")) and not list(res.glob("eval/*/longctx.json"))
+
+    # ... and every job but the local `all` went through Slurm: one sbatch each, a Slurm job id
+    # reported back for each, and a per-job Slurm log written by slurmd
+    jobs = _jobs(log)
+    remote = [j for j in jobs if not j["local"]]
+    assert [j["rule"] for j in jobs if j["local"]] == ["all"]
+    submitted = re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+)", log)
+    assert len(calls) == len(submitted) == len(remote), log[-3000:]
+    rules = [re.search(r"--comment '?rule_(\w+?)(?:_wildcards_|'| )", c).group(1) for c in calls]
+    assert sorted(rules) == sorted(j["rule"] for j in remote)
+    assert {"prepare_model", "prepare_text", "calibrate", "distances", "search", "tables", "figures"} <= set(rules)
+    assert rules.count("evaluate_ppl") == 2
+    slurm_logs = workdir / ".snakemake" / "slurm_logs"
+    assert {p.name for p in slurm_logs.iterdir()} == {f"rule_{r}" for r in rules}
+    assert sorted(p.stem for p in slurm_logs.rglob("*.log")) == sorted(submitted)
+
+    # the requests: partition, no account, memory, wall time, one CPU per thread, a GPU for model rules only
+    threads = {j["rule"]: j["threads"] for j in remote}
+    for rule, call in zip(rules, calls):
+        assert f" -p {PARTITION} " in call and " -A " not in call, call
+        assert re.search(r" --mem \d+ ", call) and re.search(r" -t \d+ ", call), call
+        assert f" --cpus-per-task={threads[rule]} " in call, call
+        assert ("--gpus=1" in call) == (slurm_run["gpu"] and rule in GPU_RULES), call
+    search_call = calls[rules.index("search")]  # the profile's runtime, the config's mem_mb
+    assert f" -t {PROFILE['set-resources']['search']['runtime']} " in search_call and " --mem 1000 " in search_call
+    assert " -t 10 " in calls[rules.index("tables")]  # the test's default runtime for a CPU rule
+
+
+@pytest.mark.slurm
+def test_rerun_through_slurm_submits_nothing(slurm_run):
+    proc = snakemake_slurm(slurm_run["workdir"], "-n", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Nothing to be done" in proc.stdout + proc.stderr
