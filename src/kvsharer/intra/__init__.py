@@ -1,0 +1,51 @@
+"""Token-level KV-cache compression that really shrinks the cache, composable with KV sharing.
+
+One small class per method (kvpress style), attached through hooks — no forked modeling file::
+
+    from kvsharer import SharingPolicy, share_kv
+    from kvsharer.intra import compress_kv, make_method
+
+    with compress_kv(model, make_method("h2o", 0.5)):             # keep 50 % of the tokens per layer
+        model.generate(**batch, max_new_tokens=64)
+
+    policy = SharingPolicy.from_json("policy.json")
+    with share_kv(model, policy), compress_kv(model, make_method("h2o", 0.5)):   # both
+        model.generate(**batch, max_new_tokens=64)
+    # same thing: with compress_kv(model, make_method("h2o", 0.5), policy=policy): ...
+
+Methods (``METHODS``): ``h2o`` (heavy hitters + recent window), ``pyramidinfer`` (budgets shrinking
+with depth, tokens chosen by the most recent queries' attention), ``kvmerger`` (Gaussian-kernel merging
+of similar adjacent keys). A budget is a fraction kept (float in (0, 1]) or a number of tokens (int).
+With KV sharing, a source layer and its sharers form one physical cache: it is scored by the attention
+of every layer of the group and keeps one set of tokens; shared layers store nothing.
+
+Modules: ``base`` (budget, method base, keep helpers), ``cache`` (``CompressedLayer``), ``attention``
+(the scoring attention function, registered as ``"kvsharer_intra"``), ``attach`` (hooks,
+``compress_kv``), one file per method.
+"""
+
+from __future__ import annotations
+
+from .attach import KVCompression, compress_kv, stored_tokens, wire_compressed
+from .attention import ATTENTION_NAME
+from .base import Budget, TokenMethod
+from .cache import CompressedLayer
+from .h2o import H2O
+from .kvmerger import KVMerger
+from .pyramidinfer import PyramidInfer
+
+METHODS: dict[str, type[TokenMethod]] = {cls.name: cls for cls in (H2O, PyramidInfer, KVMerger)}
+
+
+def make_method(name: str, budget=0.5, **options) -> TokenMethod:
+    """A method from the registry: ``make_method("h2o", 0.5)``, ``make_method("kvmerger", 128, threshold=0.8)``."""
+    key = str(name).lower().replace("-", "").replace("_", "")
+    if key not in METHODS:
+        raise ValueError(f"unknown token-level method {name!r}; known: {', '.join(METHODS)}")
+    return METHODS[key](budget, **options)
+
+
+__all__ = [
+    "ATTENTION_NAME", "Budget", "CompressedLayer", "H2O", "KVCompression", "KVMerger", "METHODS", "PyramidInfer",
+    "TokenMethod", "compress_kv", "make_method", "stored_tokens", "wire_compressed",
+]
