@@ -44,6 +44,7 @@ include: "workflow/rules/calibrate.smk"
 include: "workflow/rules/search.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/scaling.smk"
+include: "workflow/rules/profile.smk"
 include: "workflow/rules/report.smk"
 
 

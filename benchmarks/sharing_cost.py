@@ -25,13 +25,8 @@ from kvsharer.models import find_parts, load_model
 
 
 def spread_policy(n_layers: int, rate: float) -> SharingPolicy:
-    """round(rate × L) odd layers, evenly spread over the depth, each reading the even layer before it."""
-    odd = list(range(1, n_layers, 2))
-    k = round(rate * n_layers)
-    if not 0 <= k <= len(odd):
-        raise ValueError(f"rate {rate} gives {k} shared layers; this spread policy allows at most {len(odd)}")
-    chosen = {odd[(i * len(odd)) // k] for i in range(k)}
-    return SharingPolicy([layer - 1 if layer in chosen else layer for layer in range(n_layers)])
+    """round(rate × L) odd layers, evenly spread, each reading the even layer before it."""
+    return SharingPolicy.spread(n_layers, rate)
 
 
 def prefill(model, tokens) -> tuple[float, int]:

@@ -25,6 +25,8 @@ def tiny_config(model_dir: Path) -> dict:
             "metrics": ["euclidean", "cosine"], "thresholds": [0.5, 0.9],
         },
         "scaling": {"layers": [4, 8], "hidden": [64], "samples": 4, "tokens": 8},
+        "profile": {"rates": [0, 0.5], "intra": ["none", "h2o:0.5"], "batch_sizes": [1], "contexts": [32],
+                    "new_tokens": 2},
         "evaluation": {
             "ppl": {"max_tokens": 256, "window": 64},
             "harness": {"tasks": ["kvs_next_sentence"], "local_tasks": True, "limit": 4},
@@ -96,8 +98,11 @@ def test_tables_hold_the_numbers_the_stages_computed(dag_run):
     assert float(by_rate[50.0]["ppl"]) == pytest.approx(half)
     harness = _load(res / "tiny" / "eval" / "r0.25_dissimilar_euclidean_T0.5_s0" / "harness.json")
     assert float(by_rate[25.0]["acc:kvs_next_sentence"]) == pytest.approx(harness["tasks"]["kvs_next_sentence"]["acc"])
+    with open(res / "tiny" / "profile.csv") as fh:
+        profile = list(csv.DictReader(fh))
+    assert len(profile) == 4 and all(r["kv_bytes"] == r["expected_kv_bytes"] for r in profile)
     for name in ("ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation",
-                 "passkey", "search_scaling"):
+                 "passkey", "search_scaling", "profile_memory", "profile_throughput"):
         for ext in ("png", "pdf"):
             assert (res / "figures" / f"{name}.{ext}").stat().st_size > 1000
 

@@ -20,6 +20,7 @@ STAGES = {
     "calibrate": ("kvsharer.calibrate", "per-layer K/V statistics and reference outputs on N x T calibration tokens"),
     "distances": ("kvsharer.distance", "pairwise layer distance matrix of the calibration KV caches"),
     "search": ("kvsharer.search", "greedy KVSharer policy search (fast or the authors' official procedure)"),
+    "profile": ("kvsharer.profile", "KV bytes, peak memory, prefill and decode speed vs sharing rate and token methods"),
     "search-scaling": ("kvsharer.scaling", "search cost vs depth and width, fitted and projected to 7B-400B"),
     "run-meta": ("kvsharer.provenance", "record commit, config hash, versions, host and GPU of a run"),
     "generate": ("kvsharer.generate", "generate text with a sharing policy and report the KV-cache bytes"),

@@ -105,6 +105,19 @@ class SharingPolicy:
         """Fraction of layers that store no KV (the paper's compression rate)."""
         return self.num_shared / self.n_layers
 
+    @classmethod
+    def spread(cls, n_layers: int, rate: float, **meta: Any) -> "SharingPolicy":
+        """round(rate × L) odd layers, evenly spread over the depth, each reading the even layer before it.
+
+        Not a searched policy: for measuring what sharing costs (bytes, time), which depends on how many
+        layers share, not on which."""
+        odd = list(range(1, n_layers, 2))
+        k = int(rate * n_layers + 0.5)
+        if not 0 <= k <= len(odd):
+            raise PolicyError(f"rate {rate} gives {k} shared layers; a spread policy allows at most {len(odd)} of {n_layers}")
+        chosen = {odd[(i * len(odd)) // k] for i in range(k)}
+        return cls([layer - 1 if layer in chosen else layer for layer in range(n_layers)], dict(meta))
+
     def is_identity(self) -> bool:
         return self.num_shared == 0
 

@@ -101,6 +101,14 @@ def harness_inputs(w):
     return inputs
 
 
+def profile_files():
+    return [f"results/{m}/profile.csv" for m in config["models"]] if "profile" in config else []
+
+
+def profile_arg(wildcards, input):
+    return ("--profile " + " ".join(input.profile)) if input.get("profile") else ""
+
+
 def scaling_files():
     return ["results/scaling/search_scaling.json"] if "scaling" in config else []
 
@@ -111,7 +119,7 @@ def scaling_arg(wildcards, input):
 
 TABLES = ["table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank", "search_cost"]
 FIGURES = ["ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation", "passkey",
-           "search_scaling"]
+           "search_scaling", "profile_memory", "profile_throughput"]
 
 
 def all_evals():

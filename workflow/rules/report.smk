@@ -27,6 +27,7 @@ rule figures:
         evals=all_evals(),
         distances=distance_files(),
         scaling=scaling_files(),
+        profile=profile_files(),
     output:
         png=[
             report(f"results/figures/{f}.png", caption=f"../report/figure_{f}.rst", category="Figures")
@@ -36,13 +37,14 @@ rule figures:
     params:
         main=f"--main-metric {MAIN_METRIC} --main-threshold {MAIN_T}",
         scaling=scaling_arg,
+        profile=profile_arg,
     log:
         "logs/figures.log",
     conda:
         "../../envs/kvsharer.yaml"
     shell:
         "python -m kvsharer figures --policies {input.policies} --evals {input.evals} --distances {input.distances}"
-        " {params.main} {params.scaling} --out-dir results/figures > {log} 2>&1"
+        " {params.main} {params.scaling} {params.profile} --out-dir results/figures > {log} 2>&1"
 
 
 rule run_meta:

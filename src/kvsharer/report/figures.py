@@ -14,7 +14,9 @@ empty axis saying "no data". Several models are panels of one figure.
 * ``passkey``: passkey retrieval accuracy over context length x needle depth, for the plain model and
   every rate of the main dissimilar policies (small multiples);
 * ``search_scaling``: measured search seconds vs FLOPs with the fitted cost model, and the projected
-  search time of 7B-405B models (from ``search-scaling``'s JSON, ``--scaling``).
+  search time of 7B-405B models (from ``search-scaling``'s JSON, ``--scaling``);
+* ``profile_memory``, ``profile_throughput``: KV bytes (measured and from the model shape) and decode
+  throughput vs sharing rate, with and without each token-level method (``profile`` CSVs, ``--profile``).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from .tables import (DEFAULT_METRIC, DEFAULT_RANK_BIN, DEFAULT_THRESHOLD, accept
 log = logging.getLogger("kvsharer")
 
 FIGURES = ("ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation", "passkey",
-           "search_scaling")
+           "search_scaling", "profile_memory", "profile_throughput")
 FORMATS = ("png", "pdf")
 DEFAULT_MAIN_RATE = 0.25
 PANEL = (4.6, 3.6)  # inches per panel
@@ -338,9 +340,57 @@ def fig_search_scaling(scaling: dict | None):
     return fig
 
 
+def _profile_panels(profile: pd.DataFrame | None, what: str):
+    if profile is None or profile.empty:
+        return None
+    grid_rows = profile[(profile["kind"] == "grid") & profile[what].notna()].copy()
+    if grid_rows.empty:
+        return None
+    grid_rows["method"] = grid_rows.apply(
+        lambda r: "sharing only" if r["intra"] == "none" else f"+ {r['intra']} {float(r['budget']):g}", axis=1)
+    grid_rows["rate_pct"] = grid_rows["rate"].astype(float) * 100
+    grid_rows["setting"] = ("batch " + grid_rows["batch"].astype(int).astype(str) + ", "
+                            + grid_rows["context"].astype(int).astype(str) + " tokens")
+    return grid_rows
+
+
+def fig_profile_memory(profile: pd.DataFrame | None):
+    rows = _profile_panels(profile, "kv_bytes")
+    if rows is None:
+        return empty_figure("KV memory vs sharing rate", "no profile results")
+    settings = sorted(set(rows["setting"]))
+    fig, axes = grid(len(settings))
+    for ax, setting in zip(axes, settings):
+        part = rows[rows["setting"] == setting]
+        sns.lineplot(data=part, x="rate_pct", y="kv_bytes", hue="method", style="model", marker="o", ax=ax)
+        for _, r in part.drop_duplicates(["rate", "intra", "budget"]).iterrows():
+            ax.scatter(r["rate_pct"], r["expected_kv_bytes"], marker="x", color="0.2", s=18, zorder=3)
+        ax.set_xlabel("sharing rate (%)")
+        ax.set_ylabel("KV-cache bytes (x: from the model shape)")
+        ax.set_title(setting)
+        _legend(ax)
+    return fig
+
+
+def fig_profile_throughput(profile: pd.DataFrame | None):
+    rows = _profile_panels(profile, "decode_tok_s")
+    if rows is None:
+        return empty_figure("decode throughput vs sharing rate", "no profile results")
+    settings = sorted(set(rows["setting"]))
+    fig, axes = grid(len(settings))
+    for ax, setting in zip(axes, settings):
+        part = rows[rows["setting"] == setting]
+        sns.lineplot(data=part, x="rate_pct", y="decode_tok_s", hue="method", style="model", marker="o", ax=ax)
+        ax.set_xlabel("sharing rate (%)")
+        ax.set_ylabel("decode throughput (tokens/s)")
+        ax.set_title(setting)
+        _legend(ax)
+    return fig
+
+
 def build_figures(collection: Collection, distances: list[Distances], metric: str = DEFAULT_METRIC,
                   threshold: float = DEFAULT_THRESHOLD, rank_bin: int = DEFAULT_RANK_BIN, main_rate: float = DEFAULT_MAIN_RATE,
-                  scaling: dict | None = None):
+                  scaling: dict | None = None, profile: pd.DataFrame | None = None):
     """``{name: function drawing that figure}`` for every name in ``FIGURES``."""
     results = results_frame(collection)
     traces = traces_frame(collection)
@@ -352,6 +402,8 @@ def build_figures(collection: Collection, distances: list[Distances], metric: st
         "metric_ablation": lambda: fig_metric_ablation(results, metric, threshold),
         "passkey": lambda: fig_passkey(passkey_cells_frame(collection), metric, threshold),
         "search_scaling": lambda: fig_search_scaling(scaling),
+        "profile_memory": lambda: fig_profile_memory(profile),
+        "profile_throughput": lambda: fig_profile_throughput(profile),
     }
 
 
@@ -365,6 +417,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distances", nargs="*", default=[], type=Path, metavar="FILE",
                         help="distance JSON files (from `distances`)")
     parser.add_argument("--scaling", type=Path, help="search-scaling JSON (from `search-scaling`)")
+    parser.add_argument("--profile", nargs="*", default=[], type=Path, metavar="FILE", help="profile CSVs (from `profile`)")
     parser.add_argument("--main-rate", type=float, default=DEFAULT_MAIN_RATE,
                         help="the heatmap marks the main dissimilar policy with the largest rate <= this")
     parser.add_argument("--out-dir", required=True, type=Path,
@@ -383,8 +436,14 @@ def main(args: argparse.Namespace) -> int:
             scaling = json.loads(args.scaling.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"cannot read search-scaling file {args.scaling}: {err}") from None
+    profile = None
+    if args.profile:
+        try:
+            profile = pd.concat([pd.read_csv(p) for p in args.profile], ignore_index=True)
+        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+            raise ValueError(f"cannot read profile CSV: {err}") from None
     makers = build_figures(collection, distances, args.main_metric, args.main_threshold, args.rank_bin, args.main_rate,
-                           scaling)
+                           scaling, profile)
     for name in FIGURES:
         fig = makers[name]()
         empty = ["no data" in t.get_text() for ax in fig.axes if ax.get_visible() for t in ax.texts]

@@ -1,0 +1,228 @@
+"""Stage ``profile``: what a sharing rate (with or without a token-level method) does to memory and speed.
+
+For every sharing rate (a spread policy: the cost depends on how many layers share, not which), every
+token-level method (``none`` or ``<method>:<budget>``, e.g. ``h2o:0.5``), batch size and context length:
+
+* ``kv_bytes``      K/V bytes the cache really holds after prefill + decoding (``cache_nbytes``)
+* ``expected_kv_bytes`` the same from the model shape: 2 × stored layers × batch × kv_heads × tokens × head_dim × bytes
+                    (times the budget for a token method) — the answer to "why memory saved exceeds the
+                    rate": the K/V part falls exactly by the rate, the total by rate × (KV share of memory)
+* ``peak_bytes``    GPU: ``torch.cuda.max_memory_allocated`` over the run; CPU: weights + K/V tensor bytes
+                    (the process' peak RSS is reported separately, ``process_peak_rss``: it never goes down)
+* ``prefill_s``     one prefill of ``batch × context`` tokens (median of ``--repeats``)
+* ``decode_tok_s``  greedy decoding of ``--new-tokens`` tokens after it: batch × new tokens / seconds
+* rows with ``kind = max_batch``: the largest batch whose weights + K/V + activations fit ``--memory-gb``
+  (from the shape), measured there when it is at most ``--max-measured-batch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import resource
+import statistics
+import time
+from pathlib import Path
+
+from .atomic import atomic_write_text
+
+log = logging.getLogger("kvsharer")
+
+COLUMNS = ["model", "rate", "intra", "budget", "batch", "context", "kv_bytes", "peak_bytes", "prefill_s",
+           "decode_tok_s", "kind", "shared_layers", "expected_kv_bytes", "weights_bytes", "process_peak_rss",
+           "device"]
+
+
+def parse_intra(text: str) -> list[tuple[str, float | None]]:
+    """``none,h2o:0.5,pyramidinfer:256`` -> [("none", None), ("h2o", 0.5), ("pyramidinfer", 256)]."""
+    from .intra import METHODS
+
+    out = []
+    for item in [x.strip() for x in text.split(",") if x.strip()]:
+        if item == "none":
+            out.append(("none", None))
+            continue
+        name, _, budget = item.partition(":")
+        if name not in METHODS or not budget:
+            raise ValueError(f"--intra item {item!r}: expected none or <method>:<budget> with method in {', '.join(METHODS)}")
+        value = float(budget)
+        if value <= 0 or (value > 1 and not value.is_integer()):
+            raise ValueError(f"--intra item {item!r}: budget must be a fraction in (0, 1] or a whole number of tokens")
+        out.append((name, value if value <= 1 else int(value)))
+    if not out:
+        raise ValueError("--intra names nothing")
+    return out
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_once(model, policy, intra, batch: int, context: int, new_tokens: int, seed: int = 0) -> dict:
+    """One prefill + greedy decode under ``policy`` and ``intra``; returns bytes and timings."""
+    import contextlib
+
+    import torch
+    from transformers import DynamicCache
+
+    from .intra import compress_kv, make_method
+    from .sharing import cache_nbytes, share_kv
+
+    device = model.device
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (batch, context), generator=torch.Generator().manual_seed(seed)).to(device)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(share_kv(model, policy))
+        if intra[0] != "none":
+            stack.enter_context(compress_kv(model, make_method(intra[0], intra[1])))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        cache = DynamicCache(config=model.config)
+        _sync(device)
+        start = time.perf_counter()
+        out = model(prompt, past_key_values=cache, use_cache=True)
+        _sync(device)
+        prefill = time.perf_counter() - start
+        token = out.logits[:, -1:].argmax(-1)
+        start = time.perf_counter()
+        for _ in range(new_tokens):  # greedy decoding, one token per step, no sampling overhead
+            out = model(token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        decode = time.perf_counter() - start
+        kv = cache_nbytes(cache)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"prefill_s": prefill, "decode_tok_s": batch * new_tokens / decode if new_tokens else None,
+            "kv_bytes": kv, "peak_gpu": peak}
+
+
+def expected_bytes(model, policy, intra, batch: int, tokens: int) -> int:
+    from .sharing import expected_kv_nbytes
+
+    element = model.dtype.itemsize
+    if intra[0] != "none":  # a budget keeps round-half-up(fraction × seen) tokens, or a fixed count
+        budget = intra[1]
+        tokens = min(tokens, max(1, int(budget * tokens + 0.5)) if isinstance(budget, float) else int(budget))
+    # (PyramidInfer spreads the same total over the layers unevenly: the layer-mean is what is predicted)
+    return expected_kv_nbytes(model, policy, batch, tokens, element)
+
+
+def max_batch(model, policy, intra, context: int, new_tokens: int, memory_bytes: float, weights: int) -> int:
+    """Largest batch whose weights + K/V (+ a prefill activation allowance) fit ``memory_bytes``."""
+    hidden = model.config.hidden_size
+    per_seq_kv = expected_bytes(model, policy, intra, 1, context + new_tokens)
+    # activations of one prefill: a few [context, hidden] tensors and one [context, vocab] logits row set
+    per_seq_act = context * (8 * hidden + model.config.vocab_size) * model.dtype.itemsize
+    free = memory_bytes - weights
+    return max(0, int(free // (per_seq_kv + per_seq_act)))
+
+
+def profile(model, name: str, rates: list[float], intras, batches: list[int], contexts: list[int], new_tokens: int,
+            repeats: int, memory_gb: float | None, max_measured_batch: int) -> list[dict]:
+    from tqdm import tqdm
+
+    from .models import find_parts
+    from .policy import SharingPolicy
+
+    n_layers = find_parts(model).n_layers
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    grid = [(r, i, b, c) for r in rates for i in intras for b in batches for c in contexts]
+    if memory_gb:
+        grid += [(r, i, None, c) for r in rates for i in intras for c in contexts]
+    rows = []
+    run_once(model, SharingPolicy.identity(n_layers), ("none", None), 1, min(contexts), 2)  # warm-up
+    for rate, intra, batch, context in tqdm(grid, desc="profile", unit="config"):
+        policy = SharingPolicy.spread(n_layers, rate)
+        kind = "grid"
+        if batch is None:
+            kind = "max_batch"
+            batch = max_batch(model, policy, intra, context, new_tokens, memory_gb * 1e9, weights)
+        row = {"model": name, "rate": rate, "intra": intra[0], "budget": intra[1], "batch": batch,
+               "context": context, "kind": kind, "shared_layers": policy.num_shared, "weights_bytes": weights,
+               "expected_kv_bytes": expected_bytes(model, policy, intra, batch, context + new_tokens),
+               "device": str(model.device)}
+        if batch == 0 or (kind == "max_batch" and batch > max_measured_batch):
+            rows.append({**row, "kv_bytes": None, "peak_bytes": None, "prefill_s": None, "decode_tok_s": None,
+                         "process_peak_rss": None})
+            continue
+        runs = [run_once(model, policy, intra, batch, context, new_tokens, seed=k) for k in range(repeats)]
+        peak_gpu = max((r["peak_gpu"] or 0) for r in runs)
+        rows.append({
+            **row, "kv_bytes": runs[-1]["kv_bytes"],
+            "peak_bytes": peak_gpu if peak_gpu else weights + runs[-1]["kv_bytes"],
+            "prefill_s": statistics.median(r["prefill_s"] for r in runs),
+            "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs) if new_tokens else None,
+            "process_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        })
+    return rows
+
+
+def to_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in COLUMNS})
+    return buffer.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------
+# stage profile
+# ------------------------------------------------------------------------------------------------
+
+
+def _numbers(text: str, kind=float) -> list:
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"expected a comma-separated list of numbers, got {text!r}") from None
+    if not values:
+        raise ValueError("empty list")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .models import DTYPES
+
+    parser.add_argument("--model", required=True, help="model folder, hub id or embedded:<name>")
+    parser.add_argument("--name", help="model name in the CSV (default: the folder name)")
+    parser.add_argument("--rates", default="0,0.125,0.25,0.375,0.5")
+    parser.add_argument("--intra", default="none,h2o:0.5", help="none and/or <method>:<budget>, comma-separated")
+    parser.add_argument("--batch-sizes", default="1,4")
+    parser.add_argument("--contexts", default="256,1024")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--memory-gb", type=float, default=None, help="memory budget for the max-batch rows")
+    parser.add_argument("--max-measured-batch", type=int, default=16)
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", required=True, type=Path, help="CSV")
+
+
+def main(args: argparse.Namespace) -> int:
+    from .models import check_source, load_model, resolve_device, text_config
+
+    rates = _numbers(args.rates)
+    if any(not 0 <= r < 1 for r in rates):
+        raise ValueError(f"--rates must be in [0, 1), got {args.rates}")
+    intras = parse_intra(args.intra)
+    batches, contexts = _numbers(args.batch_sizes, int), _numbers(args.contexts, int)
+    if min(batches) < 1 or min(contexts) < 2 or args.new_tokens < 0 or args.repeats < 1:
+        raise ValueError("batch sizes >= 1, contexts >= 2, --new-tokens >= 0 and --repeats >= 1 are required")
+    check_source(args.model)
+    model, _ = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))
+    window = getattr(text_config(model), "max_position_embeddings", None)
+    if window and max(contexts) + args.new_tokens > window:
+        raise ValueError(f"context {max(contexts)} + {args.new_tokens} new tokens exceeds the model's window of {window}")
+    name = args.name or Path(args.model).name
+    rows = profile(model, name, rates, intras, batches, contexts, args.new_tokens, args.repeats, args.memory_gb,
+                   args.max_measured_batch)
+    atomic_write_text(args.out, to_csv(rows))
+    log.info("%d profile rows -> %s", len(rows), args.out)
+    return 0

@@ -1,0 +1,42 @@
+"""Profile stage: measured KV bytes equal the model-shape prediction, with and without H2O, at every rate."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from kvsharer.cli import main as cli
+from kvsharer.profile import parse_intra
+
+
+def test_profile_rows_match_the_model_shape(tiny_model_dir, tmp_path):
+    out = tmp_path / "profile.csv"
+    assert cli(["profile", "--model", str(tiny_model_dir), "--rates", "0,0.25,0.5", "--intra", "none,h2o:0.5",
+                "--batch-sizes", "1,2", "--contexts", "32", "--new-tokens", "4", "--memory-gb", "0.01",
+                "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    grid = [r for r in rows if r["kind"] == "grid"]
+    assert len(grid) == 3 * 2 * 2
+    for row in grid:
+        assert int(row["kv_bytes"]) == int(row["expected_kv_bytes"])  # exact, also after H2O eviction
+        assert float(row["decode_tok_s"]) > 0 and float(row["prefill_s"]) > 0
+        assert int(row["peak_bytes"]) == int(row["weights_bytes"]) + int(row["kv_bytes"])  # CPU: tensor bytes
+    plain = {(r["intra"], r["batch"]): int(r["kv_bytes"]) for r in grid if float(r["rate"]) == 0}
+    half = {(r["intra"], r["batch"]): int(r["kv_bytes"]) for r in grid if float(r["rate"]) == 0.5}
+    assert all(half[k] * 2 == plain[k] for k in plain)  # 4 of 8 layers share: exactly half the bytes
+    assert plain[("h2o", "2")] * 2 == plain[("none", "2")]  # H2O at 50 % of 36 seen tokens keeps 18
+    max_rows = [r for r in rows if r["kind"] == "max_batch"]
+    assert len(max_rows) == 3 * 2
+    batches = {(float(r["rate"]), r["intra"]): int(r["batch"]) for r in max_rows}
+    assert batches[(0.5, "none")] >= batches[(0.0, "none")]  # less KV per sequence: at least as many fit
+
+
+@pytest.mark.parametrize("text, message", [
+    ("h2o", "expected none or <method>:<budget>"),
+    ("magic:0.5", "expected none or <method>:<budget>"),
+    ("h2o:1.5", "budget must be a fraction"),
+])
+def test_bad_intra(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_intra(text)
