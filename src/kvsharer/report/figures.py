@@ -354,38 +354,33 @@ def _profile_panels(profile: pd.DataFrame | None, what: str):
     return grid_rows
 
 
-def fig_profile_memory(profile: pd.DataFrame | None):
-    rows = _profile_panels(profile, "kv_bytes")
+def _fig_profile(profile: pd.DataFrame | None, column: str, ylabel: str, what: str, expected: bool = False):
+    """One panel per (batch, context): ``column`` vs sharing rate, one line per token-level method."""
+    rows = _profile_panels(profile, column)
     if rows is None:
-        return empty_figure("KV memory vs sharing rate", "no profile results")
+        return empty_figure(what, "no profile results")
     settings = sorted(set(rows["setting"]))
     fig, axes = grid(len(settings))
     for ax, setting in zip(axes, settings):
         part = rows[rows["setting"] == setting]
-        sns.lineplot(data=part, x="rate_pct", y="kv_bytes", hue="method", style="model", marker="o", ax=ax)
-        for _, r in part.drop_duplicates(["rate", "intra", "budget"]).iterrows():
-            ax.scatter(r["rate_pct"], r["expected_kv_bytes"], marker="x", color="0.2", s=18, zorder=3)
+        sns.lineplot(data=part, x="rate_pct", y=column, hue="method", style="model", marker="o", ax=ax)
+        if expected:  # what the model shape predicts, as crosses on the measured lines
+            for _, r in part.drop_duplicates(["rate", "intra", "budget"]).iterrows():
+                ax.scatter(r["rate_pct"], r["expected_kv_bytes"], marker="x", color="0.2", s=18, zorder=3)
         ax.set_xlabel("sharing rate (%)")
-        ax.set_ylabel("KV-cache bytes (x: from the model shape)")
+        ax.set_ylabel(ylabel)
         ax.set_title(setting)
         _legend(ax)
     return fig
+
+
+def fig_profile_memory(profile: pd.DataFrame | None):
+    return _fig_profile(profile, "kv_bytes", "KV-cache bytes (x: from the model shape)", "KV memory vs sharing rate",
+                        expected=True)
 
 
 def fig_profile_throughput(profile: pd.DataFrame | None):
-    rows = _profile_panels(profile, "decode_tok_s")
-    if rows is None:
-        return empty_figure("decode throughput vs sharing rate", "no profile results")
-    settings = sorted(set(rows["setting"]))
-    fig, axes = grid(len(settings))
-    for ax, setting in zip(axes, settings):
-        part = rows[rows["setting"] == setting]
-        sns.lineplot(data=part, x="rate_pct", y="decode_tok_s", hue="method", style="model", marker="o", ax=ax)
-        ax.set_xlabel("sharing rate (%)")
-        ax.set_ylabel("decode throughput (tokens/s)")
-        ax.set_title(setting)
-        _legend(ax)
-    return fig
+    return _fig_profile(profile, "decode_tok_s", "decode throughput (tokens/s)", "decode throughput vs sharing rate")
 
 
 def build_figures(collection: Collection, distances: list[Distances], metric: str = DEFAULT_METRIC,
