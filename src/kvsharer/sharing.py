@@ -42,7 +42,10 @@ class SharedLayer(DummyLayer):
             raise RuntimeError(
                 f"shared cache layer reads layer {self.source_idx}, which has not stored K/V yet in this forward"
             )
-        return self.source.keys, self.source.values
+        # A source that does not hold its full K/V as plain tensors (quantized, merged) says what it
+        # returned to its own attention in this forward; a plain DynamicLayer just has them.
+        shared_kv = getattr(self.source, "shared_kv", None)
+        return shared_kv() if shared_kv is not None else (self.source.keys, self.source.values)
 
     def get_seq_length(self) -> int:
         return self.source.get_seq_length()
@@ -104,11 +107,20 @@ def wire_cache(cache: Cache, policy: SharingPolicy) -> Cache:
 
 
 def cache_nbytes(cache: Cache | None) -> int:
-    """Bytes of K/V tensors a cache really holds (each storage counted once)."""
+    """Bytes of K/V a cache really holds (each storage counted once).
+
+    A layer that stores its K/V in another form (quantized codes and scales, merged directions and
+    magnitudes) reports them itself through ``stored_nbytes()``; for the others the ``keys``/``values``
+    tensors are counted.
+    """
     if cache is None:
         return 0
     seen, total = set(), 0
     for layer in cache.layers:
+        stored = getattr(layer, "stored_nbytes", None)
+        if stored is not None:
+            total += int(stored())
+            continue
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(tensor, torch.Tensor) and tensor.numel() and tensor.data_ptr() not in seen:
                 seen.add(tensor.data_ptr())
