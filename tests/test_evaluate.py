@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kvsharer import SharingPolicy
+from kvsharer import SharingPolicy, sharing
 from kvsharer.cli import main as cli
 from kvsharer.data import load_corpus, split_corpus, token_chunks
 from kvsharer.evaluate import harness, longctx, ppl
@@ -62,17 +62,16 @@ def sharing_spy(monkeypatch):
     """Records, per ``share_kv`` use of a stage, the map and how often each skipped K/V projection ran:
     proof that the stage's forwards really ran under the policy."""
     uses = []
-    real_share_kv = harness.share_kv
+    real_share_kv = sharing.share_kv
 
     @contextlib.contextmanager
     def spy(model, policy):
-        with real_share_kv(model, policy) as sharing:
-            projections = sharing.skipped_projections()
-            yield sharing
+        with real_share_kv(model, policy) as attached:
+            projections = attached.skipped_projections()
+            yield attached
             uses.append((list(policy.map), [p.calls for p in projections]))
 
-    for module in (harness, longctx):
-        monkeypatch.setattr(module, "share_kv", spy)
+    monkeypatch.setattr(sharing, "share_kv", spy)  # what the stages' apply_setting attaches
     return uses
 
 

@@ -5,12 +5,43 @@
                tasks built from held-out text offline; the paper's tasks by name on a cluster)
 * ``longctx``  stage ``evaluate-longctx``  passkey retrieval (needle in a haystack) over lengths x depths
 
-Every stage takes ``--policy`` (no policy: the plain model) and writes one JSON result atomically.
+* ``streaming``                          chunked forwards through one cache (how cache methods are seen)
+
+Every stage takes ``--policy`` (no policy: the plain model) and ``--cache`` (a cache method composed with
+it, see :mod:`kvsharer.compose`), and writes one JSON result atomically.
 """
 
+import argparse
 
-def result_header(stage: str, model: str, policy_path: str | None, policy) -> dict:
-    """The fields every evaluation result starts with: what ran, on which model, under which policy."""
+
+def add_setting_arguments(parser: argparse.ArgumentParser, chunked: bool = True) -> None:
+    """``--policy`` and ``--cache`` (and ``--chunk`` for the scoring stages), the same in every stage."""
+    parser.add_argument("--policy", help="policy JSON file (default: no sharing)")
+    parser.add_argument("--cache", default="none",
+                        help="cache method composed with the policy: none, h2o:0.5, pyramidinfer:0.5, kvmerger:0.5, "
+                             "int8, int4, int2, minicache:0.25 (see kvsharer.compose)")
+    if chunked:
+        parser.add_argument("--chunk", type=int, default=32,
+                            help="with a cache method: tokens per forward through one cache (default 32)")
+
+
+def parse_setting(args: argparse.Namespace):
+    """``(policy or None, cache method or None)`` from the arguments, validated before any model loads."""
+    from ..compose import CacheMethod
+    from ..policy import SharingPolicy
+    from .streaming import check_chunk
+
+    policy = SharingPolicy.from_json(args.policy) if args.policy else None
+    method = CacheMethod.parse(args.cache)
+    if method is not None:
+        method.check_policy(policy)
+    check_chunk(getattr(args, "chunk", None))
+    return policy, method
+
+
+def result_header(stage: str, model: str, policy_path: str | None, policy, method=None, chunk=None) -> dict:
+    """The fields every evaluation result starts with: what ran, on which model, under which policy and
+    cache method (``cache``: its spec or None; ``chunk``: tokens per forward when it streamed)."""
     from ..models import model_id
 
     source, weights = model_id(model)
@@ -18,4 +49,7 @@ def result_header(stage: str, model: str, policy_path: str | None, policy) -> di
         "stage": stage, "model": model, "model_source": source, "weights_sha256": weights,
         "policy": policy_path, "map": policy.map, "rate": policy.rate, "num_shared": policy.num_shared,
         "shared_layers": policy.shared_layers,
+        "cache": method.spec if method is not None else None,
+        "cache_family": method.family if method is not None else None,
+        "chunk": chunk if method is not None else None,
     }

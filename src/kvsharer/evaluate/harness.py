@@ -1,7 +1,9 @@
 """Stage ``evaluate-harness``: lm-eval harness accuracy under a sharing policy.
 
 The lm-evaluation-harness does all the scoring: ``simple_evaluate`` runs on an ``HFLM`` that wraps the
-already loaded model, inside ``share_kv(model, policy)``. Nothing here re-implements it.
+already loaded model, inside ``share_kv(model, policy)``. Nothing here re-implements it. With a cache
+method (``--cache``), ``StreamingHFLM`` only changes how the logits are computed: each batch is streamed in
+chunks of ``--chunk`` tokens through one cache, so the continuation is scored from the compressed cache.
 
 Task names are checked against lm-eval's registry (plus ``--task-dir``) before the model is loaded. On a
 cluster the paper's tasks are named directly (hellaswag, piqa, ...; their datasets come from the hub).
@@ -22,8 +24,9 @@ from pathlib import Path
 from ..atomic import atomic_write_text
 from . import result_header
 from ..models import DTYPES, check_source, find_parts, load_model, resolve_device
+from ..compose import apply_setting
 from ..policy import SharingPolicy
-from ..sharing import share_kv
+from . import add_setting_arguments, parse_setting
 
 log = logging.getLogger("kvsharer")
 
@@ -66,6 +69,21 @@ def flatten_metrics(task_results: dict) -> dict:
     return out
 
 
+def streaming_lm(hflm_class, chunk: int | None):
+    """``hflm_class`` itself (no chunk), or a subclass whose ``_model_call`` streams chunks through one cache."""
+    if chunk is None:
+        return hflm_class
+    from .streaming import streamed_logits
+
+    class StreamingHFLM(hflm_class):
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            if attn_mask is not None or labels is not None:  # seq2seq: not a decoder-only cache
+                raise ValueError("--cache streams decoder-only models only")
+            return streamed_logits(self.model, inps, chunk)
+
+    return StreamingHFLM
+
+
 # ------------------------------------------------------------------------------------------------
 # stage evaluate-harness
 # ------------------------------------------------------------------------------------------------
@@ -73,7 +91,7 @@ def flatten_metrics(task_results: dict) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder, hub id or embedded:<name>")
-    parser.add_argument("--policy", help="policy JSON file (default: no sharing)")
+    add_setting_arguments(parser)
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task, group or tag names")
     parser.add_argument("--task-dir", type=Path, help="folder of local task YAMLs (from make-tasks)")
     parser.add_argument("--limit", type=int, default=None, help="examples per task at most (default: all)")
@@ -96,7 +114,8 @@ def main(args: argparse.Namespace) -> int:
     if args.task_dir is not None and not args.task_dir.is_dir():
         raise ValueError(f"--task-dir {args.task_dir} is not a folder (build one with make-tasks)")
     check_source(args.model)
-    policy = SharingPolicy.from_json(args.policy) if args.policy else None
+    policy, method = parse_setting(args)
+    chunk = args.chunk if method is not None else None
     task_dir = args.task_dir.resolve() if args.task_dir is not None else None
     task_manager, local = task_manager_for(names, task_dir)
     if local:
@@ -111,9 +130,9 @@ def main(args: argparse.Namespace) -> int:
     from lm_eval.evaluator import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
+    lm = streaming_lm(HFLM, chunk)(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
     start = time.perf_counter()
-    with share_kv(model, policy):
+    with apply_setting(model, policy, method):
         out = simple_evaluate(model=lm, tasks=names, limit=args.limit, num_fewshot=args.num_fewshot,
                               task_manager=task_manager, log_samples=False)
     seconds = time.perf_counter() - start
@@ -126,7 +145,7 @@ def main(args: argparse.Namespace) -> int:
         for name, metrics in out["results"].items()
     }
     summary = {
-        **result_header("evaluate-harness", args.model, args.policy, policy),
+        **result_header("evaluate-harness", args.model, args.policy, policy, method, chunk),
         "tasks": tasks,
         "requested": names, "task_dir": str(task_dir) if task_dir else None,
         "limit": args.limit, "num_fewshot": args.num_fewshot, "batch_size": args.batch_size,

@@ -9,6 +9,10 @@ The model answers greedily for a few tokens; a trial is correct when the answer 
 Every (length, depth) cell runs ``--trials`` trials with their own 5-digit key and filler, seeded by
 ``(seed, length, depth)``: a cell gives the same result whatever else is in the grid. All prompts of a
 cell have exactly ``length`` tokens, so its trials batch without any padding.
+
+With a cache method (``--cache``) the prompt is prefilled exactly, the method then acts on the cache
+(evicts to its budget, quantizes, merges layers), and the answer is decoded from what it kept: the
+needle-in-a-haystack grid of a compressed cache.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from . import result_header
 from ..data import check_text_source, load_corpus, sha256_text
 from ..models import (DTYPES, EMBEDDED_PREFIX, check_source, embedded_gguf, find_parts, load_model,
                       resolve_device, text_config)
+from ..compose import apply_setting
 from ..policy import SharingPolicy
-from ..sharing import share_kv
+from . import add_setting_arguments, parse_setting
 
 log = logging.getLogger("kvsharer")
 
@@ -134,7 +139,7 @@ def check_lengths(lengths: list[int], max_new_tokens: int, window: int | None) -
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder, hub id or embedded:<name>")
-    parser.add_argument("--policy", help="policy JSON file (default: no sharing)")
+    add_setting_arguments(parser, chunked=False)
     parser.add_argument("--text", required=True, help="held-out text for the filler: a file (or embedded:pydoc, hf:...)")
     parser.add_argument("--lengths", default="1024,2048,4096", help="comma-separated context lengths in tokens")
     parser.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="comma-separated needle depths in [0, 1]")
@@ -162,7 +167,7 @@ def main(args: argparse.Namespace) -> int:
     check_source(args.model)
     check_text_source(args.text)
     check_lengths(lengths, args.max_new_tokens, context_window(args.model))
-    policy = SharingPolicy.from_json(args.policy) if args.policy else None
+    policy, method = parse_setting(args)
     text = load_corpus(args.text)
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn,
@@ -178,7 +183,7 @@ def main(args: argparse.Namespace) -> int:
     cells = []
     start_time = time.perf_counter()
     grid = [(length, depth) for length in lengths for depth in depths]
-    with share_kv(model, policy):
+    with apply_setting(model, policy, method):
         for length, depth in tqdm(grid, desc="passkey", unit="cell"):
             rng = random.Random(f"{args.seed}:{length}:{depth}")
             keys, prompts, needle_at = [], [], []
@@ -201,7 +206,7 @@ def main(args: argparse.Namespace) -> int:
     total_correct = sum(c["correct"] for c in cells)
     total_trials = sum(c["trials"] for c in cells)
     summary = {
-        **result_header("evaluate-longctx", args.model, args.policy, policy),
+        **result_header("evaluate-longctx", args.model, args.policy, policy, method),
         "accuracy": total_correct / total_trials, "correct": total_correct, "trials_total": total_trials,
         "cells": cells,
         "lengths": lengths, "depths": depths, "trials": args.trials, "seed": args.seed,

@@ -1,9 +1,12 @@
-"""Stage ``evaluate-ppl``: perplexity of a model under a sharing policy on held-out text.
+"""Stage ``evaluate-ppl``: perplexity of a model under a sharing policy (and cache method) on held-out text.
 
 The text is tokenized without special tokens; its first ``--max-tokens`` tokens (default: all of it) are
 cut into non-overlapping windows of ``--window`` tokens, and the rest is dropped. Every window is scored
 on its own, with no context carried over from the window before, so a window of W tokens scores its last
 W - 1 tokens. The NLL is summed in float64; PPL = exp(NLL sum / tokens scored).
+
+With a cache method (``--cache``) each window is streamed in chunks of ``--chunk`` tokens through one
+cache (:mod:`kvsharer.evaluate.streaming`), so every prediction reads the compressed cache.
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from ..atomic import atomic_write_text
 from . import result_header
 from ..data import check_text_source, load_corpus, sha256_text
 from ..models import DTYPES, check_source, find_parts, load_model, resolve_device, text_config
+from ..compose import apply_setting
 from ..policy import SharingPolicy
-from ..sharing import share_kv
+from . import add_setting_arguments, parse_setting
+from .streaming import chunk_logits
 
 log = logging.getLogger("kvsharer")
 
@@ -40,10 +45,19 @@ def cut_windows(ids: list[int], window: int, max_tokens: int | None = None) -> t
     return torch.tensor(ids[: n * window], dtype=torch.long).view(n, window)
 
 
-@torch.inference_mode()
-def perplexity(model, input_ids_windows: torch.Tensor, batch_size: int) -> dict:
-    """Score every window independently (use it inside ``share_kv`` to score a policy).
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed NLL (float64) of ``targets`` under ``logits`` (the first ``targets.shape[1]`` positions)."""
+    logits = logits[:, : targets.shape[1]]
+    token_nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return token_nll.double().sum().cpu()
 
+
+@torch.inference_mode()
+def perplexity(model, input_ids_windows: torch.Tensor, batch_size: int, chunk: int | None = None) -> dict:
+    """Score every window independently (inside ``share_kv``/``apply_setting`` to score a setting).
+
+    ``chunk``: None scores a window in one forward without a cache; an int streams it through one cache
+    in chunks of that many tokens (needed to see a cache method).
     Returns ``ppl``, ``nll_mean`` (nats per scored token), ``nll_sum``, ``tokens_scored``, ``windows``
     and ``window``. Per-token NLLs come from the model's logits in float32 and are summed in float64.
     """
@@ -51,11 +65,13 @@ def perplexity(model, input_ids_windows: torch.Tensor, batch_size: int) -> dict:
     nll_sum = torch.zeros((), dtype=torch.float64)
     for start in tqdm(range(0, n, batch_size), desc="ppl", unit="batch", leave=False):
         batch = input_ids_windows[start : start + batch_size].to(model.device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
-        token_nll = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
-        )
-        nll_sum += token_nll.double().sum().cpu()
+        if chunk is None:
+            nll_sum += _nll(model(input_ids=batch, use_cache=False).logits, batch[:, 1:])
+            continue
+        for at, logits in chunk_logits(model, batch, chunk):
+            targets = batch[:, at + 1 : at + 1 + logits.shape[1]]
+            if targets.shape[1]:
+                nll_sum += _nll(logits, targets)
     scored = n * (window - 1)
     nll_mean = nll_sum.item() / scored
     return {
@@ -75,7 +91,7 @@ def perplexity(model, input_ids_windows: torch.Tensor, batch_size: int) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder, hub id or embedded:<name>")
-    parser.add_argument("--policy", help="policy JSON file (default: no sharing)")
+    add_setting_arguments(parser)
     parser.add_argument("--text", required=True, help="held-out evaluation text: a file (or embedded:pydoc, hf:...)")
     parser.add_argument("--window", type=int, default=512, help="tokens per independently scored window")
     parser.add_argument("--max-tokens", type=int, default=None, help="score the first N tokens of the text (default: all)")
@@ -95,7 +111,8 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     check_source(args.model)
     check_text_source(args.text)
-    policy = SharingPolicy.from_json(args.policy) if args.policy else None
+    policy, method = parse_setting(args)
+    chunk = args.chunk if method is not None else None
     text = load_corpus(args.text)
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn,
@@ -108,12 +125,12 @@ def main(args: argparse.Namespace) -> int:
     windows = cut_windows(ids, args.window, args.max_tokens)
 
     start = time.perf_counter()
-    with share_kv(model, policy):
-        result = perplexity(model, windows, args.batch_size)
+    with apply_setting(model, policy, method):
+        result = perplexity(model, windows, args.batch_size, chunk)
     seconds = time.perf_counter() - start
 
     summary = {
-        **result_header("evaluate-ppl", args.model, args.policy, policy),
+        **result_header("evaluate-ppl", args.model, args.policy, policy, method, chunk),
         "text": args.text, "text_sha256": sha256_text(text), "text_tokens": len(ids),
         **result,
         "max_tokens": args.max_tokens, "batch_size": args.batch_size,
@@ -122,7 +139,8 @@ def main(args: argparse.Namespace) -> int:
     }
     atomic_write_text(args.out, json.dumps(summary, indent=2) + "\n")
     log.info(
-        "PPL %.4f (%d windows x %d tokens, %d/%d layers shared) in %.1f s -> %s",
-        result["ppl"], result["windows"], result["window"], policy.num_shared, policy.n_layers, seconds, args.out,
+        "PPL %.4f (%d windows x %d tokens, %d/%d layers shared, cache %s) in %.1f s -> %s",
+        result["ppl"], result["windows"], result["window"], policy.num_shared, policy.n_layers,
+        method.spec if method else "plain", seconds, args.out,
     )
     return 0

@@ -1,0 +1,162 @@
+"""A sharing policy composed with a cache method: specs, streamed scoring, and the evaluation stages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvsharer import SharingPolicy
+from kvsharer.cli import main as cli
+from kvsharer.compose import CacheMethod, apply_setting, split_setting
+from kvsharer.evaluate import harness, longctx, ppl
+from kvsharer.evaluate.ppl import perplexity
+from kvsharer.evaluate.streaming import streamed_logits
+from kvsharer.intra import stored_tokens
+
+from conftest import make_tiny
+
+SHARING_MAP = [0, 1, 2, 1, 4, 4, 2, 0]
+
+
+# ------------------------------------------------------------------------------------------------
+# specs
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec, family, name, value, label", [
+    ("h2o:0.5", "intra", "h2o", 0.5, "h2o-0.5"),
+    ("PyramidInfer:0.25", "intra", "pyramidinfer", 0.25, "pyramidinfer-0.25"),
+    ("kvmerger:128", "intra", "kvmerger", 128, "kvmerger-128"),
+    ("int4", "quant", "int4", 4, "int4"),
+    ("int8", "quant", "int8", 8, "int8"),
+    ("minicache:0.25", "minicache", "minicache", 0.25, "minicache-0.25"),
+])
+def test_spec_parses_and_its_label_round_trips(spec, family, name, value, label):
+    method = CacheMethod.parse(spec)
+    assert (method.family, method.name, method.value, method.label) == (family, name, value, label)
+    assert CacheMethod.from_label(label) == method
+    assert split_setting(f"r0.25_dissimilar_euclidean_T0.5_s0+{label}") == ("r0.25_dissimilar_euclidean_T0.5_s0", method)
+
+
+def test_no_method_and_bad_specs():
+    assert CacheMethod.parse("none") is None and CacheMethod.parse(None) is None
+    assert split_setting("plain") == ("plain", None)
+    for bad, words in [("h2o", "expected none"), ("h2o:0", "fraction kept"), ("h2o:1.5", "fraction kept"),
+                       ("h3o:0.5", "unknown method"), ("int3", "int2"), ("minicache:0.9", "(0, 0.5]"),
+                       ("h2o:half", "not a number")]:
+        with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+            CacheMethod.parse(bad)
+
+
+def test_minicache_is_not_stacked_on_sharing():
+    with pytest.raises(ValueError, match="without --policy"):
+        CacheMethod.parse("minicache:0.25").check_policy(SharingPolicy(SHARING_MAP))
+    CacheMethod.parse("minicache:0.25").check_policy(SharingPolicy.identity(8))  # nothing shared: fine
+
+
+# ------------------------------------------------------------------------------------------------
+# streamed scoring
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def windows():
+    g = torch.Generator().manual_seed(3)
+    return torch.randint(3, 96, (3, 48), generator=g)
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_streaming_without_a_cache_method_equals_one_forward(windows, share):
+    model = make_tiny("llama")
+    policy = SharingPolicy(SHARING_MAP) if share else None
+    with apply_setting(model, policy, None):
+        one = perplexity(model, windows, batch_size=2)
+        for chunk in (1, 7, 16):
+            streamed = perplexity(model, windows, batch_size=2, chunk=chunk)
+            assert streamed["tokens_scored"] == one["tokens_scored"] == 3 * 47
+            assert streamed["nll_sum"] == pytest.approx(one["nll_sum"], rel=1e-5)
+        with torch.no_grad():
+            full = model(input_ids=windows, use_cache=False).logits
+        torch.testing.assert_close(streamed_logits(model, windows, 10), full, rtol=1e-4, atol=1e-4)
+
+
+def test_streaming_sees_eviction_and_a_full_budget_changes_nothing(windows):
+    model = make_tiny("llama")
+    plain = perplexity(model, windows, batch_size=3)
+    with apply_setting(model, None, CacheMethod.parse("h2o:1.0")):
+        kept_all = perplexity(model, windows, batch_size=3, chunk=8)
+    with apply_setting(model, None, CacheMethod.parse("h2o:0.25")):
+        evicted = perplexity(model, windows, batch_size=3, chunk=8)
+        one_pass = perplexity(model, windows, batch_size=3)  # never reads a cache: blind to eviction
+    assert kept_all["nll_sum"] == pytest.approx(plain["nll_sum"], rel=1e-5)
+    assert one_pass["nll_sum"] == pytest.approx(plain["nll_sum"], rel=1e-5)
+    assert abs(evicted["nll_sum"] - plain["nll_sum"]) > 1e-3 * plain["nll_sum"]
+
+
+def test_sharing_and_eviction_compose_in_one_cache(windows):
+    from transformers.cache_utils import DynamicCache
+
+    model = make_tiny("llama")
+    with apply_setting(model, SharingPolicy(SHARING_MAP), CacheMethod.parse("h2o:16")):
+        cache = DynamicCache(config=model.config)
+        for start in range(0, 48, 8):
+            with torch.no_grad():
+                model(input_ids=windows[:, start:start + 8], past_key_values=cache, use_cache=True)
+    stored = stored_tokens(cache)
+    assert [s is None for s in stored] == [m != i for i, m in enumerate(SHARING_MAP)]  # sharers store nothing
+    assert {s for s in stored if s is not None} == {16}  # every source at its budget after each chunk
+
+
+# ------------------------------------------------------------------------------------------------
+# the stages
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    from kvsharer.data import load_corpus, split_corpus
+
+    path = tmp_path_factory.mktemp("text") / "evaluation.txt"
+    path.write_text(split_corpus(load_corpus("embedded:pydoc"), 0.5)[1])
+    return path
+
+
+def run_stage(argv):
+    assert cli(argv) == 0
+    return json.loads(open(argv[argv.index("--out") + 1]).read())
+
+
+def test_ppl_stage_streams_with_a_cache_method(tiny_model_dir, heldout, tmp_path):
+    base = ["evaluate-ppl", "--model", str(tiny_model_dir), "--text", str(heldout), "--window", "64",
+            "--max-tokens", "256", "--batch-size", "4"]
+    plain = run_stage(base + ["--out", str(tmp_path / "plain.json")])
+    full = run_stage(base + ["--cache", "h2o:1.0", "--chunk", "16", "--out", str(tmp_path / "full.json")])
+    half = run_stage(base + ["--cache", "h2o:0.5", "--chunk", "16", "--out", str(tmp_path / "half.json")])
+    assert (plain["cache"], plain["chunk"]) == (None, None)
+    assert (half["cache"], half["cache_family"], half["chunk"]) == ("h2o:0.5", "intra", 16)
+    assert full["ppl"] == pytest.approx(plain["ppl"], rel=1e-5)
+    assert abs(half["ppl"] - plain["ppl"]) > 1e-3 * plain["ppl"]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    for module in (ppl, harness, longctx):
+        monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+
+
+@pytest.mark.parametrize("stage, extra", [
+    ("evaluate-ppl", ["--text", "embedded:pydoc"]),
+    ("evaluate-longctx", ["--text", "embedded:pydoc", "--lengths", "64"]),
+    ("evaluate-harness", ["--tasks", "kvs_cloze"]),
+])
+@pytest.mark.parametrize("cache, with_policy", [("h2o:2.5", False), ("minicache:0.25", True), ("int5", False)])
+def test_bad_settings_are_refused_before_loading(tiny_model_dir, tmp_path, no_model_load, stage, extra, cache,
+                                                 with_policy, caplog):
+    policy = tmp_path / "policy.json"
+    SharingPolicy(SHARING_MAP).to_json(policy)
+    argv = [stage, "--model", str(tiny_model_dir), *extra, "--cache", cache, "--out", str(tmp_path / "x.json")]
+    assert cli(argv + (["--policy", str(policy)] if with_policy else [])) == 2
+    assert "cache spec" in caplog.text or "without --policy" in caplog.text
+    assert not (tmp_path / "x.json").exists()
