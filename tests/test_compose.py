@@ -138,6 +138,9 @@ def test_ppl_stage_streams_with_a_cache_method(tiny_model_dir, heldout, tmp_path
     assert (half["cache"], half["cache_family"], half["chunk"]) == ("h2o:0.5", "intra", 16)
     assert full["ppl"] == pytest.approx(plain["ppl"], rel=1e-5)
     assert abs(half["ppl"] - plain["ppl"]) > 1e-3 * plain["ppl"]
+    # the cache of one 64-token window: everything, or half of every layer's tokens
+    assert plain["kv_fraction"] == full["kv_fraction"] == 1.0
+    assert half["kv_fraction"] == 0.5 and half["kv_bytes"] * 2 == half["kv_bytes_plain"]
 
 
 @pytest.fixture

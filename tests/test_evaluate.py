@@ -115,6 +115,7 @@ def test_ppl_changes_under_a_sharing_policy(tiny_model_dir, heldout, policy_file
     assert shared["policy"] == str(policy_file)
     assert shared["tokens_scored"] == plain["tokens_scored"]
     assert abs(shared["ppl"] - plain["ppl"]) > 1e-3 * plain["ppl"]
+    assert (plain["kv_fraction"], shared["kv_fraction"]) == (1.0, 0.5)  # 4 of 8 layers store nothing
 
 
 def test_ppl_bad_window_is_refused_before_loading(tiny_model_dir, heldout, tmp_path, no_model_load):

@@ -7,12 +7,12 @@ import csv
 import pytest
 
 from kvsharer.cli import main as cli
-from kvsharer.profile import parse_intra
+from kvsharer.profile import parse_methods
 
 
 def test_profile_rows_match_the_model_shape(tiny_model_dir, tmp_path):
     out = tmp_path / "profile.csv"
-    assert cli(["profile", "--model", str(tiny_model_dir), "--rates", "0,0.25,0.5", "--intra", "none,h2o:0.5",
+    assert cli(["profile", "--model", str(tiny_model_dir), "--rates", "0,0.25,0.5", "--cache", "none,h2o:0.5",
                 "--batch-sizes", "1,2", "--contexts", "32", "--new-tokens", "4", "--memory-gb", "0.01",
                 "--out", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
@@ -33,10 +33,11 @@ def test_profile_rows_match_the_model_shape(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("h2o", "expected none or <method>:<budget>"),
-    ("magic:0.5", "expected none or <method>:<budget>"),
-    ("h2o:1.5", "budget must be a fraction"),
+    ("h2o", "expected none"),
+    ("magic:0.5", "unknown method"),
+    ("h2o:1.5", "fraction kept"),
+    (",", "names nothing"),
 ])
-def test_bad_intra(text, message):
+def test_bad_cache_methods(text, message):
     with pytest.raises(ValueError, match=message):
-        parse_intra(text)
+        parse_methods(text)

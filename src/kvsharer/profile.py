@@ -1,11 +1,13 @@
-"""Stage ``profile``: what a sharing rate (with or without a token-level method) does to memory and speed.
+"""Stage ``profile``: what a sharing rate (with or without a cache method) does to memory and speed.
 
 For every sharing rate (a spread policy: the cost depends on how many layers share, not which), every
-token-level method (``none`` or ``<method>:<budget>``, e.g. ``h2o:0.5``), batch size and context length:
+cache method (``none``, a token method ``h2o:0.5``, quantization ``int4``, the ``minicache:0.25`` baseline
+at rate 0 only; see :mod:`kvsharer.compose`), batch size and context length:
 
 * ``kv_bytes``      K/V bytes the cache really holds after prefill + decoding (``cache_nbytes``)
 * ``expected_kv_bytes`` the same from the model shape: 2 × stored layers × batch × kv_heads × tokens × head_dim × bytes
-                    (times the budget for a token method) — the answer to "why memory saved exceeds the
+                    (times the budget for a token method; codes + scales for quantization; empty for
+                    MiniCache, whose retained tokens depend on the data) — the answer to "why memory saved exceeds the
                     rate": the K/V part falls exactly by the rate, the total by rate × (KV share of memory)
 * ``peak_bytes``    GPU: ``torch.cuda.max_memory_allocated`` over the run; CPU: weights + K/V tensor bytes
                     (the process' peak RSS is reported separately, ``process_peak_rss``: it never goes down)
@@ -32,28 +34,25 @@ log = logging.getLogger("kvsharer")
 
 COLUMNS = ["model", "rate", "intra", "budget", "batch", "context", "kv_bytes", "peak_bytes", "prefill_s",
            "decode_tok_s", "kind", "shared_layers", "expected_kv_bytes", "weights_bytes", "process_peak_rss",
-           "device"]
+           "device", "cache", "cache_family"]
 
 
-def parse_intra(text: str) -> list[tuple[str, float | None]]:
-    """``none,h2o:0.5,pyramidinfer:256`` -> [("none", None), ("h2o", 0.5), ("pyramidinfer", 256)]."""
-    from .intra import METHODS
+def parse_methods(text: str) -> list:
+    """``none,h2o:0.5,int4,minicache:0.25`` -> [None, CacheMethod(h2o 0.5), ...] (see kvsharer.compose)."""
+    from .compose import CacheMethod
 
-    out = []
-    for item in [x.strip() for x in text.split(",") if x.strip()]:
-        if item == "none":
-            out.append(("none", None))
-            continue
-        name, _, budget = item.partition(":")
-        if name not in METHODS or not budget:
-            raise ValueError(f"--intra item {item!r}: expected none or <method>:<budget> with method in {', '.join(METHODS)}")
-        value = float(budget)
-        if value <= 0 or (value > 1 and not value.is_integer()):
-            raise ValueError(f"--intra item {item!r}: budget must be a fraction in (0, 1] or a whole number of tokens")
-        out.append((name, value if value <= 1 else int(value)))
-    if not out:
-        raise ValueError("--intra names nothing")
-    return out
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise ValueError("--cache names nothing")
+    return [CacheMethod.parse(item) for item in items]
+
+
+def method_columns(method) -> dict:
+    """CSV columns of a cache method: ``intra`` (the method's name, ``none``), ``budget`` (its number: kept
+    fraction or tokens, bits, MiniCache rate), ``cache`` (its spec) and ``cache_family``."""
+    if method is None:
+        return {"intra": "none", "budget": None, "cache": "none", "cache_family": "none"}
+    return {"intra": method.name, "budget": method.value, "cache": method.spec, "cache_family": method.family}
 
 
 def _sync(device) -> None:
@@ -63,24 +62,22 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def run_once(model, policy, intra, batch: int, context: int, new_tokens: int, seed: int = 0) -> dict:
-    """One prefill + greedy decode under ``policy`` and ``intra``; returns bytes and timings."""
+def run_once(model, policy, method, batch: int, context: int, new_tokens: int, seed: int = 0) -> dict:
+    """One prefill + greedy decode under ``policy`` and cache ``method``; returns bytes and timings."""
     import contextlib
 
     import torch
     from transformers import DynamicCache
 
-    from .intra import compress_kv, make_method
-    from .sharing import cache_nbytes, share_kv
+    from .compose import apply_setting
+    from .sharing import cache_nbytes
 
     device = model.device
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (batch, context), generator=torch.Generator().manual_seed(seed)).to(device)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
-        stack.enter_context(share_kv(model, policy))
-        if intra[0] != "none":
-            stack.enter_context(compress_kv(model, make_method(intra[0], intra[1])))
+        stack.enter_context(apply_setting(model, policy, method))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         cache = DynamicCache(config=model.config)
@@ -102,28 +99,38 @@ def run_once(model, policy, intra, batch: int, context: int, new_tokens: int, se
             "kv_bytes": kv, "peak_gpu": peak}
 
 
-def expected_bytes(model, policy, intra, batch: int, tokens: int) -> int:
+def expected_bytes(model, policy, method, batch: int, tokens: int) -> int | None:
+    """K/V bytes from the model shape alone (None where a method's size depends on the data: MiniCache's
+    retained tokens)."""
     from .sharing import expected_kv_nbytes
 
     element = model.dtype.itemsize
-    if intra[0] != "none":  # a budget keeps round-half-up(fraction × seen) tokens, or a fixed count
-        budget = intra[1]
+    if method is not None and method.family == "quant":
+        from .quant import expected_quant_nbytes
+
+        return expected_quant_nbytes(model, policy, batch, tokens, bits=int(method.value), dtype_bytes=element)
+    if method is not None and method.family == "minicache":
+        return None
+    if method is not None:  # a budget keeps round-half-up(fraction × seen) tokens, or a fixed count
+        budget = method.value
         tokens = min(tokens, max(1, int(budget * tokens + 0.5)) if isinstance(budget, float) else int(budget))
     # (PyramidInfer spreads the same total over the layers unevenly: the layer-mean is what is predicted)
     return expected_kv_nbytes(model, policy, batch, tokens, element)
 
 
-def max_batch(model, policy, intra, context: int, new_tokens: int, memory_bytes: float, weights: int) -> int:
+def max_batch(model, policy, method, context: int, new_tokens: int, memory_bytes: float, weights: int) -> int:
     """Largest batch whose weights + K/V (+ a prefill activation allowance) fit ``memory_bytes``."""
     hidden = model.config.hidden_size
-    per_seq_kv = expected_bytes(model, policy, intra, 1, context + new_tokens)
+    per_seq_kv = expected_bytes(model, policy, method, 1, context + new_tokens)
+    if per_seq_kv is None:  # measured: one sequence's cache
+        per_seq_kv = run_once(model, policy, method, 1, context, new_tokens)["kv_bytes"]
     # activations of one prefill: a few [context, hidden] tensors and one [context, vocab] logits row set
     per_seq_act = context * (8 * hidden + model.config.vocab_size) * model.dtype.itemsize
     free = memory_bytes - weights
     return max(0, int(free // (per_seq_kv + per_seq_act)))
 
 
-def profile(model, name: str, rates: list[float], intras, batches: list[int], contexts: list[int], new_tokens: int,
+def profile(model, name: str, rates: list[float], methods, batches: list[int], contexts: list[int], new_tokens: int,
             repeats: int, memory_gb: float | None, max_measured_batch: int) -> list[dict]:
     from tqdm import tqdm
 
@@ -132,26 +139,28 @@ def profile(model, name: str, rates: list[float], intras, batches: list[int], co
 
     n_layers = find_parts(model).n_layers
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    grid = [(r, i, b, c) for r in rates for i in intras for b in batches for c in contexts]
+    # MiniCache is a rival of sharing, not an add-on: profiled at rate 0 only
+    settings = [(r, m) for r in rates for m in methods if not (m is not None and m.family == "minicache" and r > 0)]
+    grid = [(r, m, b, c) for r, m in settings for b in batches for c in contexts]
     if memory_gb:
-        grid += [(r, i, None, c) for r in rates for i in intras for c in contexts]
+        grid += [(r, m, None, c) for r, m in settings for c in contexts]
     rows = []
-    run_once(model, SharingPolicy.identity(n_layers), ("none", None), 1, min(contexts), 2)  # warm-up
-    for rate, intra, batch, context in tqdm(grid, desc="profile", unit="config"):
+    run_once(model, SharingPolicy.identity(n_layers), None, 1, min(contexts), 2)  # warm-up
+    for rate, method, batch, context in tqdm(grid, desc="profile", unit="config"):
         policy = SharingPolicy.spread(n_layers, rate)
         kind = "grid"
         if batch is None:
             kind = "max_batch"
-            batch = max_batch(model, policy, intra, context, new_tokens, memory_gb * 1e9, weights)
-        row = {"model": name, "rate": rate, "intra": intra[0], "budget": intra[1], "batch": batch,
+            batch = max_batch(model, policy, method, context, new_tokens, memory_gb * 1e9, weights)
+        row = {"model": name, "rate": rate, **method_columns(method), "batch": batch,
                "context": context, "kind": kind, "shared_layers": policy.num_shared, "weights_bytes": weights,
-               "expected_kv_bytes": expected_bytes(model, policy, intra, batch, context + new_tokens),
+               "expected_kv_bytes": expected_bytes(model, policy, method, batch, context + new_tokens),
                "device": str(model.device)}
         if batch == 0 or (kind == "max_batch" and batch > max_measured_batch):
             rows.append({**row, "kv_bytes": None, "peak_bytes": None, "prefill_s": None, "decode_tok_s": None,
                          "process_peak_rss": None})
             continue
-        runs = [run_once(model, policy, intra, batch, context, new_tokens, seed=k) for k in range(repeats)]
+        runs = [run_once(model, policy, method, batch, context, new_tokens, seed=k) for k in range(repeats)]
         peak_gpu = max((r["peak_gpu"] or 0) for r in runs)
         rows.append({
             **row, "kv_bytes": runs[-1]["kv_bytes"],
@@ -193,7 +202,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder, hub id or embedded:<name>")
     parser.add_argument("--name", help="model name in the CSV (default: the folder name)")
     parser.add_argument("--rates", default="0,0.125,0.25,0.375,0.5")
-    parser.add_argument("--intra", default="none,h2o:0.5", help="none and/or <method>:<budget>, comma-separated")
+    parser.add_argument("--cache", default="none,h2o:0.5",
+                        help="cache methods, comma-separated: none, h2o:0.5, pyramidinfer:0.5, int4, minicache:0.25 ...")
     parser.add_argument("--batch-sizes", default="1,4")
     parser.add_argument("--contexts", default="256,1024")
     parser.add_argument("--new-tokens", type=int, default=16)
@@ -211,7 +221,7 @@ def main(args: argparse.Namespace) -> int:
     rates = _numbers(args.rates)
     if any(not 0 <= r < 1 for r in rates):
         raise ValueError(f"--rates must be in [0, 1), got {args.rates}")
-    intras = parse_intra(args.intra)
+    methods = parse_methods(args.cache)
     batches, contexts = _numbers(args.batch_sizes, int), _numbers(args.contexts, int)
     if min(batches) < 1 or min(contexts) < 2 or args.new_tokens < 0 or args.repeats < 1:
         raise ValueError("batch sizes >= 1, contexts >= 2, --new-tokens >= 0 and --repeats >= 1 are required")
@@ -221,7 +231,7 @@ def main(args: argparse.Namespace) -> int:
     if window and max(contexts) + args.new_tokens > window:
         raise ValueError(f"context {max(contexts)} + {args.new_tokens} new tokens exceeds the model's window of {window}")
     name = args.name or Path(args.model).name
-    rows = profile(model, name, rates, intras, batches, contexts, args.new_tokens, args.repeats, args.memory_gb,
+    rows = profile(model, name, rates, methods, batches, contexts, args.new_tokens, args.repeats, args.memory_gb,
                    args.max_measured_batch)
     atomic_write_text(args.out, to_csv(rows))
     log.info("%d profile rows -> %s", len(rows), args.out)

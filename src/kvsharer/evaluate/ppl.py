@@ -84,6 +84,25 @@ def perplexity(model, input_ids_windows: torch.Tensor, batch_size: int, chunk: i
     }
 
 
+@torch.inference_mode()
+def kv_footprint(model, window_ids: torch.Tensor, chunk: int | None) -> dict:
+    """K/V bytes the cache holds after one window ``[1, W]`` went through it (chunked like the scoring),
+    next to the plain model's (every layer stores W tokens): ``kv_bytes``, ``kv_bytes_plain``,
+    ``kv_fraction``. Call it inside the setting it measures."""
+    from transformers.cache_utils import DynamicCache
+
+    from ..sharing import cache_nbytes, expected_kv_nbytes
+
+    ids = window_ids.to(model.device)
+    cache = DynamicCache(config=model.config)
+    step = chunk or ids.shape[1]
+    for start in range(0, ids.shape[1], step):
+        model(input_ids=ids[:, start : start + step], past_key_values=cache, use_cache=True)
+    held = cache_nbytes(cache)
+    plain = expected_kv_nbytes(model, None, 1, ids.shape[1], model.dtype.itemsize)
+    return {"kv_bytes": held, "kv_bytes_plain": plain, "kv_fraction": held / plain}
+
+
 # ------------------------------------------------------------------------------------------------
 # stage evaluate-ppl
 # ------------------------------------------------------------------------------------------------
@@ -127,20 +146,21 @@ def main(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with apply_setting(model, policy, method):
         result = perplexity(model, windows, args.batch_size, chunk)
-    seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        footprint = kv_footprint(model, windows[:1], chunk)
 
     summary = {
         **result_header("evaluate-ppl", args.model, args.policy, policy, method, chunk),
         "text": args.text, "text_sha256": sha256_text(text), "text_tokens": len(ids),
-        **result,
+        **result, **footprint,
         "max_tokens": args.max_tokens, "batch_size": args.batch_size,
         "dtype": args.dtype, "device": str(model.device),
         "seconds": seconds,
     }
     atomic_write_text(args.out, json.dumps(summary, indent=2) + "\n")
     log.info(
-        "PPL %.4f (%d windows x %d tokens, %d/%d layers shared, cache %s) in %.1f s -> %s",
+        "PPL %.4f (%d windows x %d tokens, %d/%d layers shared, cache %s, KV %.1f %% of plain) in %.1f s -> %s",
         result["ppl"], result["windows"], result["window"], policy.num_shared, policy.n_layers,
-        method.spec if method else "plain", seconds, args.out,
+        method.spec if method else "plain", 100 * footprint["kv_fraction"], seconds, args.out,
     )
     return 0
