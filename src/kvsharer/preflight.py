@@ -5,8 +5,10 @@ every problem and raises one ``ValueError`` listing them: a model source that is
 id nor an embedded model; an architecture the sharing mechanism cannot handle (checked on an empty model
 built on the ``meta`` device from the config: no weights are read); a sharing rate no policy can reach
 for the model's depth; a long-context length beyond the model's window; an lm-eval task name unknown to
-lm-eval's registry. Hub models whose config is not in the local Hugging Face cache (offline dry runs)
-are not checked for architecture; that is logged, not an error.
+lm-eval's registry; a token-level method of ``kvsharer.intra`` (profile) for a model whose attention is
+remote code, which does not go through transformers' attention-function registry those methods plug
+into (they would silently compress nothing). Hub models whose config is not in the local Hugging Face
+cache (offline dry runs) are not checked for architecture; that is logged, not an error.
 """
 
 from __future__ import annotations
@@ -18,20 +20,22 @@ from pathlib import Path
 log = logging.getLogger("kvsharer")
 
 
-def _model_config(source: str):
+def _model_config(source: str, trust_remote_code: bool = False):
     """The model's transformers config from a folder or the local HF cache, or None when unavailable."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source, local_files_only=True)
+        return AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as err:  # not cached, remote code, ...
         log.warning("preflight: config of %s is not available offline (%s); architecture not checked",
                     source, str(err).splitlines()[0][:120])
         return None
 
 
-def check_model(name: str, settings: dict, rates: list[float], lengths: list[int]) -> list[str]:
-    from .models import EMBEDDED_PREFIX, ModelError, UnsupportedArchitecture, check_source, find_parts
+def check_model(name: str, settings: dict, rates: list[float], lengths: list[int],
+                methods: list[str] = ()) -> list[str]:
+    from .models import (EMBEDDED_PREFIX, ModelError, UnsupportedArchitecture, check_source, find_parts,
+                         trusts_remote_code)
 
     source = settings["source"]
     try:
@@ -43,14 +47,16 @@ def check_model(name: str, settings: dict, rates: list[float], lengths: list[int
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = _model_config(source)
+    remote = trusts_remote_code(source, local_files_only=True)
+    config = _model_config(source, remote)
     if config is None:
         return []
     problems = []
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        n_layers = find_parts(model).n_layers
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=remote)
+        parts = find_parts(model)
+        n_layers = parts.n_layers
     except UnsupportedArchitecture as err:
         return [f"model {name!r}: {err}"]
     except Exception as err:  # an architecture transformers cannot build
@@ -63,7 +69,23 @@ def check_model(name: str, settings: dict, rates: list[float], lengths: list[int
     for length in lengths:
         if limit and length > limit:
             problems.append(f"model {name!r}: long-context length {length} exceeds its window of {limit} tokens")
+    token_methods = _token_methods(methods)
+    if token_methods and not parts.native_attention:
+        problems.append(
+            f"model {name!r}: token-level methods ({', '.join(token_methods)}) need transformers' attention-function "
+            f"registry, which the attention of {type(model).__name__} ({type(parts.attentions[0]).__module__}) does "
+            "not use: they would compress nothing (remove them from profile, or the model from models)"
+        )
     return problems
+
+
+def _token_methods(methods: list[str]) -> list[str]:
+    """The entries of a profile's method list that are kvsharer.intra token-level methods (h2o:0.5, ...)."""
+    if not any(m != "none" for m in methods):
+        return []
+    from .intra import METHODS
+
+    return [m for m in methods if m.split(":")[0] in METHODS]
 
 
 def check_tasks(tasks: list[str]) -> list[str]:
@@ -79,8 +101,10 @@ def preflight(config: dict) -> None:
     rates = sorted(set(search["rates"]) | set(search.get("ablation_rates", [])))
     lengths = evaluation.get("longctx", {}).get("lengths", [])
     problems = []
+    profile = config.get("profile")  # the profile rule's methods (formerly `intra`), with its default
+    methods = profile.get("methods", profile.get("intra", ["none", "h2o:0.5"])) if profile is not None else []
     for name, settings in config["models"].items():
-        problems += check_model(name, settings, rates, lengths)
+        problems += check_model(name, settings, rates, lengths, methods)
     text = config["calibration"]["text"]
     if not (text.startswith(("embedded:", "hf:")) or Path(text).is_file()):
         problems.append(f"calibration text {text!r} is not a file, embedded:pydoc, or hf:<dataset>")

@@ -136,7 +136,10 @@ def expected_kv_nbytes(model, policy: SharingPolicy | None, batch: int, tokens: 
 
 
 class KVSharing:
-    """Attach/detach a sharing policy to a model. Use ``share_kv(model, policy)`` as a context manager."""
+    """Attach/detach a sharing policy to a model. Use ``share_kv(model, policy)`` as a context manager.
+
+    A shared layer's ``k_proj``/``v_proj`` become ``SkippedProjection``s; in a fused-QKV architecture its
+    fused projection becomes its adapter's Q-only stand-in (``kvsharer.models.FUSED_QKV_ADAPTERS``)."""
 
     def __init__(self, model: nn.Module, policy: SharingPolicy):
         self.model = model
@@ -162,10 +165,9 @@ class KVSharing:
             raise RuntimeError("the model already has a sharing policy attached; detach it first")
         for layer in self.policy.shared_layers:
             attn = self.parts.attentions[layer]
-            for name in (self.parts.k_name, self.parts.v_name):
-                original = getattr(attn, name)
-                self._originals[(layer, name)] = original
-                setattr(attn, name, SkippedProjection(original))
+            for name, stand_in in self._stand_ins(attn).items():
+                self._originals[(layer, name)] = getattr(attn, name)
+                setattr(attn, name, stand_in)
         decoder = self.parts.decoder
         self._handles = [
             decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True),
@@ -184,12 +186,16 @@ class KVSharing:
         if getattr(self.model, "_kvsharer", None) is self:
             del self.model._kvsharer
 
-    def skipped_projections(self) -> list[SkippedProjection]:
-        return [
-            getattr(self.parts.attentions[layer], name)
-            for layer in self.policy.shared_layers
-            for name in (self.parts.k_name, self.parts.v_name)
-        ]
+    def _stand_ins(self, attn: nn.Module) -> dict[str, nn.Module]:
+        """What replaces a shared layer's projections: its k/v ones, or (fused QKV) the adapter's Q-only one."""
+        fused = self.parts.fused
+        if fused is not None:
+            return {fused.projection: fused.skip_kv(attn)}
+        return {name: SkippedProjection(getattr(attn, name)) for name in (self.parts.k_name, self.parts.v_name)}
+
+    def skipped_projections(self) -> list[nn.Module]:
+        """The stand-ins in place while attached (``SkippedProjection``s, or a fused-QKV adapter's modules)."""
+        return [getattr(self.parts.attentions[layer], name) for layer, name in self._originals]
 
     # hooks ------------------------------------------------------------------------------------
     def _before_forward(self, module, args, kwargs):
