@@ -99,20 +99,34 @@ def _common(model: str, policy: Path | None) -> dict:
             "rate": len(shared) / N_LAYERS, "num_shared": len(shared), "shared_layers": shared, "seconds": 1.0}
 
 
-def make_evals(root: Path, model: str, policy: Path | None, rate: float, ppl: float, full: bool) -> list[Path]:
-    name = policy.stem if policy else "plain"
+def kv_of(rate: float, cache: str | None) -> float:
+    """The KV fraction a synthetic setting holds: sharing x the cache method's own factor."""
+    factor = {None: 1.0, "h2o:0.5": 0.5, "int4": 0.3125, "int8": 0.5625}.get(cache)
+    if cache and cache.startswith("minicache"):
+        factor = 1 - float(cache.split(":")[1]) + 0.03  # merged pairs plus some retained tokens
+    return (1 - rate) * factor
+
+
+def make_evals(root: Path, model: str, policy: Path | None, rate: float, ppl: float, full: bool,
+               cache: str | None = None, harness: bool | None = None) -> list[Path]:
+    name = (policy.stem if policy else "plain") + (f"+{cache.replace(':', '-')}" if cache else "")
+    family = None if cache is None else "quant" if cache.startswith("int") else "minicache" if "minicache" in cache else "intra"
+    setting = {"cache": cache, "cache_family": family, "chunk": 32 if cache else None}
     out = [write(root / model / "eval" / name / "ppl.json", {
-        "stage": "evaluate-ppl", **_common(model, policy), "ppl": ppl, "nll_mean": float(np.log(ppl)),
-        "tokens_scored": 1000, "windows": 2, "window": 512})]
-    if full:
+        "stage": "evaluate-ppl", **_common(model, policy), **setting, "ppl": ppl, "nll_mean": float(np.log(ppl)),
+        "tokens_scored": 1000, "windows": 2, "window": 512, "kv_fraction": kv_of(rate, cache),
+        "kv_bytes": round(1e6 * kv_of(rate, cache))})]
+    if harness or (harness is None and full):
         out.append(write(root / model / "eval" / name / "harness.json", {
-            "stage": "evaluate-harness", **_common(model, policy),
-            "tasks": {t: {"acc": acc_of(rate, t), "acc_stderr": 0.05, "acc_norm": 0.5, "acc_norm_stderr": 0.05,
-                          "samples": 20, "samples_total": 433} for t in TASKS}}))
-        cells = [{"length": n, "depth": d, "trials": 4, "correct": round(4 * cell_acc(rate, n, d)),
-                  "accuracy": cell_acc(rate, n, d)} for n in LENGTHS for d in DEPTHS]
+            "stage": "evaluate-harness", **_common(model, policy), **setting,
+            "tasks": {t: {"acc": acc_of(rate, t) - (0.1 if cache else 0), "acc_stderr": 0.05, "acc_norm": 0.5,
+                          "acc_norm_stderr": 0.05, "samples": 20, "samples_total": 433} for t in TASKS}}))
+    if full:
+        factor = 0.5 if cache else 1.0
+        cells = [{"length": n, "depth": d, "trials": 4, "correct": round(4 * factor * cell_acc(rate, n, d)),
+                  "accuracy": factor * cell_acc(rate, n, d)} for n in LENGTHS for d in DEPTHS]
         out.append(write(root / model / "eval" / name / "longctx.json", {
-            "stage": "evaluate-longctx", **_common(model, policy), "accuracy": passkey_of(rate),
+            "stage": "evaluate-longctx", **_common(model, policy), **setting, "accuracy": factor * passkey_of(rate),
             "correct": 0, "trials_total": 24, "cells": cells}))
     return out
 
@@ -165,19 +179,35 @@ def build_inputs(tmp_path: Path) -> dict:
     evals += make_evals(root, "other", p, 0.25, 13.0, full=False)
     distances = [make_distances(root, "tiny", "euclidean"), make_distances(root, "tiny", "cosine"),
                  make_distances(root, "other", "euclidean")]
-    return {"policies": policies, "evals": evals, "distances": distances, "main": main, "root": root}
+    # compositions on "tiny": H2O (all three stages) and int4/int8 with and without 25 % sharing, MiniCache
+    for cache in ("h2o:0.5", "int4", "int8"):
+        for rate, policy in ((0.0, None), (0.25, main[0.25])):
+            ppl = ppl_of(rate) * (1.5 if cache == "h2o:0.5" else 1.2 if cache == "int4" else 1.01)
+            evals += make_evals(root, "tiny", policy, rate, ppl, full=cache == "h2o:0.5", cache=cache, harness=True)
+    for rate in (0.125, 0.25):
+        evals += make_evals(root, "tiny", None, 0.0, ppl_of(rate) * 2, full=False, cache=f"minicache:{rate:g}", harness=True)
+    profile = root / "tiny" / "profile.csv"
+    rows = [{"model": "tiny", "rate": r, "intra": "none" if c == "none" else c.split(":")[0], "budget": "" if c == "none" else 0.5,
+             "batch": b, "context": 32, "kv_bytes": 1000 * b * (1 - r), "expected_kv_bytes": 1000 * b * (1 - r), "peak_bytes": 10**6 * b * (2 - r),
+             "prefill_s": 0.1, "decode_tok_s": 100.0 * b * (1 + r), "kind": "grid", "cache": c}
+            for r in (0.0, 0.25) for c in ("none", "h2o:0.5") for b in (1, 4)]
+    pd.DataFrame(rows).to_csv(profile, index=False)
+    return {"policies": policies, "evals": evals, "distances": distances, "main": main, "root": root,
+            "profile": profile}
 
 
 def args_for(stage: str, inputs: dict, out: Path, with_distances: bool = True) -> list[str]:
-    argv = [stage, "--policies", *map(str, inputs["policies"]), "--evals", *map(str, inputs["evals"])]
+    argv = [stage, "--policies", *map(str, inputs["policies"]), "--evals", *map(str, inputs["evals"]),
+            "--profile", str(inputs["profile"])]
     if stage == "figures" and with_distances:
         argv += ["--distances", *map(str, inputs["distances"])]
     return argv + ["--out-dir", str(out)]
 
 
-TABLES = ("table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank", "search_cost")
+TABLES = ("table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank", "search_cost",
+          "table2_compose", "quantization", "minicache")
 FIGURES = ("ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation", "passkey",
-           "search_scaling", "profile_memory", "profile_throughput")
+           "search_scaling", "profile_memory", "profile_throughput", "compose", "quantization", "minicache", "niah")
 
 
 def read(out: Path, name: str) -> pd.DataFrame:
@@ -221,6 +251,42 @@ def test_table1_holds_the_inputs(tables):
     assert other["mean_score"].isna().all() and other["pct_of_plain"].isna().all()
     md = (tables / "table1.md").read_text()
     assert "% of plain" in md and "| tiny" in md
+
+
+def test_table2_composes_sharing_and_token_methods_with_the_profile(tables):
+    t = read(tables, "table2_compose")
+    assert list(zip(t["rate_pct"], t["cache"])) == [(0, "none"), (0, "h2o:0.5"), (25, "none"), (25, "h2o:0.5")]
+    assert list(t["kv_pct"]) == pytest.approx([100, 50, 75, 37.5])
+    assert list(t["ppl"]) == pytest.approx([ppl_of(0), ppl_of(0) * 1.5, ppl_of(0.25), ppl_of(0.25) * 1.5])
+    # profile: the largest batch (4) measured for that rate and method
+    assert list(t["profile_batch"]) == [4, 4, 4, 4]
+    assert list(t["decode_tok_s"]) == pytest.approx([400, 400, 500, 500])
+    assert list(t["peak_mb"]) == pytest.approx([8e6 / 2**20, 8e6 / 2**20, 7e6 / 2**20, 7e6 / 2**20])
+    plain_acc = np.mean([acc_of(0, task) for task in TASKS])
+    assert t["mean_acc"][0] == pytest.approx(plain_acc) and t["mean_acc"][1] == pytest.approx(plain_acc - 0.1)
+    assert t["passkey"][3] == pytest.approx(0.5 * passkey_of(0.25))
+
+
+def test_quantization_table_total_compression(tables):
+    q = read(tables, "quantization")
+    assert list(zip(q["rate_pct"], q["kv_bits"])) == [(0, 16), (0, 8), (0, 4), (25, 16), (25, 8), (25, 4)]
+    assert list(q["compression"]) == pytest.approx([1, 1 / 0.5625, 1 / 0.3125, 1 / 0.75, 1 / (0.75 * 0.5625),
+                                                    1 / (0.75 * 0.3125)])
+
+
+def test_minicache_sits_next_to_kvsharer_at_the_same_rate(tables):
+    m = read(tables, "minicache")
+    pairs = m[m["rate_pct"] == 25].set_index("method")
+    assert set(pairs.index) == {"KVSharer", "MiniCache"}
+    assert pairs.loc["KVSharer", "ppl"] == pytest.approx(ppl_of(0.25))
+    assert pairs.loc["MiniCache", "ppl"] == pytest.approx(ppl_of(0.25) * 2)
+    assert pairs.loc["MiniCache", "kv_pct"] == pytest.approx(78)
+    assert list(m[m["method"] == "plain"]["rate_pct"]) == [0]
+
+
+def test_composed_results_stay_out_of_table1(tables):
+    t1 = read(tables, "table1")
+    assert t1[t1["model"] == "tiny"]["ppl"].iloc[0] == pytest.approx(ppl_of(0.0))  # not the H2O run
 
 
 def test_order_ablation_random_mean_std(tables):
@@ -323,8 +389,8 @@ def test_figures(inputs, tmp_path, caplog):
     caplog.set_level("INFO", logger="kvsharer")
     assert cli(args_for("figures", inputs, out)) == 0
     assert_figures(out)
-    # every figure has data except those of stages these synthetic inputs lack (search-scaling, profile)
-    lacking = ("search_scaling", "profile_memory", "profile_throughput")
+    # every figure has data except the one of the stage these synthetic inputs lack (search-scaling)
+    lacking = ("search_scaling",)
     assert caplog.text.count("no data") == len(lacking)
     assert all(f"figure {name} (no data" in caplog.text for name in lacking)
 

@@ -4,6 +4,7 @@ rule tables:
     input:
         policies=policy_files(),
         evals=all_evals(),
+        profile=profile_files(),
     output:
         csv=[
             report(f"results/tables/{t}.csv", caption=f"../report/table_{t}.rst", category="Tables")
@@ -12,12 +13,13 @@ rule tables:
         md=[f"results/tables/{t}.md" for t in TABLES],
     params:
         main=f"--main-metric {MAIN_METRIC} --main-threshold {MAIN_T}",
+        profile=profile_arg,
     log:
         "logs/tables.log",
     conda:
         "../../envs/kvsharer.yaml"
     shell:
-        "python -m kvsharer tables --policies {input.policies} --evals {input.evals} {params.main}"
+        "python -m kvsharer tables --policies {input.policies} --evals {input.evals} {params.main} {params.profile}"
         " --out-dir results/tables > {log} 2>&1"
 
 

@@ -7,8 +7,9 @@ Inputs are explicit file lists (Snakemake passes them); nothing scans a director
 * evaluation files (``evaluate-ppl``, ``evaluate-harness``, ``evaluate-longctx``): joined to their policy
   by the evaluation's ``policy`` field == the policy file path (compared as normalized absolute paths);
   ``policy: null`` is the plain model (rate 0) of its model. :func:`results_frame` has one row per
-  (model, policy) with the search settings and every metric; :func:`passkey_cells_frame` one row per
-  passkey (length, depth) cell;
+  (model, policy) with the search settings and every metric (evaluations without a cache method);
+  :func:`settings_frame` one row per (model, policy, cache method) for all of them, with the KV bytes
+  the setting held; :func:`passkey_cells_frame` one row per passkey (length, depth) cell;
 * distance files (stage ``distances``): :func:`load_distances`.
 
 The model label is the model folder's name (``results/models/smollm2`` -> ``smollm2``). Inconsistent
@@ -48,7 +49,8 @@ TRACE_COLUMNS = [
     "similarity", "accepted", "seconds",
 ]
 CELL_COLUMNS = ["model", "policy", "policy_path", "order", "metric", "threshold", "seed", "rate_requested",
-                "num_shared", "length", "depth", "trials", "correct", "accuracy"]
+                "num_shared", "cache", "length", "depth", "trials", "correct", "accuracy"]
+NO_CACHE = "none"  # the cache column of an evaluation without a cache method
 
 
 # ------------------------------------------------------------------------------------------------
@@ -135,6 +137,11 @@ class Evaluation:
     model: str                  # model label
     policy_key: str | None      # path_key of its policy file, None for the plain model
     data: dict
+
+    @property
+    def cache(self) -> str:
+        """The cache method's spec (``h2o:0.5``, ``int4``, ``minicache:0.25``) or ``none``."""
+        return self.data.get("cache") or NO_CACHE
 
 
 @dataclass
@@ -246,10 +253,10 @@ def load_evals(paths: Sequence[str | os.PathLike], policies: dict[str, Policy]) 
             if data.get("map") is not None and data["map"] != policy.data["map"]:
                 raise ValueError(f"evaluation file {path} used a different map than its policy {policy.path} "
                                  "(the policy changed after the evaluation: rerun it)")
-        ident = (stage, model, key)
+        ident = (stage, model, key, data.get("cache") or NO_CACHE)
         if ident in seen:
             raise ValueError(f"two {stage} results for model {model!r}, policy "
-                             f"{data['policy'] or PLAIN}: {seen[ident]} and {path}")
+                             f"{data['policy'] or PLAIN}, cache {ident[-1]}: {seen[ident]} and {path}")
         seen[ident] = str(path)
         evals.append(Evaluation(str(path), stage, model, key, data))
     return evals
@@ -289,12 +296,15 @@ def policies_frame(collection: Collection) -> pd.DataFrame:
 
 def results_frame(collection: Collection) -> pd.DataFrame:
     """One row per (model, policy), the plain model included when it was evaluated: settings, search
-    results, ``ppl``, ``acc:<task>`` for every harness task and ``passkey`` (overall accuracy)."""
+    results, ``ppl``, ``acc:<task>`` for every harness task and ``passkey`` (overall accuracy).
+    Evaluations with a cache method are left out (they are in :func:`settings_frame`)."""
     rows: dict[tuple, dict] = {}
     for key, policy in collection.policies.items():
         rows[(policy.row["model"], key)] = dict(policy.row)
     tasks: set[str] = set()
     for ev in collection.evals:
+        if ev.cache != NO_CACHE:
+            continue
         n_layers = len(ev.data["map"]) if isinstance(ev.data.get("map"), list) else None
         row = rows.setdefault((ev.model, ev.policy_key), plain_row(ev.model, n_layers))
         if ev.stage == "evaluate-ppl":
@@ -311,6 +321,55 @@ def results_frame(collection: Collection) -> pd.DataFrame:
     for column in columns[len(POLICY_COLUMNS):]:
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
     return _typed(_sort(frame, ROW_ORDER))
+
+
+SETTING_COLUMNS = ["model", "policy", "order", "metric", "threshold", "seed", "rate_requested", "rate",
+                   "num_shared", "n_layers", "cache", "cache_family", "cache_value", "kv_fraction", "kv_bytes", "ppl"]
+
+
+def settings_frame(collection: Collection) -> pd.DataFrame:
+    """One row per evaluated (model, policy, cache method): the policy's settings, the cache method
+    (``cache``: spec or ``none``; ``cache_family``: intra, quant, minicache or none; ``cache_value``:
+    budget, bits or rate), ``kv_fraction``/``kv_bytes`` (the K/V the setting held for one PPL window,
+    as a fraction of the plain model's), ``ppl``, ``acc:<task>``, ``mean_acc`` and ``passkey``."""
+    rows: dict[tuple, dict] = {}
+    tasks: set[str] = set()
+    for ev in collection.evals:
+        n_layers = len(ev.data["map"]) if isinstance(ev.data.get("map"), list) else None
+        ident = (ev.model, ev.policy_key, ev.cache)
+        if ident not in rows:
+            base = plain_row(ev.model, n_layers) if ev.policy_key is None else collection.policies[ev.policy_key].row
+            family = ev.data.get("cache_family") or NO_CACHE
+            rows[ident] = {**{k: base.get(k) for k in SETTING_COLUMNS[:10]}, "cache": ev.cache,
+                           "cache_family": family, "cache_value": _cache_value(ev.cache)}
+        row = rows[ident]
+        if ev.stage == "evaluate-ppl":
+            row["ppl"] = float(ev.data["ppl"])
+            row["kv_fraction"] = ev.data.get("kv_fraction")
+            row["kv_bytes"] = ev.data.get("kv_bytes")
+        elif ev.stage == "evaluate-harness":
+            for task, metrics in ev.data["tasks"].items():
+                acc = metrics.get("acc")
+                row[f"acc:{task}"] = float(acc) if _number(acc) else math.nan
+                tasks.add(task)
+        else:
+            row["passkey"] = float(ev.data["accuracy"])
+    acc = [f"acc:{t}" for t in sorted(tasks)]
+    frame = pd.DataFrame(list(rows.values()), columns=SETTING_COLUMNS + acc + ["mean_acc", "passkey"])
+    for column in ["kv_fraction", "kv_bytes", "ppl", "cache_value", "passkey", *acc]:
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
+    frame["mean_acc"] = frame[acc].mean(axis=1) if acc else math.nan
+    frame["cache_rank"] = frame["cache"] != NO_CACHE
+    frame = _typed(_sort(frame, ["model", "cache_rank", "cache", "rate_requested", "policy"]))
+    return frame.drop(columns="cache_rank")
+
+
+def _cache_value(spec: str) -> float | None:
+    if spec == NO_CACHE:
+        return None
+    if spec.startswith("int"):
+        return float(spec[3:])
+    return float(spec.split(":", 1)[1])
 
 
 def task_columns(frame: pd.DataFrame) -> list[str]:
@@ -353,6 +412,7 @@ def passkey_cells_frame(collection: Collection) -> pd.DataFrame:
         else:
             base = collection.policies[ev.policy_key].row
         base = {k: base[k] for k in CELL_COLUMNS if k in base}
+        base["cache"] = ev.cache
         for cell in ev.data["cells"]:
             rows.append({**base, "length": cell["length"], "depth": cell["depth"], "trials": cell.get("trials"),
                          "correct": cell.get("correct"), "accuracy": float(cell["accuracy"])})
@@ -360,8 +420,8 @@ def passkey_cells_frame(collection: Collection) -> pd.DataFrame:
     frame["depth"] = pd.to_numeric(frame["depth"]).astype(float)
     for column in ("length", "trials", "correct"):
         frame[column] = pd.to_numeric(frame[column]).astype("Int64")
-    return _typed(_sort(frame, ["model", "rate_requested", "order", "metric", "threshold", "seed", "policy",
-                               "length", "depth"]))
+    return _typed(_sort(frame, ["model", "cache", "rate_requested", "order", "metric", "threshold", "seed",
+                               "policy", "length", "depth"]))
 
 
 # ------------------------------------------------------------------------------------------------

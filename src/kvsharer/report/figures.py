@@ -16,7 +16,14 @@ empty axis saying "no data". Several models are panels of one figure.
 * ``search_scaling``: measured search seconds vs FLOPs with the fitted cost model, and the projected
   search time of 7B-405B models (from ``search-scaling``'s JSON, ``--scaling``);
 * ``profile_memory``, ``profile_throughput``: KV bytes (measured and from the model shape) and decode
-  throughput vs sharing rate, with and without each token-level method (``profile`` CSVs, ``--profile``).
+  throughput vs sharing rate, with and without each cache method (``profile`` CSVs, ``--profile``);
+* ``compose``: PPL vs KV held (% of plain) for the plain model, sharing, each token method and both
+  (the ``table2_compose`` rows), colour = token method, marker = sharing rate;
+* ``quantization``: PPL vs KV held for every KV bit width, one line per sharing rate;
+* ``minicache``: PPL vs KV held, KVSharer (every rate) against MiniCache (every rate): equal KV bytes
+  are equal x positions;
+* ``niah``: needle-in-a-haystack heatmaps (context length x needle depth) for the plain model, every
+  sharing rate, each ``compose.niah`` method, and the method with sharing.
 """
 
 from __future__ import annotations
@@ -39,16 +46,16 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from ..atomic import atomic_path  # noqa: E402
-from .collect import (METRICS, Collection, Distances, collect, load_distances, order_rank,  # noqa: E402
-                      passkey_cells_frame, plain, results_frame, select, traces_frame)
+from .collect import (METRICS, NO_CACHE, Collection, Distances, collect, load_distances, order_rank,  # noqa: E402
+                      passkey_cells_frame, plain, results_frame, select, settings_frame, traces_frame)
 from .tables import (DEFAULT_METRIC, DEFAULT_RANK_BIN, DEFAULT_THRESHOLD, acceptance_by_rank,  # noqa: E402
-                     add_common_arguments, check_common_arguments, metric_long, rate_pct, threshold_ablation,
-                     warn_if_no_main)
+                     add_common_arguments, check_common_arguments, metric_long, minicache, quantization, rate_pct,
+                     read_profiles, table2_compose, threshold_ablation, warn_if_no_main)
 
 log = logging.getLogger("kvsharer")
 
 FIGURES = ("ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation", "passkey",
-           "search_scaling", "profile_memory", "profile_throughput")
+           "search_scaling", "profile_memory", "profile_throughput", "compose", "quantization", "minicache", "niah")
 FORMATS = ("png", "pdf")
 DEFAULT_MAIN_RATE = 0.25
 PANEL = (4.6, 3.6)  # inches per panel
@@ -276,33 +283,93 @@ def fig_metric_ablation(results: pd.DataFrame, metric: str, threshold: float):
     return fig
 
 
-def fig_passkey(cells: pd.DataFrame, metric: str, threshold: float):
-    sub = pd.concat([plain(cells), select(cells, order="dissimilar", metric=metric, threshold=threshold)])
-    if sub.empty:
-        return empty_figure("passkey retrieval", "no evaluate-longctx results")
-    sub = with_rate_pct(sub)
+def _main_cells(cells: pd.DataFrame, metric: str, threshold: float) -> pd.DataFrame:
+    return with_rate_pct(pd.concat([plain(cells), select(cells, order="dissimilar", metric=metric, threshold=threshold)]))
+
+
+def _heatmaps(sub: pd.DataFrame, column: str, label, what: str):
+    """Passkey heatmaps (depth x length), one row of panels per model, one panel per value of ``column``."""
     models = sorted(set(sub["model"]))
-    rates = sorted(set(sub["rate_pct"]))
-    fig, axes = grid(len(models) * len(rates), nrows=len(models), ncols=len(rates), panel=(3.4, 3.0))
+    keys = list(dict.fromkeys(sub[column]))
+    fig, axes = grid(len(models) * len(keys), nrows=len(models), ncols=len(keys), panel=(3.4, 3.0))
     for r, model in enumerate(models):
-        for c, rate in enumerate(rates):
-            ax = axes[r * len(rates) + c]
-            part = sub[(sub["model"] == model) & (sub["rate_pct"] == rate)]
-            label = "plain" if rate == 0 else f"{rate:g} % shared"
-            ax.set_title(f"{model}: {label}", fontsize=9)
+        for c, key in enumerate(keys):
+            ax = axes[r * len(keys) + c]
+            part = sub[(sub["model"] == model) & (sub[column] == key)]
+            ax.set_title(f"{model}: {label(key)}", fontsize=9)
             if part.empty:
                 no_data(ax)
                 continue
-            # several policies of one rate (procedures): mean accuracy per cell
+            # several policies of one panel (procedures): mean accuracy per cell
             table = (part.assign(accuracy=part["accuracy"].astype(float))
                          .pivot_table(index="depth", columns="length", values="accuracy", aggfunc="mean"))
             annotate = table.size <= 64
             sns.heatmap(table, vmin=0, vmax=1, cmap="RdYlGn", annot=annotate, fmt=".2f", ax=ax,
-                        cbar=c == len(rates) - 1, cbar_kws={"label": "accuracy"}, annot_kws={"fontsize": 7})
+                        cbar=c == len(keys) - 1, cbar_kws={"label": "accuracy"}, annot_kws={"fontsize": 7})
             ax.grid(False)
             ax.set_xlabel("context length (tokens)")
             ax.set_ylabel("needle depth")
     return fig
+
+
+def fig_passkey(cells: pd.DataFrame, metric: str, threshold: float):
+    sub = _main_cells(cells[cells["cache"] == NO_CACHE], metric, threshold)
+    if sub.empty:
+        return empty_figure("passkey retrieval", "no evaluate-longctx results")
+    sub = sub.sort_values("rate_pct", kind="stable")
+    return _heatmaps(sub, "rate_pct", lambda rate: "plain" if rate == 0 else f"{rate:g} % shared", "passkey")
+
+
+def fig_niah(cells: pd.DataFrame, metric: str, threshold: float):
+    """Plain, every sharing rate, each needle-in-a-haystack cache method alone and with sharing."""
+    sub = _main_cells(cells, metric, threshold)
+    if sub.empty or (sub["cache"] == NO_CACHE).all():
+        return empty_figure("needle in a haystack", "no evaluate-longctx results with a cache method")
+    sub["setting"] = [("plain" if rate == 0 else f"{rate:g} % shared") + ("" if cache == NO_CACHE else f" + {cache}")
+                      for rate, cache in zip(sub["rate_pct"], sub["cache"])]
+    sub = sub.assign(composed=sub["cache"] != NO_CACHE).sort_values(["composed", "cache", "rate_pct"], kind="stable")
+    return _heatmaps(sub, "setting", str, "needle in a haystack")
+
+
+def _ppl_vs_kv(ax, frame: pd.DataFrame, hue: str, style: str | None = None, lines: bool = False) -> None:
+    frame = frame[frame["kv_pct"].notna() & frame["ppl"].notna()]
+    if frame.empty:
+        no_data(ax)
+        return
+    if lines:
+        sns.lineplot(data=frame.sort_values("kv_pct"), x="kv_pct", y="ppl", hue=hue, style=style, marker="o",
+                     ax=ax, sort=False)
+    else:
+        sns.scatterplot(data=frame, x="kv_pct", y="ppl", hue=hue, style=style, s=60, ax=ax)
+    log_y(ax)
+    ax.set_xlabel("KV cache held (% of plain)")
+    ax.set_ylabel("PPL")
+    _legend(ax)
+
+
+def _per_model(frame: pd.DataFrame, what: str, draw):
+    if frame.empty:
+        return empty_figure(what, "no results")
+    models = sorted(set(frame["model"]))
+    fig, axes = grid(len(models))
+    for ax, model in zip(axes, models):
+        ax.set_title(f"{model}: {what}")
+        draw(ax, frame[frame["model"] == model])
+    return fig
+
+
+def fig_compose(table: pd.DataFrame):
+    frame = table.assign(method=table["cache"], sharing=table["rate_pct"].map(lambda r: f"{r:g} %"))
+    return _per_model(frame, "sharing x token methods", lambda ax, part: _ppl_vs_kv(ax, part, "method", "sharing"))
+
+
+def fig_quantization(table: pd.DataFrame):
+    frame = table.assign(sharing=table["rate_pct"].map(lambda r: f"{r:g} % shared"))
+    return _per_model(frame, "sharing x KV quantization", lambda ax, part: _ppl_vs_kv(ax, part, "sharing", lines=True))
+
+
+def fig_minicache(table: pd.DataFrame):
+    return _per_model(table, "KVSharer vs MiniCache", lambda ax, part: _ppl_vs_kv(ax, part, "method", lines=True))
 
 
 def fig_search_scaling(scaling: dict | None):
@@ -346,8 +413,10 @@ def _profile_panels(profile: pd.DataFrame | None, what: str):
     grid_rows = profile[(profile["kind"] == "grid") & profile[what].notna()].copy()
     if grid_rows.empty:
         return None
-    grid_rows["method"] = grid_rows.apply(
-        lambda r: "sharing only" if r["intra"] == "none" else f"+ {r['intra']} {float(r['budget']):g}", axis=1)
+    if "cache" not in grid_rows:  # written before cache methods other than token methods existed
+        grid_rows["cache"] = [NO_CACHE if i == "none" else f"{i}:{float(b):g}"
+                              for i, b in zip(grid_rows["intra"], grid_rows["budget"])]
+    grid_rows["method"] = ["sharing only" if c == NO_CACHE else f"+ {c}" for c in grid_rows["cache"]]
     grid_rows["rate_pct"] = grid_rows["rate"].astype(float) * 100
     grid_rows["setting"] = ("batch " + grid_rows["batch"].astype(int).astype(str) + ", "
                             + grid_rows["context"].astype(int).astype(str) + " tokens")
@@ -365,7 +434,7 @@ def _fig_profile(profile: pd.DataFrame | None, column: str, ylabel: str, what: s
         part = rows[rows["setting"] == setting]
         sns.lineplot(data=part, x="rate_pct", y=column, hue="method", style="model", marker="o", ax=ax)
         if expected:  # what the model shape predicts, as crosses on the measured lines
-            for _, r in part.drop_duplicates(["rate", "intra", "budget"]).iterrows():
+            for _, r in part.drop_duplicates(["rate", "cache"]).iterrows():
                 ax.scatter(r["rate_pct"], r["expected_kv_bytes"], marker="x", color="0.2", s=18, zorder=3)
         ax.set_xlabel("sharing rate (%)")
         ax.set_ylabel(ylabel)
@@ -389,13 +458,19 @@ def build_figures(collection: Collection, distances: list[Distances], metric: st
     """``{name: function drawing that figure}`` for every name in ``FIGURES``."""
     results = results_frame(collection)
     traces = traces_frame(collection)
+    settings = settings_frame(collection)
+    cells = passkey_cells_frame(collection)
     return {
+        "compose": lambda: fig_compose(table2_compose(settings, profile, metric, threshold)),
+        "quantization": lambda: fig_quantization(quantization(settings, metric, threshold)),
+        "minicache": lambda: fig_minicache(minicache(settings, metric, threshold)),
+        "niah": lambda: fig_niah(cells, metric, threshold),
         "ppl_vs_rate": lambda: fig_ppl_vs_rate(results, metric, threshold),
         "distance_heatmap": lambda: fig_distance_heatmap(distances, results, traces, metric, threshold, main_rate),
         "acceptance_vs_rank": lambda: fig_acceptance_vs_rank(traces, metric, rank_bin),
         "threshold_ablation": lambda: fig_threshold_ablation(results, metric, threshold),
         "metric_ablation": lambda: fig_metric_ablation(results, metric, threshold),
-        "passkey": lambda: fig_passkey(passkey_cells_frame(collection), metric, threshold),
+        "passkey": lambda: fig_passkey(cells, metric, threshold),
         "search_scaling": lambda: fig_search_scaling(scaling),
         "profile_memory": lambda: fig_profile_memory(profile),
         "profile_throughput": lambda: fig_profile_throughput(profile),
@@ -412,7 +487,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--distances", nargs="*", default=[], type=Path, metavar="FILE",
                         help="distance JSON files (from `distances`)")
     parser.add_argument("--scaling", type=Path, help="search-scaling JSON (from `search-scaling`)")
-    parser.add_argument("--profile", nargs="*", default=[], type=Path, metavar="FILE", help="profile CSVs (from `profile`)")
     parser.add_argument("--main-rate", type=float, default=DEFAULT_MAIN_RATE,
                         help="the heatmap marks the main dissimilar policy with the largest rate <= this")
     parser.add_argument("--out-dir", required=True, type=Path,
@@ -431,12 +505,7 @@ def main(args: argparse.Namespace) -> int:
             scaling = json.loads(args.scaling.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"cannot read search-scaling file {args.scaling}: {err}") from None
-    profile = None
-    if args.profile:
-        try:
-            profile = pd.concat([pd.read_csv(p) for p in args.profile], ignore_index=True)
-        except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-            raise ValueError(f"cannot read profile CSV: {err}") from None
+    profile = read_profiles(args.profile)
     makers = build_figures(collection, distances, args.main_metric, args.main_threshold, args.rank_bin, args.main_rate,
                            scaling, profile)
     for name in FIGURES:

@@ -13,7 +13,16 @@ only, so Snakemake outputs stay fixed): ``<name>.csv`` and ``<name>.md`` for eve
   complete, candidates evaluated, PPL;
 * ``acceptance_by_rank``: share of accepted candidates per bin of the dissimilarity rank (dissimilar
   order; per model, metric and threshold), from the search traces;
-* ``search_cost``: per policy: candidates evaluated, seconds, seconds per candidate.
+* ``search_cost``: per policy: candidates evaluated, seconds, seconds per candidate;
+* ``table2_compose`` (the paper's Table 2, extended): per model, sharing rate (plain and every rate a token
+  method was composed with) and token method (none, H2O, PyramidInfer, KVMerger): the KV the setting held
+  (% of plain, measured), KV bytes, peak memory and decode throughput from the profile (largest batch and
+  context measured there; empty when the profile did not run that combination), PPL, mean accuracy,
+  passkey accuracy;
+* ``quantization``: sharing rate x KV bits (16 = not quantized): KV % of plain, total compression
+  (plain KV / held KV), PPL, mean accuracy;
+* ``minicache``: MiniCache vs KVSharer (dissimilar order, main metric and threshold) at the same rate,
+  i.e. about equal KV bytes: KV % of plain measured for both, PPL and mean accuracy side by side.
 
 The ablation tables hold only the rates at which the ablation has a variant besides the main setting
 (the main setting's column is there for comparison); without any, they are empty. CSV keeps full
@@ -32,12 +41,13 @@ import numpy as np
 import pandas as pd
 
 from ..atomic import atomic_path, atomic_write_text
-from .collect import (METRICS, ORDERS, Collection, collect, plain, policies_frame, results_frame, select,
-                      task_columns, traces_frame)
+from .collect import (METRICS, NO_CACHE, ORDERS, Collection, collect, plain, policies_frame, results_frame, select,
+                      settings_frame, task_columns, traces_frame)
 
 log = logging.getLogger("kvsharer")
 
-TABLES = ("table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank", "search_cost")
+TABLES = ("table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank", "search_cost",
+          "table2_compose", "quantization", "minicache")
 DEFAULT_METRIC = "euclidean"
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_RANK_BIN = 10
@@ -49,6 +59,9 @@ HEADERS = {
     "candidates_evaluated": "candidates", "candidates_resumed": "resumed", "pairs_skipped": "pairs skipped",
     "seconds_per_candidate": "s / candidate", "accepted_fraction": "accepted fraction",
     "mean_similarity": "mean similarity", "rank_lo": "rank from", "rank_hi": "rank to", "threshold": "T",
+    "kv_pct": "KV (% of plain)", "kv_bytes": "KV bytes", "peak_mb": "peak memory (MB)",
+    "decode_tok_s": "decode tokens/s", "mean_acc": "mean acc", "compression": "total compression (x)",
+    "kv_bits": "KV bits", "profile_batch": "profile batch", "profile_context": "profile context",
 }
 
 
@@ -231,10 +244,110 @@ def search_cost(policies: pd.DataFrame) -> pd.DataFrame:
     return out[columns].reset_index(drop=True)
 
 
+# ------------------------------------------------------------------------------------------------
+# compositions: sharing x cache methods
+# ------------------------------------------------------------------------------------------------
+
+
+def _main_or_plain(settings: pd.DataFrame, metric: str, threshold: float) -> pd.DataFrame:
+    """Rows of the plain model or of the paper's policy (dissimilar order, main metric and threshold)."""
+    main = (settings["order"] == "dissimilar") & (settings["metric"] == metric) & \
+        np.isclose(settings["threshold"].astype(float).fillna(np.nan), threshold)
+    return settings[(settings["policy"] == "plain") | main].copy()
+
+
+def _setting_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.copy()
+    frame["rate_pct"] = rate_pct(frame["rate_requested"].fillna(0.0))
+    frame["kv_pct"] = frame["kv_fraction"] * 100
+    return frame
+
+
+def profile_point(profile: pd.DataFrame | None) -> pd.DataFrame:
+    """Per (model, rate, cache spec): the profile row at the largest batch, then context, measured."""
+    columns = ["model", "rate", "cache", "batch", "context", "peak_bytes", "decode_tok_s"]
+    if profile is None or profile.empty:
+        return pd.DataFrame(columns=columns)
+    rows = profile[(profile["kind"] == "grid") & profile["decode_tok_s"].notna()].copy()
+    if "cache" not in rows:  # a profile written before cache methods other than token methods existed
+        rows["cache"] = [NO_CACHE if i == "none" else f"{i}:{float(b):g}" for i, b in zip(rows["intra"], rows["budget"])]
+    rows["rate"] = rows["rate"].astype(float).round(6)
+    rows = rows.sort_values(["batch", "context"]).groupby(["model", "rate", "cache"], as_index=False).last()
+    return rows[columns]
+
+
+def _with_profile(frame: pd.DataFrame, profile: pd.DataFrame | None) -> pd.DataFrame:
+    point = profile_point(profile).rename(columns={"batch": "profile_batch", "context": "profile_context"})
+    point["model"] = point["model"].astype(str)
+    frame = frame.assign(rate_key=frame["rate_requested"].fillna(0.0).astype(float).round(6))
+    out = frame.merge(point, how="left", left_on=["model", "rate_key", "cache"], right_on=["model", "rate", "cache"],
+                      suffixes=("", "_profile"))
+    out["peak_mb"] = out["peak_bytes"] / 2**20
+    return out
+
+
+def table2_compose(settings: pd.DataFrame, profile: pd.DataFrame | None, metric: str, threshold: float) -> pd.DataFrame:
+    columns = ["model", "rate_pct", "cache", "kv_pct", "kv_bytes", "peak_mb", "decode_tok_s", "profile_batch",
+               "profile_context", "ppl", "mean_acc", "passkey"]
+    rows = _main_or_plain(settings, metric, threshold)
+    composed = rows[rows["cache_family"] == "intra"]
+    if composed.empty:
+        return pd.DataFrame(columns=columns)
+    keep = pd.Series(False, index=rows.index)
+    for model, part in composed.groupby("model"):
+        rates = set(part["rate_requested"].fillna(0.0).round(6))
+        in_model = (rows["model"] == model) & rows["rate_requested"].fillna(0.0).round(6).isin(rates)
+        keep |= in_model & rows["cache_family"].isin(["intra", NO_CACHE])
+    out = _with_profile(_setting_columns(rows[keep]), profile)
+    out = out.sort_values(["model", "rate_pct", "cache"], key=lambda c: c.map(lambda v: (v != NO_CACHE, v))
+                          if c.name == "cache" else c, kind="stable")
+    return out[columns].reset_index(drop=True)
+
+
+def quantization(settings: pd.DataFrame, metric: str, threshold: float) -> pd.DataFrame:
+    columns = ["model", "rate_pct", "kv_bits", "kv_pct", "compression", "ppl", "mean_acc"]
+    rows = _main_or_plain(settings, metric, threshold)
+    quant = rows[rows["cache_family"] == "quant"]
+    if quant.empty:
+        return pd.DataFrame(columns=columns)
+    keys = set(zip(quant["model"], quant["rate_requested"].fillna(0.0).round(6)))
+    composed_with = pd.Series([k in keys for k in zip(rows["model"], rows["rate_requested"].fillna(0.0).round(6))],
+                              index=rows.index)
+    base = rows[(rows["cache_family"] == NO_CACHE) & composed_with]
+    out = _setting_columns(pd.concat([base, quant]))
+    out["kv_bits"] = out["cache_value"].fillna(16).astype(int)
+    out["compression"] = 1 / out["kv_fraction"]
+    out = out.sort_values(["model", "rate_pct", "kv_bits"], ascending=[True, True, False])
+    return out[columns].reset_index(drop=True)
+
+
+def minicache(settings: pd.DataFrame, metric: str, threshold: float) -> pd.DataFrame:
+    columns = ["model", "rate_pct", "method", "kv_pct", "ppl", "mean_acc"]
+    rows = _main_or_plain(settings, metric, threshold)
+    mini = rows[rows["cache_family"] == "minicache"].copy()
+    if mini.empty:
+        return pd.DataFrame(columns=columns)
+    mini["rate_requested"] = mini["cache_value"]
+    mini["method"] = "MiniCache"
+    sharer = rows[(rows["cache_family"] == NO_CACHE) & (rows["policy"] != "plain")].copy()
+    sharer["method"] = "KVSharer"
+    plain_rows = rows[(rows["cache_family"] == NO_CACHE) & (rows["policy"] == "plain")].copy()
+    plain_rows["method"] = "plain"
+    models = set(mini["model"])
+    out = _setting_columns(pd.concat([plain_rows, sharer, mini]))
+    out = out[out["model"].isin(models)]
+    out = out.sort_values(["model", "rate_pct", "method"], kind="stable")
+    return out[columns].reset_index(drop=True)
+
+
 def build_tables(collection: Collection, metric: str = DEFAULT_METRIC, threshold: float = DEFAULT_THRESHOLD,
-                 rank_bin: int = DEFAULT_RANK_BIN) -> dict[str, pd.DataFrame]:
+                 rank_bin: int = DEFAULT_RANK_BIN, profile: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
     results = results_frame(collection)
+    settings = settings_frame(collection)
     return {
+        "table2_compose": table2_compose(settings, profile, metric, threshold),
+        "quantization": quantization(settings, metric, threshold),
+        "minicache": minicache(settings, metric, threshold),
         "table1": table1(results, metric, threshold),
         "order_ablation": order_ablation(results, metric, threshold),
         "metric_ablation": metric_ablation(results, metric, threshold),
@@ -308,6 +421,17 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--main-threshold", type=float, default=DEFAULT_THRESHOLD, help="threshold T of the main results")
     parser.add_argument("--rank-bin", type=int, default=DEFAULT_RANK_BIN,
                         help="width of the dissimilarity-rank bins of the acceptance statistics")
+    parser.add_argument("--profile", nargs="*", default=[], type=Path, metavar="FILE", help="profile CSVs (from `profile`)")
+
+
+def read_profiles(paths) -> pd.DataFrame | None:
+    """The profile CSVs as one frame (None without any)."""
+    if not paths:
+        return None
+    try:
+        return pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        raise ValueError(f"cannot read profile CSV: {err}") from None
 
 
 def check_common_arguments(args: argparse.Namespace) -> None:
@@ -335,7 +459,7 @@ def main(args: argparse.Namespace) -> int:
     check_common_arguments(args)
     collection = collect(args.policies, args.evals)
     warn_if_no_main(collection, args.main_metric, args.main_threshold)
-    tables = build_tables(collection, args.main_metric, args.main_threshold, args.rank_bin)
+    tables = build_tables(collection, args.main_metric, args.main_threshold, args.rank_bin, read_profiles(args.profile))
     for name in TABLES:
         frame = tables[name]
         write_table(frame, args.out_dir, name)
