@@ -428,8 +428,10 @@ def quantize_kv(model: nn.Module, bits: int, *, group_size: int = 32, residual: 
 
 
 def expected_quant_nbytes(model, policy: SharingPolicy | None, batch: int, tokens: int, bits: int,
-                          group_size: int, residual: int, dtype_bytes: int) -> int:
-    """Bytes of a quantized (and shared) cache holding ``tokens`` tokens, from the shapes alone."""
+                          group_size: int = 32, residual: int = 32, dtype_bytes: int = 2) -> int:
+    """Bytes of a quantized (and shared) cache holding ``tokens`` tokens, from the shapes alone.
+
+    ``group_size``/``residual`` default to ``quantize_kv``'s; ``dtype_bytes``: the cache dtype's size."""
     n_layers, kv_heads, head_dim = kv_shape(model)
     stored = n_layers - (policy.num_shared if policy else 0)
     window = min(tokens, residual)
