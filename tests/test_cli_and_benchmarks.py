@@ -53,3 +53,42 @@ def test_search_speed_benchmark_smoke(tiny_model_dir, tmp_path):
                     "--out", str(tmp_path / "speed.json"))
     assert result["same_policy"] and result["target"] == 2
     assert result["official_candidates_evaluated"] == result["fast_candidates_evaluated"] >= 2
+
+
+def test_gpu_profile_script_smoke_runs_the_real_pipeline_on_a_random_shape(tmp_path):
+    """``--smoke``: the GPU script's whole pipeline (random-init shape, profile, figures, ratios) on the CPU."""
+    import csv
+    import os
+
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_profile.sh"), "--smoke", str(tmp_path)],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "tiny-llama.csv").open()))
+    grid = [r for r in rows if r["kind"] == "grid"]
+    assert {(r["rate"], r["cache"]) for r in grid} == {(rate, c) for rate in ("0.0", "0.5") for c in ("none", "h2o:0.5", "int4")}
+    assert all(int(r["kv_bytes"]) == int(r["expected_kv_bytes"]) for r in grid)  # 8 layers x the real shape's heads
+    ratios = json.loads((tmp_path / "ratios.json").read_text())["ratios"]
+    kv = {(r["batch"], r["rate"], r["cache"]): r["kv_bytes_ratio"] for r in ratios if "kv_bytes_ratio" in r}
+    assert kv[(2, 0.5, "none")] == 0.5 and kv[(2, 0.0, "h2o:0.5")] == 0.5 and kv[(2, 0.5, "h2o:0.5")] == 0.25
+    assert (tmp_path / "figures" / "profile_memory.png").is_file()
+
+
+def test_random_shapes_are_the_published_ones():
+    from kvsharer.models import ModelError, check_source, load_model
+    from kvsharer.sharing import expected_kv_nbytes
+
+    model, tokenizer = load_model("random:tiny-llama")
+    assert tokenizer is None and model.config.num_hidden_layers == 8 and model.config.num_key_value_heads == 2
+    # Llama-2-7B's KV per token in fp16: 2 x 32 layers x 32 heads x 128 dims x 2 bytes = 512 KiB
+    from kvsharer.shapes import SHAPES
+
+    s = SHAPES["llama-2-7b"]
+    assert 2 * s.layers * s.kv_heads * (s.hidden // s.heads) * 2 == 512 * 1024
+    try:
+        check_source("random:gpt-7")
+    except ModelError as err:
+        assert "random:llama-2-7b" in str(err)
+    else:
+        raise AssertionError("an unknown shape was accepted")
+    assert expected_kv_nbytes(model, None, 1, 10, 4) == 2 * 8 * 2 * 10 * 64 * 4

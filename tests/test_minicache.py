@@ -10,10 +10,10 @@ import torch
 from conftest import VOCAB, make_tiny
 from transformers import DynamicCache
 
-from kvsharer import SharingPolicy, cache_nbytes, minicache, share_kv
+from kvsharer import SharingPolicy, cache_nbytes, share_kv
 from kvsharer.intra import compress_kv, make_method
 from kvsharer.minicache import (
-    MiniCache, MiniCachePair, MiniCachePartner, expected_minicache_nbytes, pairs_for_rate, retained_count, slerp,
+    MiniCache, minicache, MiniCachePair, MiniCachePartner, expected_minicache_nbytes, pairs_for_rate, retained_count, slerp,
 )
 from kvsharer.models import kv_shape
 

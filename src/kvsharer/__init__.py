@@ -24,7 +24,6 @@ _EXPORTS = {
     "KVSharing": "sharing",
     "cache_nbytes": "sharing",
     "expected_kv_nbytes": "sharing",
-    "minicache": "minicache",
     "quantize_kv": "quant",
 }
 __all__ = list(_EXPORTS)

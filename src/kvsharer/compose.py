@@ -9,7 +9,8 @@ spec                                what                                        
 ``none``                            nothing                                      -
 ``h2o:0.5`` ``pyramidinfer:0.5``    token-level eviction/merging                 yes: one physical cache
 ``kvmerger:0.5`` ``h2o:256``        (:mod:`kvsharer.intra`; fraction or tokens)  per group
-``int8`` ``int4`` ``int2``          KV quantization (:mod:`kvsharer.quant`)      yes: sources quantized
+``int8`` ``int4`` ``int2``          KV quantization (:mod:`kvsharer.quant`,      yes: sources quantized
+                                    groups of 32 channels, 32 recent tokens exact)
 ``minicache:0.25``                  MiniCache baseline: adjacent deep layers     no (a rival, not an
                                     merged (:mod:`kvsharer.minicache`)           add-on)
 ==================================  ===========================================  ======================
@@ -109,13 +110,21 @@ class CacheMethod:
         elif self.family == "quant":
             from .quant import quantize_kv
 
-            with quantize_kv(model, int(self.value)) as handle:
+            with quantize_kv(model, int(self.value), group_size=quant_group_size(model)) as handle:
                 yield handle
         else:
             from .minicache import minicache
 
             with minicache(model, float(self.value)) as handle:
                 yield handle
+
+
+def quant_group_size(model) -> int:
+    """Channels per quantization group: 32, or the whole head when its size is not a multiple of 32."""
+    from .models import kv_shape
+
+    head_dim = kv_shape(model)[2]
+    return 32 if head_dim % 32 == 0 else head_dim
 
 
 def _number(text: str, spec) -> float:

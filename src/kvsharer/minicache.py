@@ -71,8 +71,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
-import types
 from typing import Iterator, Sequence
 
 import torch
@@ -605,15 +603,3 @@ def minicache(model: nn.Module, rate: float | None = None, *, pairs=None, t: flo
         yield merger
     finally:
         merger.detach()
-
-
-class _CallableModule(types.ModuleType):
-    """``from kvsharer import minicache`` gives THIS module, not the function: importing a submodule sets
-    the package attribute of the same name, which wins over the package's lazy export. Calling the module
-    therefore calls ``minicache(...)``, whichever way it was imported."""
-
-    def __call__(self, *args, **kwargs):
-        return minicache(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

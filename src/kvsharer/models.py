@@ -277,6 +277,14 @@ def embedded_gguf(name: str) -> Path:
 
 def check_source(source: str) -> None:
     """Raise ``ModelError`` early (before any weights load) when ``source`` cannot be a model."""
+    from .shapes import RANDOM_PREFIX, shape_of
+
+    if source.startswith(RANDOM_PREFIX):
+        try:
+            shape_of(source)
+        except ValueError as err:
+            raise ModelError(str(err)) from None
+        return
     if source.startswith(EMBEDDED_PREFIX):
         embedded_gguf(source[len(EMBEDDED_PREFIX):])
         return
@@ -313,7 +321,8 @@ def load_model(
     attn_implementation: str = "sdpa",
     device: str | None = None,
 ):
-    """Load ``(model, tokenizer)`` from a local folder, a hub id, or ``embedded:<name>``.
+    """Load ``(model, tokenizer)`` from a local folder, a hub id, or ``embedded:<name>``; ``random:<shape>``
+    builds a random-initialised model of a real shape on ``device`` (tokenizer None; see kvsharer.shapes).
 
     Remote-code models are loaded only for the architectures ``trusts_remote_code`` accepts, with the
     attention their own code selects (``attn_implementation`` applies to transformers' own models)."""
@@ -323,6 +332,10 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = dict(dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+    from .shapes import RANDOM_PREFIX, random_model
+
+    if source.startswith(RANDOM_PREFIX):
+        return random_model(source, DTYPES[dtype], attn_implementation, device), None
     if source.startswith(EMBEDDED_PREFIX):
         gguf = embedded_gguf(source[len(EMBEDDED_PREFIX):])
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **kwargs)

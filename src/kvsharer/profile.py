@@ -14,7 +14,8 @@ at rate 0 only; see :mod:`kvsharer.compose`), batch size and context length:
 * ``prefill_s``     one prefill of ``batch × context`` tokens (median of ``--repeats``)
 * ``decode_tok_s``  greedy decoding of ``--new-tokens`` tokens after it: batch × new tokens / seconds
 * rows with ``kind = max_batch``: the largest batch whose weights + K/V + activations fit ``--memory-gb``
-  (from the shape), measured there when it is at most ``--max-measured-batch``.
+  (from the shape), measured there when it is at most ``--max-measured-batch``;
+* a point that runs out of GPU memory is kept as an empty row of kind ``grid_oom`` / ``max_batch_oom``.
 """
 
 from __future__ import annotations
@@ -106,9 +107,11 @@ def expected_bytes(model, policy, method, batch: int, tokens: int) -> int | None
 
     element = model.dtype.itemsize
     if method is not None and method.family == "quant":
+        from .compose import quant_group_size
         from .quant import expected_quant_nbytes
 
-        return expected_quant_nbytes(model, policy, batch, tokens, bits=int(method.value), dtype_bytes=element)
+        return expected_quant_nbytes(model, policy, batch, tokens, bits=int(method.value),
+                                     group_size=quant_group_size(model), dtype_bytes=element)
     if method is not None and method.family == "minicache":
         return None
     if method is not None:  # a budget keeps round-half-up(fraction × seen) tokens, or a fixed count
@@ -132,6 +135,7 @@ def max_batch(model, policy, method, context: int, new_tokens: int, memory_bytes
 
 def profile(model, name: str, rates: list[float], methods, batches: list[int], contexts: list[int], new_tokens: int,
             repeats: int, memory_gb: float | None, max_measured_batch: int) -> list[dict]:
+    import torch
     from tqdm import tqdm
 
     from .models import find_parts
@@ -160,7 +164,15 @@ def profile(model, name: str, rates: list[float], methods, batches: list[int], c
             rows.append({**row, "kv_bytes": None, "peak_bytes": None, "prefill_s": None, "decode_tok_s": None,
                          "process_peak_rss": None})
             continue
-        runs = [run_once(model, policy, method, batch, context, new_tokens, seed=k) for k in range(repeats)]
+        try:
+            runs = [run_once(model, policy, method, batch, context, new_tokens, seed=k) for k in range(repeats)]
+        except torch.OutOfMemoryError:  # a GPU grid point that does not fit: an empty row, not a crash
+            torch.cuda.empty_cache()
+            log.warning("out of memory at rate %g, cache %s, batch %d, context %d: row left empty", rate,
+                        row["cache"], batch, context)
+            rows.append({**row, "kind": f"{kind}_oom", "kv_bytes": None, "peak_bytes": None, "prefill_s": None,
+                         "decode_tok_s": None, "process_peak_rss": None})
+            continue
         peak_gpu = max((r["peak_gpu"] or 0) for r in runs)
         rows.append({
             **row, "kv_bytes": runs[-1]["kv_bytes"],

@@ -28,16 +28,14 @@ import time
 from pathlib import Path
 
 from .atomic import atomic_write_text
+from .shapes import SHAPES
 
 log = logging.getLogger("kvsharer")
 
 # Target shapes for the projection: layers, hidden, intermediate, heads, kv heads, vocab
-PROJECTED = {
-    "Llama-2-7B": (32, 4096, 11008, 32, 32, 32000),
-    "Llama-2-13B": (40, 5120, 13824, 40, 40, 32000),
-    "Llama-2-70B": (80, 8192, 28672, 64, 8, 32000),
-    "Llama-3.1-405B": (126, 16384, 53248, 128, 8, 128256),
-}
+PROJECTED = {name: SHAPES[key].as_tuple() for name, key in [
+    ("Llama-2-7B", "llama-2-7b"), ("Llama-2-13B", "llama-2-13b"), ("Llama-2-70B", "llama-2-70b"),
+    ("Llama-3.1-405B", "llama-3.1-405b")]}
 # Assumed sustained throughput of one H100 on these small batches (N × T = 1,920 tokens), bf16 dense.
 # Peak is ~989 TFLOP/s; a prefill-shaped forward of 2k tokens reaches well below it. 40 % is an assumption.
 GPU_ASSUMED_FLOPS = 0.4 * 989e12
