@@ -25,8 +25,10 @@ def tiny_config(model_dir: Path) -> dict:
             "metrics": ["euclidean", "cosine"], "thresholds": [0.5, 0.9],
         },
         "scaling": {"layers": [4, 8], "hidden": [64], "samples": 4, "tokens": 8},
-        "profile": {"rates": [0, 0.5], "intra": ["none", "h2o:0.5"], "batch_sizes": [1], "contexts": [32],
+        "profile": {"rates": [0, 0.5], "methods": ["none", "h2o:0.5"], "batch_sizes": [1], "contexts": [32],
                     "new_tokens": 2},
+        "compose": {"rates": [0.5], "intra": ["h2o:0.5"], "quant_bits": [4], "minicache_rates": [0.25],
+                    "niah": ["h2o:0.5"], "chunk": 16},
         "evaluation": {
             "ppl": {"max_tokens": 256, "window": 64},
             "harness": {"tasks": ["kvs_next_sentence"], "local_tasks": True, "limit": 4},
@@ -83,6 +85,22 @@ def test_dag_produces_every_result(dag_run):
     assert scaling["factors"]["policies"] == 2  # the real dissimilar searches of both rates
     meta = _load(res / "run_meta.json")
     assert meta["model"] == "tiny" and len(meta["config_sha256"]) == 64 and meta["versions"]["torch"]
+    # compositions: each cache method alone and with the 50 % policy, streamed in chunks of 16 tokens
+    both = _load(res / "eval" / "r0.5_dissimilar_euclidean_T0.5_s0+h2o-0.5" / "ppl.json")
+    assert (both["cache"], both["chunk"], both["map"]) == ("h2o:0.5", 16, policy["map"])
+    stored = 8 - shared["num_shared"]
+    assert plain["kv_fraction"] == 1.0 and shared["kv_fraction"] == stored / 8  # what the policy leaves storing
+    assert both["kv_fraction"] == shared["kv_fraction"] * 0.5  # and H2O keeps half of that
+    quant = _load(res / "eval" / "plain+int4" / "harness.json")
+    assert quant["cache_family"] == "quant" and 0 <= quant["tasks"]["kvs_next_sentence"]["acc"] <= 1
+    mini = _load(res / "eval" / "plain+minicache-0.25" / "ppl.json")
+    assert mini["cache"] == "minicache:0.25" and 0.75 < mini["kv_fraction"] < 1
+    niah = _load(res / "eval" / "r0.5_dissimilar_euclidean_T0.5_s0+h2o-0.5" / "longctx.json")
+    assert len(niah["cells"]) == 4 and niah["cache"] == "h2o:0.5"
+
+
+def both_fraction(res: Path) -> float:
+    return _load(res / "tiny" / "eval" / "r0.5_dissimilar_euclidean_T0.5_s0+h2o-0.5" / "ppl.json")["kv_fraction"]
 
 
 def test_tables_hold_the_numbers_the_stages_computed(dag_run):
@@ -101,8 +119,19 @@ def test_tables_hold_the_numbers_the_stages_computed(dag_run):
     with open(res / "tiny" / "profile.csv") as fh:
         profile = list(csv.DictReader(fh))
     assert len(profile) == 4 and all(r["kv_bytes"] == r["expected_kv_bytes"] for r in profile)
+    with open(res / "tables" / "table2_compose.csv") as fh:
+        table2 = list(csv.DictReader(fh))
+    assert [(float(r["rate_pct"]), r["cache"]) for r in table2] == [(0, "none"), (0, "h2o:0.5"), (50, "none"),
+                                                                    (50, "h2o:0.5")]
+    assert float(table2[3]["kv_pct"]) == 100 * both_fraction(res) and float(table2[3]["decode_tok_s"]) > 0
+    with open(res / "tables" / "quantization.csv") as fh:
+        assert [(float(r["rate_pct"]), int(r["kv_bits"])) for r in csv.DictReader(fh)] == [(0, 16), (0, 4), (50, 16),
+                                                                                           (50, 4)]
+    with open(res / "tables" / "minicache.csv") as fh:
+        assert {r["method"] for r in csv.DictReader(fh)} == {"plain", "KVSharer", "MiniCache"}
     for name in ("ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation",
-                 "passkey", "search_scaling", "profile_memory", "profile_throughput"):
+                 "passkey", "search_scaling", "profile_memory", "profile_throughput", "compose", "quantization",
+                 "minicache", "niah"):
         for ext in ("png", "pdf"):
             assert (res / "figures" / f"{name}.{ext}").stat().st_size > 1000
 
@@ -198,6 +227,7 @@ def test_killed_dag_resumes_without_redoing_finished_jobs(tmp_path, tiny_model_d
     config["evaluation"] = {"ppl": {"max_tokens": 256, "window": 64}}
     config.pop("scaling")
     config.pop("profile")
+    config.pop("compose")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
            "--configfile", str(tmp_path / "config.yaml"), "--cores", "2"]

@@ -7,7 +7,8 @@ built on the ``meta`` device from the config: no weights are read); a sharing ra
 for the model's depth; a long-context length beyond the model's window; an lm-eval task name unknown to
 lm-eval's registry; a token-level method of ``kvsharer.intra`` (profile) for a model whose attention is
 remote code, which does not go through transformers' attention-function registry those methods plug
-into (they would silently compress nothing). Hub models whose config is not in the local Hugging Face
+into (they would silently compress nothing); a MiniCache rate that needs more adjacent layer pairs than the
+model has. Hub models whose config is not in the local Hugging Face
 cache (offline dry runs) are not checked for architecture; that is logged, not an error.
 """
 
@@ -33,7 +34,7 @@ def _model_config(source: str, trust_remote_code: bool = False):
 
 
 def check_model(name: str, settings: dict, rates: list[float], lengths: list[int],
-                methods: list[str] = ()) -> list[str]:
+                methods: list[str] = (), minicache_rates: list[float] = ()) -> list[str]:
     from .models import (EMBEDDED_PREFIX, ModelError, UnsupportedArchitecture, check_source, find_parts,
                          trusts_remote_code)
 
@@ -64,6 +65,14 @@ def check_model(name: str, settings: dict, rates: list[float], lengths: list[int
     for rate in rates:
         if rate > (n_layers - 1) / n_layers or math.floor(rate * n_layers + 0.5) > n_layers - 1:
             problems.append(f"model {name!r}: sharing rate {rate} is impossible for its {n_layers} layers")
+    if minicache_rates:
+        from .minicache import pairs_for_rate
+
+        for rate in minicache_rates:
+            try:
+                pairs_for_rate(rate, n_layers)
+            except ValueError as err:
+                problems.append(f"model {name!r}: {err}")
     window = getattr(config, "max_position_embeddings", None)
     limit = settings.get("max_length") or window
     for length in lengths:
@@ -98,13 +107,17 @@ def check_tasks(tasks: list[str]) -> list[str]:
 
 def preflight(config: dict) -> None:
     search, evaluation = config["search"], config.get("evaluation", {})
-    rates = sorted(set(search["rates"]) | set(search.get("ablation_rates", [])))
+    compose = config.get("compose", {})
+    rates = sorted(set(search["rates"]) | set(search.get("ablation_rates", [])) | set(compose.get("rates", [])))
     lengths = evaluation.get("longctx", {}).get("lengths", [])
     problems = []
     profile = config.get("profile")  # the profile rule's methods (formerly `intra`), with its default
     methods = profile.get("methods", profile.get("intra", ["none", "h2o:0.5"])) if profile is not None else []
+    methods = list(dict.fromkeys([*methods, *compose.get("intra", []), *compose.get("niah", [])]))
+    minicache_rates = sorted(set(compose.get("minicache_rates", []))
+                             | {float(m.split(":")[1]) for m in methods if m.startswith("minicache:")})
     for name, settings in config["models"].items():
-        problems += check_model(name, settings, rates, lengths, methods)
+        problems += check_model(name, settings, rates, lengths, methods, minicache_rates)
     text = config["calibration"]["text"]
     if not (text.startswith(("embedded:", "hf:")) or Path(text).is_file()):
         problems.append(f"calibration text {text!r} is not a file, embedded:pydoc, or hf:<dataset>")

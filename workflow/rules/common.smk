@@ -61,6 +61,37 @@ def batch_arg(wildcards, resources):
     return f"--batch-size {resources.batch}" if resources.batch else ""
 
 
+# Compositions: "<policy>+<label>" settings (kvsharer.compose), evaluated by the same stages.
+C = config.get("compose", {})
+
+
+def label(spec):
+    """A cache spec as it appears in paths: 'h2o:0.5' -> 'h2o-0.5', 'int4' -> 'int4'."""
+    return str(spec).replace(":", "-")
+
+
+def compose_bases():
+    """The plain model and the paper's policy at every compose rate."""
+    return ["plain"] + [policy_name(r, "dissimilar", MAIN_METRIC, MAIN_T, 0) for r in C.get("rates", [])]
+
+
+def compose_settings(kind):
+    """Settings evaluated by `kind`: token methods and quantization with and without sharing, MiniCache
+    alone (scored by ppl and harness); the needle-in-a-haystack methods with and without sharing (longctx)."""
+    if kind == "longctx":
+        specs = C.get("niah", [])
+    else:
+        specs = C.get("intra", []) + [f"int{b}" for b in C.get("quant_bits", [])]
+    names = [f"{base}+{label(spec)}" for spec in specs for base in compose_bases()]
+    if kind != "longctx":
+        names += [f"plain+minicache-{fmt(r)}" for r in C.get("minicache_rates", [])]
+    return names
+
+
+def compose_policies():
+    return [p for p in compose_bases() if p != "plain"]
+
+
 EVAL = config["evaluation"]
 EVAL_KINDS = {"ppl": ("ppl" in EVAL, all_policies), "harness": ("harness" in EVAL, table1_policies),
               "longctx": ("longctx" in EVAL, table1_policies)}
@@ -71,11 +102,13 @@ def eval_files(kind):
     if not enabled:
         return []
     names = ["plain"] + which() if kind == "ppl" else which()
+    names += compose_policies() + compose_settings(kind)
     return [f"results/{m}/eval/{p}/{kind}.json" for m in config["models"] for p in dict.fromkeys(names)]
 
 
 def policy_files():
-    return [f"results/{m}/policies/{p}.json" for m in config["models"] for p in all_policies()]
+    names = dict.fromkeys(all_policies() + compose_policies())
+    return [f"results/{m}/policies/{p}.json" for m in config["models"] for p in names]
 
 
 def distance_files():
@@ -84,14 +117,28 @@ def distance_files():
 
 
 def policy_input(wildcards):
-    """The policy file of an evaluation; nothing for the plain model."""
-    if wildcards.policy == "plain":
+    """The policy file of an evaluation setting ('<policy>[+<cache label>]'); nothing for the plain model."""
+    base = wildcards.policy.split("+")[0]
+    if base == "plain":
         return []
-    return f"results/{wildcards.model}/policies/{wildcards.policy}.json"
+    return f"results/{wildcards.model}/policies/{base}.json"
 
 
 def policy_arg(wildcards, input):
     return f"--policy {input.policy}" if input.get("policy") else ""
+
+
+def cache_arg(wildcards):
+    """'--cache <spec>' for a composed setting ('plain+h2o-0.5' -> '--cache h2o:0.5'), else nothing."""
+    _, _, lab = wildcards.policy.partition("+")
+    if not lab:
+        return ""
+    spec = lab if lab.startswith("int") else lab.replace("-", ":", 1)
+    return f"--cache {spec}"
+
+
+def chunk_arg(wildcards):
+    return f"{cache_arg(wildcards)} --chunk {C.get('chunk', 32)}" if "+" in wildcards.policy else ""
 
 
 def harness_inputs(w):
@@ -117,9 +164,10 @@ def scaling_arg(wildcards, input):
     return f"--scaling {input.scaling}" if input.get("scaling") else ""
 
 
-TABLES = ["table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank", "search_cost"]
+TABLES = ["table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank", "search_cost",
+          "table2_compose", "quantization", "minicache"]
 FIGURES = ["ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation", "passkey",
-           "search_scaling", "profile_memory", "profile_throughput"]
+           "search_scaling", "profile_memory", "profile_throughput", "compose", "quantization", "minicache", "niah"]
 
 
 def all_evals():
@@ -139,4 +187,4 @@ wildcard_constraints:
     seed=r"\d+",
     order="dissimilar|similar|random",
     metric="euclidean|cosine|cka",
-    policy=r"plain|r[^/]+",
+    policy=r"(plain|r[^/+]+)(\+[a-z0-9.-]+)?",

@@ -1,4 +1,5 @@
-# Every policy (and the plain model, policy "plain") through the evaluation stages.
+# Every policy (and the plain model, policy "plain") through the evaluation stages. A setting
+# '<policy>+<label>' composes it with a cache method (kvsharer.compose): '--cache <spec>', streamed in chunks.
 
 
 rule evaluate_ppl:
@@ -9,6 +10,7 @@ rule evaluate_ppl:
         "results/{model}/eval/{policy}/ppl.json",
     params:
         policy=policy_arg,
+        cache=chunk_arg,
         max_tokens=EVAL.get("ppl", {}).get("max_tokens", 4096),
         window=EVAL.get("ppl", {}).get("window", 512),
         dtype=lambda w: model_setting(w.model, "dtype", "float32"),
@@ -21,7 +23,7 @@ rule evaluate_ppl:
         mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
         batch=retry_batch("batch_size"),
     shell:
-        "python -m kvsharer --threads {threads} evaluate-ppl --model {input.model} {params.policy}"
+        "python -m kvsharer --threads {threads} evaluate-ppl --model {input.model} {params.policy} {params.cache}"
         " --text {input.text} --max-tokens {params.max_tokens} --window {params.window}"
         " --batch-size {resources.batch} --dtype {params.dtype} --out {output} > {log} 2>&1"
 
@@ -33,6 +35,7 @@ rule evaluate_harness:
         "results/{model}/eval/{policy}/harness.json",
     params:
         policy=policy_arg,
+        cache=chunk_arg,
         tasks=",".join(EVAL.get("harness", {}).get("tasks", [])),
         task_dir="--task-dir results/text/tasks" if EVAL.get("harness", {}).get("local_tasks") else "",
         limit=lambda w: f"--limit {EVAL['harness']['limit']}" if EVAL["harness"].get("limit") else "",
@@ -48,7 +51,7 @@ rule evaluate_harness:
         mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
         batch=retry_batch("batch_size"),
     shell:
-        "python -m kvsharer --threads {threads} evaluate-harness --model {input.model} {params.policy}"
+        "python -m kvsharer --threads {threads} evaluate-harness --model {input.model} {params.policy} {params.cache}"
         " --tasks {params.tasks} {params.task_dir} {params.limit} {params.fewshot}"
         " --batch-size {resources.batch} --dtype {params.dtype} --out {output} > {log} 2>&1"
 
@@ -61,6 +64,7 @@ rule evaluate_longctx:
         "results/{model}/eval/{policy}/longctx.json",
     params:
         policy=policy_arg,
+        cache=cache_arg,
         lengths=",".join(str(x) for x in EVAL.get("longctx", {}).get("lengths", [])),
         depths=",".join(str(x) for x in EVAL.get("longctx", {}).get("depths", [0.0, 0.5, 1.0])),
         trials=EVAL.get("longctx", {}).get("trials", 2),
@@ -74,6 +78,6 @@ rule evaluate_longctx:
     resources:
         mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
     shell:
-        "python -m kvsharer --threads {threads} evaluate-longctx --model {input.model} {params.policy}"
+        "python -m kvsharer --threads {threads} evaluate-longctx --model {input.model} {params.policy} {params.cache}"
         " --text {input.text} --lengths {params.lengths} --depths {params.depths} --trials {params.trials}"
         " --seed {params.seed} --dtype {params.dtype} --out {output} > {log} 2>&1"

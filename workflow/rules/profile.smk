@@ -8,7 +8,7 @@ rule profile:
         "results/{model}/profile.csv",
     params:
         rates=",".join(str(x) for x in config.get("profile", {}).get("rates", [0, 0.125, 0.25, 0.375, 0.5])),
-        intra=",".join(config.get("profile", {}).get("intra", ["none", "h2o:0.5"])),
+        methods=",".join(config.get("profile", {}).get("methods", ["none", "h2o:0.5"])),
         batches=",".join(str(x) for x in config.get("profile", {}).get("batch_sizes", [1, 4])),
         contexts=",".join(str(x) for x in config.get("profile", {}).get("contexts", [512])),
         new_tokens=config.get("profile", {}).get("new_tokens", 16),
@@ -24,6 +24,6 @@ rule profile:
         mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
     shell:
         "python -m kvsharer --threads {threads} profile --model {input.model} --name {wildcards.model}"
-        " --rates {params.rates} --intra {params.intra} --batch-sizes {params.batches} --contexts {params.contexts}"
+        " --rates {params.rates} --cache {params.methods} --batch-sizes {params.batches} --contexts {params.contexts}"
         " --new-tokens {params.new_tokens} --repeats {params.repeats} {params.memory} --dtype {params.dtype}"
         " --out {output} > {log} 2>&1"
