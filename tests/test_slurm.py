@@ -3,14 +3,19 @@
 The tests marked `slurm` need a running Slurm controller (`sudo .ci/start-slurm.sh` starts a one-node
 cluster on this machine; CI does it) and are skipped when none answers; the profile's dry run needs none.
 Every job of the Slurm run is submitted with sbatch by snakemake-executor-plugin-slurm; the sbatch lines
-are printed and written to <tmp>/slurm_dag*/sbatch_calls.txt (the whole log: snakemake_slurm.log).
+are printed and written to <tmp>/slurm_dag*/sbatch_calls.txt (the whole log: snakemake_slurm.log). A second
+run of the same DAG is killed mid-way, its Slurm jobs cancelled, and resumed through the profile.
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import os
+import pwd
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -45,9 +50,12 @@ def _jobs(log: str) -> list[dict]:
         body = m.group(3)
         threads = re.search(r"^    threads: (\d+)", body, re.M)
         res = re.search(r"^    resources: (.*)$", body, re.M)
+        output = re.search(r"^    output: (.*)$", body, re.M)
+        reason = re.search(r"^    reason: (.*)$", body, re.M)
         jobs.append({
             "rule": m.group(2), "local": bool(m.group(1)), "threads": int(threads.group(1)) if threads else 1,
             "resources": dict(kv.split("=", 1) for kv in res.group(1).split(", ")) if res else {},
+            "output": output.group(1).split(", ") if output else [], "reason": reason.group(1) if reason else "",
         })
     return jobs
 
@@ -103,9 +111,27 @@ def _partition_has_gpu() -> bool:
     return proc is not None and "gpu" in proc.stdout
 
 
+def _slurm_workdir(workdir: Path) -> Path:
+    """Skip without a cluster; else `workdir` with the tiny model and the Slurm test config."""
+    problem = _cluster_problem()
+    if problem:
+        pytest.skip(problem)
+    model_dir = save_tiny_model(workdir / "tiny-model", n_layers=8)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(slurm_config(model_dir)))
+    return workdir
+
+
+def _failed(workdir: Path, what: str, returncode: int, log: str) -> AssertionError:
+    """The error for a failed Snakemake run: its log's end and the end of every job log."""
+    logs = "\n".join(f"--- {p}\n{p.read_text()[-1500:]}" for p in sorted(workdir.rglob("*.log"))
+                     if ".snakemake" in p.parts or "logs" in p.parts)
+    return AssertionError(f"{what} failed (rc {returncode}):\n{log[-6000:]}\n{logs[-6000:]}")
+
+
 def slurm_config(model_dir: Path) -> dict:
-    """test_dag's tiny config, smaller: one policy (25 %, dissimilar), no ablations, perplexity only."""
+    """test_dag's tiny config, smaller: one policy (25 %, dissimilar), no ablations or compositions, perplexity only."""
     config = tiny_config(model_dir)
+    config.pop("compose", None)
     config["models"]["tiny"]["mem_mb"] = 1000
     config["search"].update(rates=[0.25], orders=["dissimilar"], seeds=[0], ablation_rates=[], metrics=[],
                             thresholds=[])
@@ -113,8 +139,8 @@ def slurm_config(model_dir: Path) -> dict:
     return config
 
 
-def snakemake_slurm(workdir: Path, *args: str, gpu: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run Snakemake with the repository's profile from `workdir`, plus this test cluster's overrides."""
+def snakemake_slurm_cmd(workdir: Path, *args: str, gpu: bool = True) -> list[str]:
+    """Snakemake with the repository's profile from `workdir`, plus this test cluster's overrides."""
     cmd = [
         sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
         "--configfile", str(workdir / "config.yaml"),
@@ -131,6 +157,12 @@ def snakemake_slurm(workdir: Path, *args: str, gpu: bool = True, timeout: int = 
     if not gpu:  # a cluster without GPUs: the profile's per-rule requests (restated whole), GPUs set to 0
         cmd += ["--set-resources", *(f"{rule}:{key}={0 if key == 'gpu' else value}"
                                      for rule, res in PROFILE["set-resources"].items() for key, value in res.items())]
+    return cmd
+
+
+def snakemake_slurm(workdir: Path, *args: str, gpu: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `snakemake_slurm_cmd` to its end (on a timeout, its Slurm jobs are cancelled)."""
+    cmd = snakemake_slurm_cmd(workdir, *args, gpu=gpu)
     try:
         return subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=workdir, timeout=timeout)
     except subprocess.TimeoutExpired as e:  # leave no job behind in the queue
@@ -153,12 +185,7 @@ def _short(call: str) -> str:
 
 @pytest.fixture(scope="module")
 def slurm_run(tmp_path_factory):
-    problem = _cluster_problem()
-    if problem:
-        pytest.skip(problem)
-    workdir = tmp_path_factory.mktemp("slurm_dag")
-    model_dir = save_tiny_model(workdir / "tiny-model", n_layers=8)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(slurm_config(model_dir)))
+    workdir = _slurm_workdir(tmp_path_factory.mktemp("slurm_dag"))
     gpu = _partition_has_gpu()
     start = time.monotonic()
     proc = snakemake_slurm(workdir, gpu=gpu)
@@ -168,9 +195,7 @@ def slurm_run(tmp_path_factory):
     calls = _sbatch_calls(log)
     (workdir / "sbatch_calls.txt").write_text("\n".join(calls) + "\n")
     if proc.returncode != 0:
-        logs = "\n".join(f"--- {p}\n{p.read_text()[-1500:]}" for p in sorted(workdir.rglob("*.log"))
-                         if ".snakemake" in p.parts or "logs" in p.parts)
-        raise AssertionError(f"snakemake --profile slurm failed (rc {proc.returncode}):\n{log[-6000:]}\n{logs[-6000:]}")
+        raise _failed(workdir, "snakemake --profile slurm", proc.returncode, log)
     return {"workdir": workdir, "log": log, "calls": calls, "gpu": gpu, "wall": wall}
 
 
@@ -225,3 +250,131 @@ def test_rerun_through_slurm_submits_nothing(slurm_run):
     proc = snakemake_slurm(slurm_run["workdir"], "-n", timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+# --- killed mid-run, resumed through Slurm --------------------------------------------------------------
+
+ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED"}  # squeue states of a live job
+
+
+def _queue(run_id: str) -> list[str]:
+    """States of this run's jobs (`squeue -h -u $(id -un) --name <SLURM run ID>`; finished ones linger)."""
+    proc = _slurm("squeue", "-h", "-u", pwd.getpwuid(os.getuid()).pw_name, "--name", run_id, "-o", "%T")
+    return proc.stdout.split() if proc is not None and proc.returncode == 0 else []
+
+
+def _files(workdir: Path) -> dict[str, int]:
+    """mtime (ns) of every result file under results/ (not the searches' journals), by path from `workdir`."""
+    return {str(p.relative_to(workdir)): p.stat().st_mtime_ns for p in (workdir / "results").rglob("*")
+            if p.is_file() and not p.name.endswith(".journal.jsonl")}
+
+
+def _journal(journal: Path) -> list[str]:
+    """Whole lines of a search journal (from a line cut by a kill on, nothing counts, as in search.Journal)."""
+    lines = []
+    for line in journal.read_text().splitlines() if journal.exists() else []:
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            break
+        lines.append(line)
+    return lines
+
+
+@pytest.mark.slurm
+def test_killed_slurm_dag_resumes_without_redoing_finished_jobs(slurm_run, tmp_path, capsys):
+    """SIGKILL Snakemake while a job of the run is RUNNING in Slurm (after the search has evaluated a
+    candidate), `scancel` the run's jobs, `--unlock`, rerun with `--rerun-incomplete` through the profile:
+    every result Snakemake had booked keeps its file, only jobs it had not booked are redone (the search
+    from its journal, evaluating nothing twice), nothing is half-written, and the results are those of the
+    uninterrupted run of `slurm_run`."""
+    workdir, gpu = _slurm_workdir(tmp_path), slurm_run["gpu"]
+    res = workdir / "results" / "tiny"
+    policy = res / "policies" / "r0.25_dissimilar_euclidean_T0.5_s0.json"
+    journal = policy.with_name(policy.name + ".journal.jsonl")
+    log_path = workdir / "snakemake_killed.log"
+    start = time.monotonic()
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(snakemake_slurm_cmd(workdir, gpu=gpu), cwd=workdir, env=_env(), stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    run_id, states = None, []
+    try:
+        while time.monotonic() - start < 400 and proc.poll() is None:
+            run_id = run_id or next(iter(re.findall(r"SLURM run ID: (\S+)", log_path.read_text())), None)
+            if run_id and (policy.exists() or len(_journal(journal)) > 1):
+                states = _queue(run_id)
+                if "RUNNING" in states:
+                    break
+            time.sleep(0.2)
+        tail = log_path.read_text()[-3000:]
+        assert proc.poll() is None, f"the DAG finished before it could be killed:\n{tail}"
+        assert "RUNNING" in states, f"no job of the run ran in Slurm after the search began:\n{tail}"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # Snakemake (and any local job); its Slurm jobs live on
+        proc.wait()
+        # what a user does next: cancel the run's jobs (`scancel --name <SLURM run ID>`, or `scancel -u $USER`)
+        jobs = re.findall(r"submitted with SLURM jobid (\d+)", log_path.read_text())
+        subprocess.run(["scancel", *(["--name", run_id] if run_id else jobs)], capture_output=True, timeout=30)
+    killed_after = time.monotonic() - start
+    deadline = time.monotonic() + 120
+    while ACTIVE & set(_queue(run_id)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not ACTIVE & set(_queue(run_id)), f"jobs of the run still live after scancel: {_queue(run_id)}"
+    before, journaled = _files(workdir), _journal(journal)  # the journal: a header line, then candidates
+    assert before, "no job had finished before the kill"
+
+    unlock = snakemake_slurm(workdir, "--unlock", gpu=gpu, timeout=120)
+    assert unlock.returncode == 0, unlock.stdout[-2000:] + unlock.stderr[-2000:]
+    rerun_start = time.monotonic()
+    rerun = snakemake_slurm(workdir, "--rerun-incomplete", gpu=gpu)
+    rerun_wall, log = time.monotonic() - rerun_start, rerun.stdout + rerun.stderr
+    (workdir / "snakemake_rerun.log").write_text(log)
+    if rerun.returncode != 0:
+        raise _failed(workdir, "snakemake --profile slurm --rerun-incomplete", rerun.returncode, log)
+
+    # only jobs Snakemake had not booked as finished ran again; every other result kept its file
+    redone = [j for j in _jobs(log) if not j["local"]]
+    redone_outputs = [o for j in redone for o in j["output"]]
+    kept = {p: t for p, t in before.items() if not any(p == o or p.startswith(o + "/") for o in redone_outputs)}
+    after = _files(workdir)
+    assert redone and kept
+    assert {p: after[p] for p in kept} == kept  # not recomputed
+    for job in redone:  # a job that had written outputs before the kill was one Snakemake had not booked
+        if any(p == o or p.startswith(o + "/") for o in job["output"] for p in before):
+            assert job["reason"].startswith("Incomplete output files"), job
+    assert len(_sbatch_calls(log)) == len(redone)  # ... each submitted to Slurm again
+
+    # nothing half-written: every result reads whole
+    for path in (workdir / "results").rglob("*"):
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".csv":
+            rows = list(csv.reader(path.open()))
+            assert rows and all(len(row) == len(rows[0]) for row in rows), path  # a header, whole rows
+    # the results of the uninterrupted run: the same policy (same candidates, same similarities), same PPL
+    ref = slurm_run["workdir"] / "results" / "tiny"
+    got, want = json.loads(policy.read_text()), json.loads((ref / policy.relative_to(res)).read_text())
+    assert got["map"] == want["map"]
+    assert [(t["rank"], t["pair"], t["accepted"]) for t in got["trace"]] == \
+           [(t["rank"], t["pair"], t["accepted"]) for t in want["trace"]]
+    assert [t["similarity"] for t in got["trace"]] == pytest.approx([t["similarity"] for t in want["trace"]], rel=1e-9)
+    for ppl in res.glob("eval/*/ppl.json"):
+        uninterrupted = json.loads((ref / ppl.relative_to(res)).read_text())["ppl"]
+        assert json.loads(ppl.read_text())["ppl"] == pytest.approx(uninterrupted)
+    search_redone = str(policy.relative_to(workdir)) in redone_outputs
+    if search_redone:  # a search that ran again took every candidate it had journaled from its journal
+        assert _journal(journal)[: len(journaled)] == journaled
+        resumed = len(journaled) - 1
+        assert got["candidates_resumed"] == resumed and got["candidates_evaluated"] + resumed == len(got["trace"])
+
+    leftovers = sorted(str(p.relative_to(workdir)) for p in (workdir / "results").rglob(".*.tmp-*"))
+    with capsys.disabled():
+        print(f"\n[slurm kill/resume] killed {killed_after:.0f} s in (Slurm states of the run: {', '.join(states)}); "
+              f"{len(kept)} result files kept, {len(redone)} jobs redone in {rerun_wall:.0f} s: "
+              + ", ".join(f"{j['rule']} ({j['reason'].split(':')[0]})" for j in redone)
+              + (f"; the search resumed {resumed} of {len(got['trace'])} candidates from its journal"
+                 if search_redone else "")
+              + (f"; temporary files left by killed jobs: {leftovers}" if leftovers else "")
+              + f"; total {time.monotonic() - start:.0f} s")
+        for call in _sbatch_calls(log):
+            print("  " + _short(call))
