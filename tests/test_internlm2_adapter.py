@@ -287,3 +287,48 @@ def test_preflight_builds_it_and_refuses_token_methods_for_it(tmp_path):
     problems = check_model("internlm2", {"source": str(tmp_path)}, [0.25], [], ["none", "h2o:0.5", "kvmerger:0.5"])
     assert len(problems) == 1
     assert "token-level methods (h2o:0.5, kvmerger:0.5) need transformers' attention-function registry" in problems[0]
+    assert "models.internlm2.token_methods: false" in problems[0]
+
+
+def test_preflight_runs_token_methods_only_where_the_config_allows(tmp_path):
+    """``token_methods: false`` on the remote-code model: the config passes, the other models keep them."""
+    from kvsharer.preflight import preflight
+
+    InternLM2Config().save_pretrained(tmp_path / "internlm2")
+    config = {"models": {"internlm2": {"source": str(tmp_path / "internlm2")}},
+              "calibration": {"text": "embedded:pydoc"}, "search": {"rates": [0.25]},
+              "compose": {"intra": ["h2o:0.5"], "niah": ["h2o:0.5"]}, "evaluation": {}}
+    with pytest.raises(ValueError, match="token_methods: false"):
+        preflight(config)
+    config["models"]["internlm2"]["token_methods"] = False
+    preflight(config)  # no problem left
+
+
+def test_fast_search_replays_remote_code_layers(model):
+    """The fast search replays unchanged layers with stand-ins that answer like InternLM2's layers
+    (``past_key_value=``, tuple outputs): its similarity equals a full forward's under the candidate."""
+    from kvsharer.search import FastEvaluator, mean_similarity
+
+    ids = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = model.model(input_ids=ids).last_hidden_state
+    evaluator = FastEvaluator(model, ids, reference, batch_size=2)
+    accepted, candidate = list(range(8)), [0, 1, 2, 3, 4, 5, 4, 7]  # layer 6 reads layer 4: replays 0..5
+    fast = evaluator.similarity(accepted, candidate)
+    assert evaluator.tuple_outputs
+    with share_kv(model, SharingPolicy(candidate)), torch.no_grad():
+        full = model.model(input_ids=ids).last_hidden_state
+    assert fast == pytest.approx(float(mean_similarity(full, reference).mean()), abs=1e-6)
+    assert fast < 1.0
+
+
+def test_calibration_passes_its_own_cache_to_remote_code(model):
+    """InternLM2's remote code builds a missing cache with the legacy API transformers 5 removed;
+    calibration hands it a DynamicCache, and reads the mean K/V of every layer from it."""
+    from kvsharer.calibrate import collect
+
+    ids = torch.randint(3, VOCAB, (3, 10), generator=torch.Generator().manual_seed(4))
+    stats = collect(model, ids, batch_size=2)
+    kv_heads, head_dim = model.config.num_key_value_heads, model.config.hidden_size // model.config.num_attention_heads
+    assert stats["keys"].shape == stats["values"].shape == (8, kv_heads, 10, head_dim)
+    assert stats["reference_hidden"].shape == (3, 10, 64)

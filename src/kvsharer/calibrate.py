@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
+from transformers.cache_utils import DynamicCache
 
 from .atomic import atomic_path, atomic_write_text
 from .data import check_text_source, load_corpus, sha256_text, token_chunks
@@ -39,7 +40,9 @@ def collect(model, input_ids: torch.Tensor, batch_size: int | None = None) -> di
     hidden = []
     for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="calibrate", unit="batch", leave=False):
         batch = input_ids[start : start + batch_size].to(model.device)
-        out = parts.decoder(input_ids=batch, use_cache=True)
+        # an explicit cache: remote code (InternLM2) would otherwise build one through the legacy-cache
+        # API that transformers 5 removed
+        out = parts.decoder(input_ids=batch, past_key_values=DynamicCache(config=model.config), use_cache=True)
         cache = out.past_key_values
         keys = torch.stack([layer.keys.float().sum(0) for layer in cache.layers[: parts.n_layers]])
         values = torch.stack([layer.values.float().sum(0) for layer in cache.layers[: parts.n_layers]])

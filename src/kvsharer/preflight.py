@@ -83,7 +83,8 @@ def check_model(name: str, settings: dict, rates: list[float], lengths: list[int
         problems.append(
             f"model {name!r}: token-level methods ({', '.join(token_methods)}) need transformers' attention-function "
             f"registry, which the attention of {type(model).__name__} ({type(parts.attentions[0]).__module__}) does "
-            "not use: they would compress nothing (remove them from profile, or the model from models)"
+            f"not use: they would compress nothing (set models.{name}.token_methods: false to run them on the other "
+            "models only)"
         )
     return problems
 
@@ -117,7 +118,8 @@ def preflight(config: dict) -> None:
     minicache_rates = sorted(set(compose.get("minicache_rates", []))
                              | {float(m.split(":")[1]) for m in methods if m.startswith("minicache:")})
     for name, settings in config["models"].items():
-        problems += check_model(name, settings, rates, lengths, methods, minicache_rates)
+        own = methods if settings.get("token_methods", True) else [m for m in methods if m not in _token_methods(methods)]
+        problems += check_model(name, settings, rates, lengths, own, minicache_rates)
     text = config["calibration"]["text"]
     if not (text.startswith(("embedded:", "hf:")) or Path(text).is_file()):
         problems.append(f"calibration text {text!r} is not a file, embedded:pydoc, or hf:<dataset>")

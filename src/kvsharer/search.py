@@ -126,16 +126,22 @@ class OfficialEvaluator:
 
 
 class _Replay(nn.Module):
-    """Stands in for decoder layer ``idx`` < f: stores the accepted run's K/V and returns its output."""
+    """Stands in for decoder layer ``idx`` < f: stores the accepted run's K/V and returns its output.
 
-    def __init__(self, idx: int, output: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None):
+    It answers like the layer it replaces: transformers' layers take ``past_key_values=`` and return a
+    tensor; remote code such as InternLM2's takes ``past_key_value=`` and returns a tuple
+    ``(hidden, [attentions,] cache)`` whose first item the decoder reads."""
+
+    def __init__(self, idx: int, output: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None,
+                 as_tuple: bool = False):
         super().__init__()
-        self.idx, self.output, self.kv = idx, output, kv
+        self.idx, self.output, self.kv, self.as_tuple = idx, output, kv, as_tuple
 
     def forward(self, hidden_states, *args, past_key_values=None, **kwargs):
+        cache = past_key_values if past_key_values is not None else kwargs.get("past_key_value")
         if self.kv is not None:
-            past_key_values.update(self.kv[0], self.kv[1], self.idx)
-        return self.output
+            cache.update(self.kv[0], self.kv[1], self.idx)
+        return (self.output, cache) if self.as_tuple else self.output
 
 
 class FastEvaluator:
@@ -150,6 +156,7 @@ class FastEvaluator:
         self.kv: list[tuple[torch.Tensor, torch.Tensor] | None] = []  # K/V stored by every source layer
         self._pending = None
         self.layers_run = 0  # decoder layers actually computed (for the benchmark)
+        self.tuple_outputs = False  # do the model's decoder layers return tuples (remote code)?
 
     @torch.inference_mode()
     def _run(self, share_map: list[int], first: int, keep: bool):
@@ -161,15 +168,15 @@ class FastEvaluator:
         hooks = []
         if keep:
             for k in range(first, n_layers):
-                hooks.append(originals[k].register_forward_hook(
-                    lambda mod, args, out, k=k: captured[k].append(out[0] if isinstance(out, tuple) else out)))
+                hooks.append(originals[k].register_forward_hook(lambda mod, args, out, k=k: self._capture(captured[k], out)))
         last = []
         try:
             with share_kv(self.model, SharingPolicy(share_map)):
                 for start in range(0, self.input_ids.shape[0], self.batch_size):
                     rows = slice(start, start + self.batch_size)
                     for k in range(first):  # shortcut 3: replay the layers before the first change
-                        layers[k] = _Replay(k, self.outputs[k][rows], (self.kv[k][0][rows], self.kv[k][1][rows]) if self.kv[k] else None)
+                        layers[k] = _Replay(k, self.outputs[k][rows], (self.kv[k][0][rows], self.kv[k][1][rows]) if self.kv[k] else None,
+                                            self.tuple_outputs)
                     out = self.parts.decoder(input_ids=self.input_ids[rows].to(self.model.device), use_cache=True)  # shortcut 4
                     last.append(out.last_hidden_state)
                     if keep:
@@ -184,6 +191,10 @@ class FastEvaluator:
         outputs = {k: torch.cat(v) for k, v in captured.items()} if keep else {}
         kv_cat = {k: (torch.cat([a for a, _ in v]), torch.cat([b for _, b in v])) for k, v in kv.items()} if keep else {}
         return torch.cat(last), outputs, kv_cat
+
+    def _capture(self, into: list, out) -> None:
+        self.tuple_outputs = isinstance(out, tuple)
+        into.append(out[0] if self.tuple_outputs else out)
 
     def _commit(self, share_map, first, outputs, kv) -> None:
         n_layers = self.parts.n_layers

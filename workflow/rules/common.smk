@@ -75,13 +75,25 @@ def compose_bases():
     return ["plain"] + [policy_name(r, "dissimilar", MAIN_METRIC, MAIN_T, 0) for r in C.get("rates", [])]
 
 
-def compose_settings(kind):
+def is_token_method(spec):
+    return str(spec).split(":")[0] in ("h2o", "pyramidinfer", "kvmerger")
+
+
+def model_methods(model, specs):
+    """`specs` without the token-level methods for a model whose config says `token_methods: false`."""
+    if model_setting(model, "token_methods", True):
+        return list(specs)
+    return [s for s in specs if not is_token_method(s)]
+
+
+def compose_settings(kind, model):
     """Settings evaluated by `kind`: token methods and quantization with and without sharing, MiniCache
     alone (scored by ppl and harness); the needle-in-a-haystack methods with and without sharing (longctx)."""
     if kind == "longctx":
         specs = C.get("niah", [])
     else:
         specs = C.get("intra", []) + [f"int{b}" for b in C.get("quant_bits", [])]
+    specs = model_methods(model, specs)
     names = [f"{base}+{label(spec)}" for spec in specs for base in compose_bases()]
     if kind != "longctx":
         names += [f"plain+minicache-{fmt(r)}" for r in C.get("minicache_rates", [])]
@@ -101,9 +113,9 @@ def eval_files(kind):
     enabled, which = EVAL_KINDS[kind]
     if not enabled:
         return []
-    names = ["plain"] + which() if kind == "ppl" else which()
-    names += compose_policies() + compose_settings(kind)
-    return [f"results/{m}/eval/{p}/{kind}.json" for m in config["models"] for p in dict.fromkeys(names)]
+    names = (["plain"] + which() if kind == "ppl" else which()) + compose_policies()
+    return [f"results/{m}/eval/{p}/{kind}.json" for m in config["models"]
+            for p in dict.fromkeys(names + compose_settings(kind, m))]
 
 
 def policy_files():

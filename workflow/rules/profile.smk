@@ -1,4 +1,4 @@
-# Memory and speed vs sharing rate, with and without token-level methods (H2O, PyramidInfer, KVMerger).
+# Memory and speed vs sharing rate, with and without cache methods (token methods, quantization, MiniCache).
 
 
 rule profile:
@@ -8,7 +8,7 @@ rule profile:
         "results/{model}/profile.csv",
     params:
         rates=",".join(str(x) for x in config.get("profile", {}).get("rates", [0, 0.125, 0.25, 0.375, 0.5])),
-        methods=",".join(config.get("profile", {}).get("methods", ["none", "h2o:0.5"])),
+        methods=lambda w: ",".join(model_methods(w.model, config.get("profile", {}).get("methods", ["none", "h2o:0.5"]))),
         batches=",".join(str(x) for x in config.get("profile", {}).get("batch_sizes", [1, 4])),
         contexts=",".join(str(x) for x in config.get("profile", {}).get("contexts", [512])),
         new_tokens=config.get("profile", {}).get("new_tokens", 16),
