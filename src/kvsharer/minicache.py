@@ -4,7 +4,7 @@ Reference: Akide Liu, Jing Liu, Zizheng Pan, Yefei He, Gholamreza Haffari, Bohan
 Cache Compression in Depth Dimension for Large Language Models", NeurIPS 2024, arXiv:2405.14366
 (project page github.com/AkideLiu/MiniCache, which ships no code). Usage::
 
-    from kvsharer import minicache
+    from kvsharer.minicache import minicache
     with minicache(model, 0.25):            # 2 of 8 layers' worth of KV saved: pairs (6, 7) and (4, 5)
         model.generate(**batch, max_new_tokens=64)
     with minicache(model, None, pairs=[(4, 5)], t=0.6, gamma=0.05): ...
