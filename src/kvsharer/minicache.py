@@ -77,7 +77,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import CacheLayerMixin, DynamicCache
 
-from .models import ModelParts, find_parts, kv_shape, text_config
+from .cache_hooks import DecoderHooks, prepare_layers
+from .models import kv_shape
 
 PAPER_T = 0.6  # interpolation parameter, the paper's default
 PAPER_GAMMA = 0.05  # retention threshold, the paper's default
@@ -450,18 +451,10 @@ def wire_minicache(cache: DynamicCache, owner: "MiniCache") -> DynamicCache:
         return cache
     if getattr(cache, "_kvsharer_minicache", None) is not None:
         raise ValueError("this cache is already wired for another MiniCache")
-    if not isinstance(cache, DynamicCache):
-        raise TypeError(f"MiniCache works with a transformers DynamicCache; got {type(cache).__name__}")
     if getattr(cache, "_kvsharer_map", None) is not None or getattr(cache, "_kvsharer_intra", None) is not None:
         raise ValueError("this cache is wired for KV sharing or a token-level method; MiniCache does not compose with them")
-    if cache.get_seq_length() > 0:
-        raise ValueError("cannot apply MiniCache to a cache that already holds tokens computed without it")
-    n_layers = owner.parts.n_layers
-    if cache.layer_class_to_replicate is not None:
-        while len(cache.layers) < n_layers:
-            cache.layers.append(cache.layer_class_to_replicate())
-    if len(cache.layers) != n_layers:
-        raise ValueError(f"cache has {len(cache.layers)} layers, the model {n_layers}")
+    prepare_layers(cache, owner.parts.n_layers, "MiniCache",
+                   "cannot apply MiniCache to a cache that already holds tokens computed without it")
     for a, b in owner.pairs:
         old_a, old_b = cache.layers[a], cache.layers[b]
         sliding, window = getattr(old_a, "is_sliding", False), getattr(old_a, "sliding_window", None)
@@ -509,13 +502,12 @@ def _check_number(name: str, value) -> float:
     return float(value)
 
 
-class MiniCache:
+class MiniCache(DecoderHooks):
     """Attach/detach MiniCache to a model. Use ``minicache(model, rate)`` as a context manager."""
 
     def __init__(self, model: nn.Module, rate: float | None = None, *, pairs=None, t: float = PAPER_T,
                  gamma: float = PAPER_GAMMA):
-        self.model = model
-        self.parts: ModelParts = find_parts(model)
+        super().__init__(model)
         self.t = _check_number("interpolation t", t)
         self.gamma = _check_number("retention threshold gamma", gamma)
         if (rate is None) == (pairs is None):
@@ -523,12 +515,7 @@ class MiniCache:
         n_layers = self.parts.n_layers
         self.pairs = pairs_for_rate(rate, n_layers) if pairs is None else validate_pairs(pairs, n_layers)
         self.rate = len(self.pairs) / n_layers if rate is None else float(rate)
-        self._handles: list = []
-        self._stack: list = []  # (cache, attention_mask) of the forwards in progress
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
+        self._masks: list = []  # the 2-D attention_mask (or None) of each forward in progress
 
     @property
     def n_pairs(self) -> int:
@@ -540,19 +527,13 @@ class MiniCache:
         self._refuse_others()
         if getattr(self.model, "_kvsharer_minicache", None) is not None:
             raise RuntimeError("the model already has MiniCache attached; detach it first")
-        decoder = self.parts.decoder
-        self._handles = [
-            decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True, prepend=True),
-            decoder.register_forward_hook(self._after_forward, always_call=True),
-        ]
+        self._register()
         self.model._kvsharer_minicache = self
         return self
 
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._stack = []
+        self._unregister()
+        self._masks = []
         if getattr(self.model, "_kvsharer_minicache", None) is self:
             del self.model._kvsharer_minicache
 
@@ -563,25 +544,16 @@ class MiniCache:
             raise RuntimeError("the model has a token-level method attached; MiniCache does not compose with it")
 
     # hooks ------------------------------------------------------------------------------------
-    def _before_forward(self, module, args, kwargs):
-        self._stack.append((None, None))  # pushed first: the always-called post-hook pops it even on failure
-        self._refuse_others()  # something attached after us
-        cache = kwargs.get("past_key_values")
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(text_config(self.model), "use_cache", True)
-        if cache is None and use_cache:
-            cache = DynamicCache(config=self.model.config)
-            kwargs["past_key_values"] = cache
-        if cache is not None:
-            wire_minicache(cache, self)
+    def before_wiring(self, kwargs) -> None:
         mask = kwargs.get("attention_mask")
-        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        self._stack[-1] = (cache, mask)
-        return args, kwargs
+        self._masks.append(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)  # first: always popped
+        self._refuse_others()  # something attached after us
 
-    def _after_forward(self, module, args, output):
-        cache, mask = self._stack.pop() if self._stack else (None, None)
+    def wire(self, cache) -> None:
+        wire_minicache(cache, self)
+
+    def end_forward(self, cache, output) -> None:
+        mask = self._masks.pop() if self._masks else None
         for pair in pair_layers(cache):
             if output is None:  # the forward failed: forget its tokens
                 pair.discard_pending()
@@ -591,7 +563,6 @@ class MiniCache:
             if pending is not None and mask is not None and mask.shape[-1] >= pending[0].shape[-2]:
                 valid = mask[:, mask.shape[-1] - pending[0].shape[-2]:].bool()
             pair.merge(valid)
-        return output
 
 
 @contextlib.contextmanager

@@ -76,8 +76,9 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from .cache_hooks import DecoderHooks, prepare_layers, repoint_sharers
 from .intra.attach import share_map_of
-from .models import ModelParts, find_parts, kv_shape, text_config
+from .models import kv_shape
 from .policy import SharingPolicy
 
 BITS = (2, 4, 8)
@@ -320,42 +321,26 @@ def wire_quantized(cache: DynamicCache, quantization: "KVQuantization", n_layers
         raise ValueError("this cache was wired by another KV quantization; keep using that one or start a fresh cache")
     if getattr(cache, "_kvsharer_intra", None) is not None:
         raise ValueError("this cache is compressed by a token-level method; KV quantization cannot be combined with it")
-    if not isinstance(cache, DynamicCache):
-        raise TypeError(f"KV quantization works with a transformers DynamicCache; got {type(cache).__name__}")
-    if cache.get_seq_length() > 0:
-        raise ValueError("cannot quantize a cache that already holds tokens computed without quantization")
-    if cache.layer_class_to_replicate is not None:
-        while len(cache.layers) < n_layers:
-            cache.layers.append(cache.layer_class_to_replicate())
-    if len(cache.layers) != n_layers:
-        raise ValueError(f"cache has {len(cache.layers)} layers, the model {n_layers}")
+    prepare_layers(cache, n_layers, "KV quantization",
+                   "cannot quantize a cache that already holds tokens computed without quantization")
     share_map = list(range(n_layers)) if share_map is None else share_map
     SharingPolicy(share_map)  # validates the map
     q = quantization
     for src in sorted(set(share_map)):
         sliding = getattr(cache.layers[src], "is_sliding", False)
         cache.layers[src] = QuantizedKVLayer(q.bits, q.group_size, q.residual, src, sliding)
-    for layer, src in enumerate(share_map):
-        if layer != src and hasattr(cache.layers[layer], "source"):  # already a SharedLayer: re-point it
-            cache.layers[layer].source = cache.layers[src]
+    repoint_sharers(cache, share_map)
     cache._kvsharer_quant = quantization
     return cache
 
 
-class KVQuantization:
+class KVQuantization(DecoderHooks):
     """Attach/detach KV quantization. Use ``quantize_kv(model, bits, ...)`` as a context manager."""
 
     def __init__(self, model: nn.Module, bits: int, *, group_size: int = 32, residual: int = 32):
-        self.parts: ModelParts = find_parts(model)
+        super().__init__(model)
         check_settings(bits, group_size, residual, head_dim=kv_shape(model)[2])
-        self.model = model
         self.bits, self.group_size, self.residual = bits, group_size, residual
-        self._handles: list = []
-        self._stack: list = []  # caches of the forwards in progress
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
 
     def attach(self) -> "KVQuantization":
         if self.attached:
@@ -366,45 +351,27 @@ class KVQuantization:
             raise RuntimeError(
                 "the model has a token-level method (compress_kv) attached; KV quantization cannot be combined with it"
             )
-        decoder = self.parts.decoder
-        self._handles = [
-            decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True, prepend=True),
-            decoder.register_forward_hook(self._after_forward, always_call=True),
-        ]
+        self._register()
         self.model._kvsharer_quant = self
         return self
 
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._stack = []
+        self._unregister()
         if getattr(self.model, "_kvsharer_quant", None) is self:
             del self.model._kvsharer_quant
 
     # hooks ------------------------------------------------------------------------------------
-    def _before_forward(self, module, args, kwargs):
-        self._stack.append(None)  # pushed first: the always-called post-hook pops it even if wiring fails
+    def before_wiring(self, kwargs) -> None:
         if getattr(self.model, "_kvsharer_intra", None) is not None:
             raise RuntimeError("a token-level method (compress_kv) was attached after KV quantization; they cannot be combined")
-        cache = kwargs.get("past_key_values")
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(text_config(self.model), "use_cache", True)
-        if cache is None and use_cache:
-            cache = DynamicCache(config=self.model.config)
-            kwargs["past_key_values"] = cache
-        if cache is not None:
-            wire_quantized(cache, self, self.parts.n_layers, share_map_of(self.model, cache))
-        self._stack[-1] = cache
-        return args, kwargs
 
-    def _after_forward(self, module, args, output):
-        cache = self._stack.pop() if self._stack else None
+    def wire(self, cache) -> None:
+        wire_quantized(cache, self, self.parts.n_layers, share_map_of(self.model, cache))
+
+    def end_forward(self, cache, output) -> None:
         for layer in getattr(cache, "layers", ()):
             if isinstance(layer, QuantizedKVLayer):
                 layer.end_of_forward()  # no full-precision copy lingers between steps
-        return output
 
 
 @contextlib.contextmanager

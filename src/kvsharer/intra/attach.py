@@ -30,7 +30,7 @@ from typing import Iterator
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from ..models import ModelParts, find_parts, text_config
+from ..cache_hooks import DecoderHooks, prepare_layers, repoint_sharers
 from ..policy import SharingPolicy
 from .attention import ATTENTION_NAME
 from .base import TokenMethod
@@ -52,48 +52,28 @@ def wire_compressed(cache: DynamicCache, method: TokenMethod, n_layers: int, sha
         return cache
     if getattr(cache, "_kvsharer_intra", None) is not None:
         raise ValueError("this cache is already compressed by another token-level method")
-    if not isinstance(cache, DynamicCache):
-        raise TypeError(f"token-level compression works with a transformers DynamicCache; got {type(cache).__name__}")
-    if cache.get_seq_length() > 0:
-        raise ValueError("cannot compress a cache that already holds tokens computed without compression")
-    if cache.layer_class_to_replicate is not None:
-        while len(cache.layers) < n_layers:
-            cache.layers.append(cache.layer_class_to_replicate())
-    if len(cache.layers) != n_layers:
-        raise ValueError(f"cache has {len(cache.layers)} layers, the model {n_layers}")
+    prepare_layers(cache, n_layers, "token-level compression",
+                   "cannot compress a cache that already holds tokens computed without compression")
     share_map = list(range(n_layers)) if share_map is None else share_map
     groups = SharingPolicy(share_map).groups()  # validates the map
     sources = sorted(groups)
     for rank, src in enumerate(sources):
         old = cache.layers[src]
         cache.layers[src] = CompressedLayer(method, src, groups[src], rank, len(sources), getattr(old, "is_sliding", False))
-    for layer, src in enumerate(share_map):
-        if layer != src and hasattr(cache.layers[layer], "source"):  # already a SharedLayer: re-point it
-            cache.layers[layer].source = cache.layers[src]
+    repoint_sharers(cache, share_map)
     cache._kvsharer_intra = method
     return cache
 
 
-class KVCompression:
+class KVCompression(DecoderHooks):
     """Attach/detach a token-level method. Use ``compress_kv(model, method)`` as a context manager."""
 
     def __init__(self, model: nn.Module, method: TokenMethod):
         if not isinstance(method, TokenMethod):
             raise TypeError(f"method must be a kvsharer.intra method (see kvsharer.intra.METHODS); got {method!r}")
-        self.model = model
+        super().__init__(model)
         self.method = method
-        self.parts: ModelParts = find_parts(model)
-        self._handles: list = []
         self._config_swaps: list[tuple[nn.Module, object]] = []
-        self._stack: list = []  # caches of the forwards in progress
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
-
-    @property
-    def current_cache(self):
-        return self._stack[-1] if self._stack else None
 
     def attach(self) -> "KVCompression":
         if self.attached:
@@ -103,25 +83,18 @@ class KVCompression:
         self._swap_configs()
         for attn in self.parts.attentions:
             attn._kvsharer_intra = self
-        decoder = self.parts.decoder
-        self._handles = [
-            decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True, prepend=True),
-            decoder.register_forward_hook(self._after_forward, always_call=True),
-        ]
+        self._register()
         self.model._kvsharer_intra = self
         return self
 
     def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._unregister()
         for attn in self.parts.attentions:
             if getattr(attn, "_kvsharer_intra", None) is self:
                 del attn._kvsharer_intra
         for module, original in self._config_swaps:
             module.config = original
         self._config_swaps = []
-        self._stack = []
         if getattr(self.model, "_kvsharer_intra", None) is self:
             del self.model._kvsharer_intra
 
@@ -140,25 +113,8 @@ class KVCompression:
             self._config_swaps.append((module, config))
             module.config = copies[id(config)]
 
-    # hooks ------------------------------------------------------------------------------------
-    def _before_forward(self, module, args, kwargs):
-        self._stack.append(None)  # pushed first: the always-called post-hook pops it even if wiring fails
-        cache = kwargs.get("past_key_values")
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(text_config(self.model), "use_cache", True)
-        if cache is None and use_cache:
-            cache = DynamicCache(config=self.model.config)
-            kwargs["past_key_values"] = cache
-        if cache is not None:
-            wire_compressed(cache, self.method, self.parts.n_layers, share_map_of(self.model, cache))
-        self._stack[-1] = cache
-        return args, kwargs
-
-    def _after_forward(self, module, args, output):
-        if self._stack:
-            self._stack.pop()
-        return output
+    def wire(self, cache) -> None:
+        wire_compressed(cache, self.method, self.parts.n_layers, share_map_of(self.model, cache))
 
 
 def stored_tokens(cache) -> list[int | None]:
