@@ -294,6 +294,22 @@ def policies_frame(collection: Collection) -> pd.DataFrame:
     return _typed(_sort(frame, ROW_ORDER))
 
 
+def add_metrics(row: dict, ev: Evaluation, tasks: set[str]) -> None:
+    """Put an evaluation's numbers into its row: ``ppl`` (with ``kv_fraction``/``kv_bytes`` when
+    reported), ``acc:<task>`` per harness task (adding the task to ``tasks``), or ``passkey``."""
+    if ev.stage == "evaluate-ppl":
+        row["ppl"] = float(ev.data["ppl"])
+        row["kv_fraction"] = ev.data.get("kv_fraction")
+        row["kv_bytes"] = ev.data.get("kv_bytes")
+    elif ev.stage == "evaluate-harness":
+        for task, metrics in ev.data["tasks"].items():
+            acc = metrics.get("acc")
+            row[f"acc:{task}"] = float(acc) if _number(acc) else math.nan
+            tasks.add(task)
+    else:
+        row["passkey"] = float(ev.data["accuracy"])
+
+
 def results_frame(collection: Collection) -> pd.DataFrame:
     """One row per (model, policy), the plain model included when it was evaluated: settings, search
     results, ``ppl``, ``acc:<task>`` for every harness task and ``passkey`` (overall accuracy).
@@ -306,16 +322,7 @@ def results_frame(collection: Collection) -> pd.DataFrame:
         if ev.cache != NO_CACHE:
             continue
         n_layers = len(ev.data["map"]) if isinstance(ev.data.get("map"), list) else None
-        row = rows.setdefault((ev.model, ev.policy_key), plain_row(ev.model, n_layers))
-        if ev.stage == "evaluate-ppl":
-            row["ppl"] = float(ev.data["ppl"])
-        elif ev.stage == "evaluate-harness":
-            for task, metrics in ev.data["tasks"].items():
-                acc = metrics.get("acc")
-                row[f"acc:{task}"] = float(acc) if _number(acc) else math.nan
-                tasks.add(task)
-        else:
-            row["passkey"] = float(ev.data["accuracy"])
+        add_metrics(rows.setdefault((ev.model, ev.policy_key), plain_row(ev.model, n_layers)), ev, tasks)
     columns = POLICY_COLUMNS + ["ppl"] + [f"acc:{t}" for t in sorted(tasks)] + ["passkey"]
     frame = pd.DataFrame(list(rows.values()), columns=columns)
     for column in columns[len(POLICY_COLUMNS):]:
@@ -342,18 +349,7 @@ def settings_frame(collection: Collection) -> pd.DataFrame:
             family = ev.data.get("cache_family") or NO_CACHE
             rows[ident] = {**{k: base.get(k) for k in SETTING_COLUMNS[:10]}, "cache": ev.cache,
                            "cache_family": family, "cache_value": _cache_value(ev.cache)}
-        row = rows[ident]
-        if ev.stage == "evaluate-ppl":
-            row["ppl"] = float(ev.data["ppl"])
-            row["kv_fraction"] = ev.data.get("kv_fraction")
-            row["kv_bytes"] = ev.data.get("kv_bytes")
-        elif ev.stage == "evaluate-harness":
-            for task, metrics in ev.data["tasks"].items():
-                acc = metrics.get("acc")
-                row[f"acc:{task}"] = float(acc) if _number(acc) else math.nan
-                tasks.add(task)
-        else:
-            row["passkey"] = float(ev.data["accuracy"])
+        add_metrics(rows[ident], ev, tasks)
     acc = [f"acc:{t}" for t in sorted(tasks)]
     frame = pd.DataFrame(list(rows.values()), columns=SETTING_COLUMNS + acc + ["mean_acc", "passkey"])
     for column in ["kv_fraction", "kv_bytes", "ppl", "cache_value", "passkey", *acc]:
