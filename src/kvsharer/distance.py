@@ -18,6 +18,8 @@ from typing import Callable
 
 import torch
 
+from .names import RANKED_ORDERS
+
 Metric = Callable[[torch.Tensor], torch.Tensor]  # [L, H, T, D] -> [L, L]
 
 
@@ -43,17 +45,9 @@ def _cka(x: torch.Tensor) -> torch.Tensor:
 
 
 METRICS: dict[str, Metric] = {"euclidean": _euclidean, "cosine": _cosine, "cka": _cka}
-ORDERS = ("dissimilar", "similar", "random")
-
-
 def check_metric(metric: str) -> None:
     if metric not in METRICS:
         raise ValueError(f"unknown distance metric {metric!r}; choose one of {', '.join(METRICS)}")
-
-
-def check_order(order: str) -> None:
-    if order not in ORDERS:
-        raise ValueError(f"unknown pair order {order!r}; choose one of {', '.join(ORDERS)}")
 
 
 def layer_distances(keys: torch.Tensor, values: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
@@ -73,7 +67,8 @@ def rank_pairs(dist: torch.Tensor, order: str = "dissimilar", seed: int = 0) -> 
     ``dissimilar``: distance descending (the paper); ``similar``: ascending; ``random``: a seeded shuffle.
     Ties break by (i, j) so the order is deterministic.
     """
-    check_order(order)
+    if order not in RANKED_ORDERS:
+        raise ValueError(f"pair order {order!r} is not a ranking; choose one of {', '.join(RANKED_ORDERS)}")
     n = dist.shape[0]
     pairs = [(i, j, float(dist[i, j])) for i in range(1, n) for j in range(i)]
     pairs.sort(key=lambda p: (p[0], p[1]))

@@ -46,7 +46,9 @@ from tqdm import tqdm
 
 from . import calibrate
 from .atomic import atomic_write_text
-from .distance import ORDERS, check_metric, check_order, layer_distances, rank_pairs
+from .distance import check_metric, layer_distances, rank_pairs
+from .measured import OutputLoss, measured_search
+from .names import MEASURED_ORDERS, ORDERS, check_order
 from .models import DTYPES, check_source, find_parts, load_model, model_id, resolve_device
 from .policy import SharingPolicy, resolve_chains
 from .sharing import share_kv
@@ -65,10 +67,13 @@ class SearchSettings:
     procedure: str = "fast"
     batch_size: int | None = None  # fast procedure: samples per forward (None: all)
     max_candidates: int | None = None  # evaluate at most this many candidates (None: no budget)
+    sources: int | None = 3  # measured orders: nearest sources measured per storing layer (None: all)
+    refresh: int | None = 8  # measured orders: best-so-far candidates re-measured per step (None: all)
 
     def key(self) -> dict:
         """What a journal entry depends on (batch size: float rounding only; the budget only says when to stop)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("batch_size", "max_candidates")}
+        skip = ("batch_size", "max_candidates") + (() if self.order in MEASURED_ORDERS else ("sources", "refresh"))
+        return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
 def target_layers(n_layers: int, rate: float | None = None, count: int | None = None) -> int:
@@ -205,18 +210,28 @@ class FastEvaluator:
             self.kv[k] = kv.get(k)
         self.state_map = list(share_map)
 
-    def similarity(self, accepted: list[int], candidate: list[int]) -> float:
+    def hidden(self, accepted: list[int], candidate: list[int], keep: bool = True) -> torch.Tensor:
+        """Last hidden state [N, T, hidden] of ``candidate``, replaying the layers before its first change
+        from ``accepted``. ``keep``: hold its per-layer state so that ``accept(candidate)`` costs nothing."""
         if self.state_map != accepted:  # first call, or after resuming from a journal: one full forward
             _, outputs, kv = self._run(accepted, 0, keep=True)
             self._commit(accepted, 0, outputs, kv)
         first = next(k for k in range(len(candidate)) if candidate[k] != accepted[k])
-        last, outputs, kv = self._run(candidate, first, keep=True)
-        self._pending = (list(candidate), first, outputs, kv)
+        last, outputs, kv = self._run(candidate, first, keep=keep)
+        self._pending = (list(candidate), first, outputs, kv) if keep else None
+        return last
+
+    def similarity(self, accepted: list[int], candidate: list[int]) -> float:
+        last = self.hidden(accepted, candidate)
         return float(mean_similarity(last, self.reference).mean())  # shortcut 1: stored reference
 
     def accept(self, candidate: list[int]) -> None:
         if self._pending is not None and self._pending[0] == candidate:
             self._commit(candidate, self._pending[1], self._pending[2], self._pending[3])
+        elif self.state_map is not None and self.state_map != candidate:  # measured without keeping its state
+            first = next(k for k in range(len(candidate)) if candidate[k] != self.state_map[k])
+            _, outputs, kv = self._run(candidate, first, keep=True)
+            self._commit(candidate, first, outputs, kv)
         self._pending = None
 
 
@@ -331,6 +346,17 @@ def run_search(model, stats: dict, settings: SearchSettings, journal_path: Path 
                calibration_hash: str = "", progress: bool = True) -> dict:
     """Distances, ranking and the greedy loop for a loaded model and calibration tensors."""
     dist = layer_distances(stats["keys"], stats["values"], settings.metric)
+    header = {**settings.key(), "calibration_sha256": calibration_hash, "n_layers": dist.shape[0]}
+    start = time.perf_counter()
+    if settings.order in MEASURED_ORDERS:
+        if settings.procedure != "fast":
+            raise ValueError(f"order {settings.order!r} measures candidates with the fast procedure only")
+        evaluator = FastEvaluator(model, stats["input_ids"], stats["reference_hidden"], settings.batch_size)
+        result = measured_search(dist, settings.target, settings.threshold, evaluator,
+                                 OutputLoss(model, stats["reference_hidden"]), MEASURED_ORDERS[settings.order],
+                                 settings.sources, settings.refresh, Journal(journal_path, header), progress,
+                                 settings.max_candidates)
+        return _costs(result, start, evaluator, dist.shape[0])
     ranked = rank_pairs(dist, settings.order, settings.seed)
     if settings.procedure == "official":
         evaluator = OfficialEvaluator(model, stats["input_ids"])
@@ -338,13 +364,18 @@ def run_search(model, stats: dict, settings: SearchSettings, journal_path: Path 
         evaluator = FastEvaluator(model, stats["input_ids"], stats["reference_hidden"], settings.batch_size)
     else:
         raise ValueError(f"unknown procedure {settings.procedure!r}; choose one of {', '.join(PROCEDURES)}")
-    header = {**settings.key(), "calibration_sha256": calibration_hash, "n_layers": dist.shape[0]}
-    start = time.perf_counter()
     result = greedy_search(ranked, dist.shape[0], settings.target, settings.threshold, evaluator,
                            Journal(journal_path, header), progress, settings.max_candidates)
+    return _costs(result, start, evaluator, dist.shape[0])
+
+
+def _costs(result: dict, start: float, evaluator, n_layers: int) -> dict:
+    """Seconds, and decoder layers computed (also as full forwards over all samples), into ``result``."""
     result["seconds"] = time.perf_counter() - start
     result["seconds_per_candidate"] = result["seconds"] / max(result["candidates_evaluated"], 1)
     result["layers_computed"] = getattr(evaluator, "layers_run", None)
+    samples = evaluator.input_ids.shape[0]
+    result["forwards"] = None if result["layers_computed"] is None else result["layers_computed"] / (n_layers * samples)
     return result
 
 
@@ -364,6 +395,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metric", default="euclidean", help="distance metric: euclidean, cosine, cka")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random order")
     parser.add_argument("--procedure", default="fast", choices=PROCEDURES)
+    parser.add_argument("--sources", type=int, default=3,
+                        help="measured orders: nearest sources (by --metric) measured per storing layer; 0: all")
+    parser.add_argument("--refresh", type=int, default=8,
+                        help="measured orders: best-so-far candidates re-measured per step after the first; 0: all")
     parser.add_argument("--batch-size", type=int, default=None, help="fast: samples per forward (default all)")
     parser.add_argument("--max-candidates", type=int, default=None,
                         help="evaluate at most this many candidates (a time budget; default: no limit)")
@@ -397,6 +432,11 @@ def main(args: argparse.Namespace) -> int:
     check_order(args.order)
     check_metric(args.metric)
     check_threshold(args.threshold)
+    if args.order in MEASURED_ORDERS and args.procedure != "fast":
+        raise ValueError(f"order {args.order!r} measures candidates with the fast procedure only, not {args.procedure!r}")
+    for name in ("sources", "refresh"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name} must be >= 0 (0: all), got {getattr(args, name)}")
     if args.max_candidates is not None and args.max_candidates < 1:
         raise ValueError(f"--max-candidates must be at least 1, got {args.max_candidates}")
     meta = calibrate.read_meta(args.calibration)
@@ -405,7 +445,8 @@ def main(args: argparse.Namespace) -> int:
     check_calibration(meta, args.model, args.samples, args.tokens)
     settings = SearchSettings(target=target, threshold=args.threshold, order=args.order, metric=args.metric,
                               seed=args.seed, procedure=args.procedure, batch_size=args.batch_size,
-                              max_candidates=args.max_candidates)
+                              max_candidates=args.max_candidates, sources=args.sources or None,
+                              refresh=args.refresh or None)
 
     stats = calibrate.load(args.calibration)
     model, _ = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))

@@ -29,8 +29,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from ..names import ORDERS  # display order; others (baselines) come after
+
 EVAL_STAGES = ("evaluate-ppl", "evaluate-harness", "evaluate-longctx")
-ORDERS = ("dissimilar", "similar", "random")  # display order; others (baselines) come after
 METRICS = ("euclidean", "cosine", "cka")
 PLAIN = "plain"
 

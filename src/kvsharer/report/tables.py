@@ -41,7 +41,8 @@ import numpy as np
 import pandas as pd
 
 from ..atomic import atomic_path, atomic_write_text
-from .collect import (METRICS, NO_CACHE, ORDERS, Collection, collect, plain, policies_frame, results_frame, select,
+from ..names import RANKED_ORDERS
+from .collect import (METRICS, NO_CACHE, Collection, collect, order_rank, plain, policies_frame, results_frame, select,
                       settings_frame, task_columns, traces_frame)
 
 log = logging.getLogger("kvsharer")
@@ -151,7 +152,7 @@ def order_long(results: pd.DataFrame, metric: str, threshold: float) -> pd.DataF
 
 def order_ablation(results: pd.DataFrame, metric: str, threshold: float) -> pd.DataFrame:
     sub = order_long(results, metric, threshold)
-    extra = sorted({o for o in sub["order"] if o not in ORDERS})
+    extra = sorted({o for o in sub["order"] if o not in RANKED_ORDERS}, key=lambda o: (order_rank(o), o))
     columns = ["model", "rate_pct", "ppl:dissimilar", "ppl:similar", "ppl:random_mean", "ppl:random_std",
                "random_seeds", *[f"ppl:{o}" for o in extra]]
     rows = []

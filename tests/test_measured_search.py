@@ -1,0 +1,203 @@
+"""The measured search (orders measured-kl / measured-cosine) on tiny models: its losses equal a slow full-model
+computation, exhaustive greedy equals a brute force, it finds a planted best policy the paper's order misses,
+resumes after a kill to the same policy, and refuses bad input before loading a model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_tiny, save_tiny_model
+
+from kvsharer import calibrate, search
+from kvsharer.cli import main as cli
+from kvsharer.distance import layer_distances
+from kvsharer.measured import OutputLoss, candidate_pairs, measured_search
+from kvsharer.policy import SharingPolicy, resolve_chains
+from kvsharer.search import FastEvaluator, Journal, SearchSettings, run_search
+from kvsharer.sharing import share_kv
+
+
+def _input_ids(n=8, t=16, seed=0, vocab=96):
+    return torch.randint(3, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.inference_mode()
+def _slow_losses(model, ids, share_map):
+    """KL(plain || candidate) per token and last-hidden cosine, from two full forwards with the LM head."""
+    plain = model(ids, output_hidden_states=True)
+    with share_kv(model, SharingPolicy(share_map)):
+        cand = model(ids, output_hidden_states=True)
+    p, q = F.log_softmax(plain.logits.float(), -1), F.log_softmax(cand.logits.float(), -1)
+    kl = (p.exp() * (p - q)).sum(-1).mean().item()
+    a, b = plain.hidden_states[-1].flatten(1).double(), cand.hidden_states[-1].flatten(1).double()
+    return kl, F.cosine_similarity(a, b, dim=1).mean().item()
+
+
+def _measure(model, stats, share_map, accepted=None):
+    evaluator = FastEvaluator(model, stats["input_ids"], stats["reference_hidden"], batch_size=3)
+    hidden = evaluator.hidden(accepted or list(range(len(share_map))), share_map, keep=False)
+    return OutputLoss(model, stats["reference_hidden"], chunk=3)(hidden)
+
+
+def test_losses_equal_a_slow_full_model_computation():
+    model = make_tiny("qwen2")
+    stats = calibrate.collect(model, _input_ids())
+    accepted = [0, 1, 1, 3, 4, 5, 6, 7]  # the replay starts from a policy that already shares 2 -> 1
+    for candidate in ([0, 1, 1, 3, 4, 3, 6, 7], [0, 1, 1, 1, 4, 5, 6, 7], [0, 1, 1, 3, 4, 5, 6, 0]):
+        got = _measure(model, stats, candidate, accepted)
+        kl, cosine = _slow_losses(model, stats["input_ids"], candidate)
+        assert got["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-6) and got["kl"] > 1e-3
+        assert got["cosine"] == pytest.approx(cosine, abs=1e-5)
+
+
+def test_candidates_are_the_nearest_storing_sources():
+    dist = torch.tensor([[0, 1, 2, 3], [1, 0, 5, 1], [2, 5, 0, 4], [3, 1, 4, 0]], dtype=torch.float64)
+    assert candidate_pairs([0, 1, 2, 3], dist, 1) == [(1, 0), (2, 0), (3, 1)]
+    assert candidate_pairs([0, 1, 2, 3], dist, None) == [(1, 0), (2, 0), (2, 1), (3, 1), (3, 0), (3, 2)]
+    assert candidate_pairs([0, 0, 2, 3], dist, 1) == [(2, 0), (3, 0)]  # layer 1 stores nothing now
+
+
+def _brute_force_greedy(model, ids, n_layers, target, objective):
+    accepted = list(range(n_layers))
+    for _ in range(target):
+        best = None
+        for i in range(n_layers):
+            for j in range(i):
+                if accepted[i] != i or accepted[j] != j:
+                    continue
+                candidate = list(accepted)
+                candidate[i] = j
+                candidate = resolve_chains(candidate)
+                kl, cosine = _slow_losses(model, ids, candidate)
+                loss = kl if objective == "kl" else 1 - cosine
+                if best is None or loss < best[0] - 1e-9:
+                    best = (loss, candidate)
+        accepted = best[1]
+    return accepted
+
+
+@pytest.mark.parametrize("objective", ["kl", "cosine"])
+def test_exhaustive_measured_greedy_equals_brute_force(objective):
+    model = make_tiny("llama", n_layers=6)
+    stats = calibrate.collect(model, _input_ids())
+    dist = layer_distances(stats["keys"], stats["values"])
+    evaluator = FastEvaluator(model, stats["input_ids"], stats["reference_hidden"])
+    result = measured_search(dist, 3, -0.99, evaluator, OutputLoss(model, stats["reference_hidden"]), objective,
+                             sources=None, refresh=None, progress=False)
+    assert result["map"] == _brute_force_greedy(model, stats["input_ids"], 6, 3, objective)
+    assert result["complete"] and result["num_shared"] == 3
+    # every step measured every valid pair: 15 + the pairs left after each accepted one
+    assert result["candidates_evaluated"] == len(result["trace"]) > 15
+
+
+def _planted(n_layers=8, dead=(3, 6)):
+    """A model whose layers ``dead`` have a zero attention output projection: what they attend to cannot
+    change the output, so sharing exactly those layers is the one lossless policy."""
+    model = make_tiny("llama", n_layers=n_layers)
+    with torch.no_grad():
+        for layer in dead:
+            model.model.layers[layer].self_attn.o_proj.weight.zero_()
+    return model
+
+
+@pytest.mark.parametrize("order", ["measured-kl", "measured-cosine"])
+def test_finds_a_planted_best_policy_the_paper_order_misses(order):
+    model = _planted()
+    stats = calibrate.collect(model, _input_ids(n=10))
+    found = run_search(model, stats, SearchSettings(target=2, order=order, threshold=0.5, refresh=2), progress=False)
+    assert found["map"] != list(range(8))
+    assert SharingPolicy(found["map"]).shared_layers == [3, 6]
+    kl, cosine = _slow_losses(model, stats["input_ids"], found["map"])
+    assert kl == pytest.approx(0, abs=1e-6) and cosine == pytest.approx(1, abs=1e-6)
+    paper = run_search(model, stats, SearchSettings(target=2, order="dissimilar", threshold=0.5), progress=False)
+    assert SharingPolicy(paper["map"]).shared_layers != [3, 6]
+    assert found["forwards"] > 0 and found["candidates_evaluated"] == len(found["trace"])
+
+
+def test_lazy_refresh_measures_fewer_and_a_journal_replays_it(tmp_path):
+    model = make_tiny("mistral", n_layers=8)
+    stats = calibrate.collect(model, _input_ids())
+    settings = SearchSettings(target=4, order="measured-kl", threshold=-0.99, sources=2, refresh=3)
+    journal = tmp_path / "j.jsonl"
+    first = run_search(model, stats, settings, journal, calibration_hash="x", progress=False)
+    full = run_search(model, stats, SearchSettings(target=4, order="measured-kl", threshold=-0.99, sources=2,
+                                                   refresh=None), progress=False)
+    assert first["candidates_evaluated"] < full["candidates_evaluated"]
+    # a search killed after 5 measurements (its last line cut mid-write) resumes to the same policy
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join(lines[:6]) + "\n" + lines[6][:20])
+    again = run_search(model, stats, settings, journal, calibration_hash="x", progress=False)
+    assert again["map"] == first["map"]
+    assert again["candidates_resumed"] == 5 and again["candidates_evaluated"] == first["candidates_evaluated"] - 5
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI: a SIGKILLed measured search resumes to the same policy; bad input
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("measured")
+    model_dir = save_tiny_model(root / "tiny10", n_layers=10)
+    cal = root / "cal.safetensors"
+    assert cli(["calibrate", "--model", str(model_dir), "--samples", "12", "--tokens", "16", "--out", str(cal)]) == 0
+    return model_dir, cal
+
+
+def _args(model_dir, cal, out, *extra):
+    return ["search", "--model", str(model_dir), "--calibration", str(cal), "--out", str(out), *extra]
+
+
+def test_cli_measured_search_resumes_after_sigkill(calibrated, tmp_path):
+    model_dir, cal = calibrated
+    settings = ["--layers", "4", "--order", "measured-kl", "--sources", "0", "--refresh", "2", "--batch-size", "1"]
+    reference = tmp_path / "reference.json"
+    assert cli(_args(model_dir, cal, reference, *settings)) == 0
+    expected = json.loads(reference.read_text())
+    assert expected["settings"]["order"] == "measured-kl" and expected["num_shared"] == 4
+    assert {"pair", "similarity", "kl", "loss", "accepted"} <= set(expected["trace"][0])
+    assert sum(t["accepted"] for t in expected["trace"]) == 4 and expected["forwards"] > 0
+
+    out = tmp_path / "killed.json"
+    journal = Path(f"{out}.journal.jsonl")
+    cmd = [sys.executable, "-m", "kvsharer", *_args(model_dir, cal, out, *settings)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if journal.exists() and len(journal.read_text().splitlines()) >= 4:  # header + 3 measurements
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the search finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    resumed = subprocess.run(cmd, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    got = json.loads(out.read_text())
+    assert got["map"] == expected["map"] and got["candidates_resumed"] >= 3
+    assert got["candidates_resumed"] + got["candidates_evaluated"] == len(expected["trace"])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--order", "measured-kl", "--procedure", "official"], "measures candidates with the fast procedure only"),
+        (["--order", "measured-l2"], "unknown pair order 'measured-l2'"),
+        (["--order", "measured-cosine", "--sources", "-1"], "--sources must be >= 0"),
+    ],
+)
+def test_bad_measured_input_fails_before_loading_a_model(calibrated, tmp_path, monkeypatch, caplog, extra, message):
+    model_dir, cal = calibrated
+    monkeypatch.setattr(search, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert cli(_args(model_dir, cal, tmp_path / "p.json", "--rate", "0.2", *extra)) == 2
+    assert message in caplog.text
