@@ -20,7 +20,8 @@ def tiny_config(model_dir: Path) -> dict:
         "models": {"tiny": {"source": str(model_dir), "dtype": "float32", "batch_size": 4, "threads": 1}},
         "calibration": {"text": "embedded:pydoc", "eval_fraction": 0.5, "samples": 8, "tokens": 16},
         "search": {
-            "procedure": "fast", "rates": [0.25, 0.5], "orders": ["dissimilar", "similar", "random"],
+            "procedure": "fast", "rates": [0.25, 0.5], "orders": ["dissimilar", "similar", "random", "measured-kl"],
+            "measured": {"sources": 2, "refresh": 2},
             "metric": "euclidean", "threshold": 0.5, "seeds": [0, 1], "ablation_rates": [0.25],
             "metrics": ["euclidean", "cosine"], "thresholds": [0.5, 0.9],
         },
@@ -30,7 +31,7 @@ def tiny_config(model_dir: Path) -> dict:
         "compose": {"rates": [0.5], "intra": ["h2o:0.5"], "quant_bits": [4], "minicache_rates": [0.25],
                     "niah": ["h2o:0.5"], "chunk": 16},
         "evaluation": {
-            "ppl": {"max_tokens": 256, "window": 64},
+            "ppl": {"max_tokens": 256, "window": 64, "corpora": {"docstrings": "embedded:docstrings"}},
             "harness": {"tasks": ["kvs_next_sentence"], "local_tasks": True, "limit": 4},
             "longctx": {"lengths": [256, 384], "depths": [0.0, 1.0], "trials": 1, "seed": 0},
         },
@@ -66,8 +67,8 @@ def _load(path: Path) -> dict:
 def test_dag_produces_every_result(dag_run):
     res = dag_run / "results" / "tiny"
     policies = sorted((res / "policies").glob("*.json"))
-    # 2 rates x (dissimilar + similar + 2 random seeds) + cosine + T=0.9 ablations at 25 %
-    assert len(policies) == 10
+    # 2 rates x (dissimilar + similar + 2 random seeds + measured-kl) + cosine + T=0.9 ablations at 25 %
+    assert len(policies) == 12
     for path in policies:
         data = _load(path)
         assert len(data["map"]) == 8 and data["target"] == round(data["rate_requested"] * 8)
@@ -76,6 +77,15 @@ def test_dag_produces_every_result(dag_run):
     shared = _load(res / "eval" / "r0.5_dissimilar_euclidean_T0.5_s0" / "ppl.json")
     policy = _load(res / "policies" / "r0.5_dissimilar_euclidean_T0.5_s0.json")
     assert shared["map"] == policy["map"]
+    measured = _load(res / "policies" / "r0.5_measured-kl_euclidean_T0.5_s0.json")
+    assert measured["settings"]["sources"] == 2 and measured["forwards"] > 0 and measured["num_shared"] >= 1
+    # a random tiny model's similarities are low: the search may stop where no candidate clears T = 0.5
+    if not measured["complete"]:
+        last = max(k for k, t in enumerate(measured["trace"]) if t["accepted"])
+        assert measured["stopped"] == "threshold" and measured["trace"][last + 1:]
+        assert all(t["similarity"] <= 0.5 for t in measured["trace"][last + 1:])
+    second = _load(res / "eval" / "r0.5_measured-kl_euclidean_T0.5_s0" / "ppl_docstrings.json")
+    assert second["corpus"] == "docstrings" and second["map"] == measured["map"] and second["ppl"] > 1
     harness = _load(res / "eval" / "r0.25_dissimilar_euclidean_T0.5_s0" / "harness.json")
     assert 0 <= harness["tasks"]["kvs_next_sentence"]["acc"] <= 1
     longctx = _load(res / "eval" / "plain" / "longctx.json")
@@ -129,6 +139,13 @@ def test_tables_hold_the_numbers_the_stages_computed(dag_run):
                                                                                            (50, 4)]
     with open(res / "tables" / "minicache.csv") as fh:
         assert {r["method"] for r in csv.DictReader(fh)} == {"plain", "KVSharer", "MiniCache"}
+    with open(res / "tables" / "search_procedures.csv") as fh:
+        procedures = {(float(r["rate_pct"]), r["method"]): r for r in csv.DictReader(fh)}
+    measured = procedures[(50.0, "measured-kl")]
+    second = _load(res / "tiny" / "eval" / "r0.5_measured-kl_euclidean_T0.5_s0" / "ppl_docstrings.json")
+    assert float(measured["ppl:docstrings"]) == pytest.approx(second["ppl"])
+    assert {m for r, m in procedures if r == 50.0} == {"dissimilar", "similar", "random (mean of 2)", "measured-kl"}
+    assert float(procedures[(25.0, "MiniCache")]["kv_pct"]) > 75
     for name in ("ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation",
                  "passkey", "search_scaling", "profile_memory", "profile_throughput", "compose", "quantization",
                  "minicache", "niah"):

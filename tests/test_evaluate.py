@@ -125,6 +125,24 @@ def test_ppl_bad_window_is_refused_before_loading(tiny_model_dir, heldout, tmp_p
     assert not no_model_load and not (tmp_path / "x.json").exists()
 
 
+def test_second_corpus_is_other_text_and_labels_its_ppl(tiny_model_dir, heldout, tmp_path, no_model_load):
+    docstrings = load_corpus("embedded:docstrings")
+    assert len(docstrings) > 100_000 and docstrings == load_corpus("embedded:docstrings")
+    pydoc = load_corpus("embedded:pydoc")
+    # no paragraph of the second corpus is in the language reference (calibration and main held-out text)
+    paragraphs = [p for p in docstrings.split("\n\n") if len(p) > 200]
+    assert len(paragraphs) > 100 and not any(p in pydoc for p in paragraphs[:200])
+    no_model_load.clear()
+    assert cli(["evaluate-ppl", "--model", str(tiny_model_dir), "--text", "embedded:docstrings", "--corpus", "doc s",
+                "--out", str(tmp_path / "x.json")]) == 2
+    assert not no_model_load
+
+
+def test_ppl_on_a_labelled_corpus(tiny_model_dir, tmp_path):
+    result = run_ppl(tiny_model_dir, "embedded:docstrings", tmp_path / "ppl_docstrings.json", "--corpus", "docstrings")
+    assert result["corpus"] == "docstrings" and result["text"] == "embedded:docstrings" and result["windows"] == 16
+
+
 # ------------------------------------------------------------------------------------------------
 # make-tasks
 # ------------------------------------------------------------------------------------------------

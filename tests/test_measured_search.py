@@ -201,3 +201,33 @@ def test_bad_measured_input_fails_before_loading_a_model(calibrated, tmp_path, m
     monkeypatch.setattr(search, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     assert cli(_args(model_dir, cal, tmp_path / "p.json", "--rate", "0.2", *extra)) == 2
     assert message in caplog.text
+
+
+class _ScriptedModel:
+    """Evaluator + loss with fixed answers per candidate map, to pin down the step logic itself."""
+
+    def __init__(self, scores):
+        self.scores, self.accepted = scores, []
+
+    def hidden(self, accepted, candidate, keep=True):
+        return tuple(candidate)
+
+    def accept(self, candidate):
+        self.accepted.append(list(candidate))
+
+    def __call__(self, candidate):
+        kl, cosine = self.scores.get(candidate, (5.0, 0.55))
+        return {"kl": kl, "cosine": cosine}
+
+
+def test_threshold_filters_candidates_and_the_objective_ranks_them():
+    dist = torch.zeros(4, 4, dtype=torch.float64)
+    scripted = _ScriptedModel({(0, 0, 2, 3): (0.1, 0.4),  # lowest KL, but below T: never taken
+                               (0, 1, 1, 3): (0.2, 0.6),  # the best candidate that clears T
+                               (0, 1, 2, 1): (9.0, 0.3)})
+    result = measured_search(dist, 1, 0.5, scripted, scripted, "kl", sources=None, refresh=None, progress=False)
+    assert result["map"] == [0, 1, 1, 3] and scripted.accepted == [[0, 1, 1, 3]]
+    by_cosine = measured_search(dist, 1, 0.5, scripted, scripted, "cosine", sources=None, refresh=None, progress=False)
+    assert by_cosine["map"] == [0, 1, 1, 3]  # highest cosine among those > T
+    nothing = measured_search(dist, 2, 0.95, scripted, scripted, "kl", sources=None, refresh=None, progress=False)
+    assert nothing["stopped"] == "threshold" and nothing["num_shared"] == 0 and not nothing["complete"]

@@ -8,6 +8,7 @@ layer count (``rate_requested: null``). No torch anywhere: the stages only read 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,7 +24,7 @@ N_LAYERS = 8
 RATES = (0.125, 0.25, 0.5)
 TASKS = ("kvs_cloze", "kvs_next_sentence")
 LENGTHS, DEPTHS = (64, 128), (0.0, 0.5, 1.0)
-ORDER_FACTOR = {"dissimilar": 1.0, "similar": 3.0, "random": 2.0}
+ORDER_FACTOR = {"dissimilar": 1.0, "similar": 3.0, "random": 2.0, "measured-kl": 0.5}
 METRIC_FACTOR = {"euclidean": 1.0, "cosine": 1.5, "cka": 1.8}
 ACCEPTED_PAIRS = [(7, 2), (6, 1), (5, 0), (4, 1)]  # (layer, source) of the k-th accepted candidate: no chains
 REJECTED_PAIR = (3, 0)
@@ -37,7 +38,9 @@ TRACES = {
     ("cka", 0.5): [(0, False), (1, True), (2, True)],
     ("similar", 0.5): [(0, True), (1, True), (2, True), (3, True)],
     ("random", 0.5): [(0, True), (1, True), (2, True), (3, True)],
+    ("measured-kl", 0.5): [(0, False), (1, True), (2, False), (3, True)],
 }
+SECOND_CORPUS_FACTOR = 1.7  # PPL on the further held-out corpus "docstrings" = PPL x this
 
 
 def ppl_of(rate, order="dissimilar", metric="euclidean", threshold=0.5, seed=0):
@@ -83,6 +86,7 @@ def make_policy(root: Path, model: str, rate, order="dissimilar", metric="euclid
         "target": target, "trace": trace, "candidates_evaluated": len(trace), "candidates_resumed": 0,
         "pairs_skipped": 1, "pairs_total": 28, "seconds": 0.5 * len(trace) + 0.25,
         "seconds_per_candidate": (0.5 * len(trace) + 0.25) / max(len(trace), 1), "layers_computed": 100,
+        "forwards": 2.5 * len(trace),
         "settings": {"target": target, "threshold": threshold, "order": order, "metric": metric, "seed": seed,
                      "procedure": "fast", "batch_size": None},
         "calibration": f"results/{model}/calibration.safetensors", "calibration_sha256": "ab" * 32,
@@ -186,6 +190,20 @@ def build_inputs(tmp_path: Path) -> dict:
             evals += make_evals(root, "tiny", policy, rate, ppl, full=cache == "h2o:0.5", cache=cache, harness=True)
     for rate in (0.125, 0.25):
         evals += make_evals(root, "tiny", None, 0.0, ppl_of(rate) * 2, full=False, cache=f"minicache:{rate:g}", harness=True)
+    # the measured order at two rates, and PPL on a further held-out corpus for the plain model, the
+    # dissimilar and measured policies and MiniCache at 25 %
+    for rate in (0.125, 0.25):
+        p = make_policy(root, "tiny", rate, "measured-kl")
+        policies.append(p)
+        evals += make_evals(root, "tiny", p, rate, ppl_of(rate, "measured-kl"), full=False)
+    for name, policy, ppl, cache in (("plain", None, ppl_of(0.0), None),
+                                     ("r0.25_dissimilar_euclidean_T0.5_s0", main[0.25], ppl_of(0.25), None),
+                                     ("r0.25_measured-kl_euclidean_T0.5_s0", policies[-1], ppl_of(0.25, "measured-kl"), None),
+                                     ("plain+minicache-0.25", None, ppl_of(0.25) * 2, "minicache:0.25")):
+        evals.append(write(root / "tiny" / "eval" / name / "ppl_docstrings.json", {
+            "stage": "evaluate-ppl", **_common("tiny", policy), "cache": cache, "corpus": "docstrings",
+            "cache_family": "minicache" if cache else None, "ppl": ppl * SECOND_CORPUS_FACTOR,
+            "kv_fraction": kv_of(0.25 if policy else 0.0, cache)}))
     profile = root / "tiny" / "profile.csv"
     rows = [{"model": "tiny", "rate": r, "intra": "none" if c == "none" else c.split(":")[0], "budget": "" if c == "none" else 0.5,
              "batch": b, "context": 32, "kv_bytes": 1000 * b * (1 - r), "expected_kv_bytes": 1000 * b * (1 - r), "peak_bytes": 10**6 * b * (2 - r),
@@ -205,7 +223,7 @@ def args_for(stage: str, inputs: dict, out: Path, with_distances: bool = True) -
 
 
 TABLES = ("table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank", "search_cost",
-          "table2_compose", "quantization", "minicache")
+          "table2_compose", "quantization", "minicache", "search_procedures")
 FIGURES = ("ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation", "passkey",
            "search_scaling", "profile_memory", "profile_throughput", "compose", "quantization", "minicache", "niah")
 
@@ -336,6 +354,29 @@ def test_search_cost(tables, inputs):
         assert row["candidates_evaluated"] == data["candidates_evaluated"]
         assert row["seconds"] == data["seconds"]
         assert row["seconds_per_candidate"] == pytest.approx(data["seconds_per_candidate"], rel=1e-12)
+        assert row["forwards"] == data["forwards"]
+
+
+def test_search_procedures_compare_orders_measured_search_and_minicache(tables):
+    t = read(tables, "search_procedures")
+    tiny = t[t["model"] == "tiny"]
+    at25 = tiny[tiny["rate_pct"] == 25.0].set_index("method")
+    assert list(at25.index) == ["dissimilar", "similar", "random (mean of 2)", "measured-kl", "MiniCache"]
+    assert at25.loc["measured-kl", "ppl"] == ppl_of(0.25, "measured-kl")
+    assert at25.loc["random (mean of 2)", "ppl"] == pytest.approx((ppl_of(0.25, "random") + ppl_of(0.25, "random", seed=1)) / 2)
+    # the further corpus where it was evaluated, empty where not
+    assert at25.loc["measured-kl", "ppl:docstrings"] == pytest.approx(ppl_of(0.25, "measured-kl") * SECOND_CORPUS_FACTOR)
+    assert at25.loc["MiniCache", "ppl:docstrings"] == pytest.approx(ppl_of(0.25) * 2 * SECOND_CORPUS_FACTOR)
+    assert math.isnan(at25.loc["similar", "ppl:docstrings"])
+    # KV held: sharing 2 of 8 layers holds 75 %; MiniCache what its evaluation measured
+    assert at25.loc["measured-kl", "kv_pct"] == pytest.approx(75.0)
+    assert at25.loc["MiniCache", "kv_pct"] == pytest.approx(kv_of(0.0, "minicache:0.25") * 100)
+    # search cost: the measured policy's trace has 4 candidates (forwards = 2.5 per candidate here)
+    assert at25.loc["measured-kl", "candidates"] == 4 and at25.loc["measured-kl", "forwards"] == 10.0
+    assert math.isnan(at25.loc["MiniCache", "candidates"])
+    plain_row = tiny[tiny["method"] == "plain"]
+    assert list(plain_row["rate_pct"]) == [0.0] and list(plain_row["ppl:docstrings"]) == [ppl_of(0.0) * SECOND_CORPUS_FACTOR]
+    assert set(t["rate_pct"]) >= {12.5, 25.0, 50.0}
 
 
 def test_missing_ablations_give_header_only_tables(inputs, tmp_path):

@@ -15,12 +15,44 @@ from .atomic import atomic_write_text
 
 log = logging.getLogger("kvsharer")
 
-EMBEDDED_CORPORA = ("embedded:pydoc",)
+EMBEDDED_CORPORA = ("embedded:pydoc", "embedded:docstrings")
+
+# embedded:docstrings: the long docstrings of these pure-Python standard-library modules — library
+# documentation, another genre than the language reference, and never seen by calibration
+DOCSTRING_MODULES = (
+    "argparse", "asyncio/tasks", "calendar", "collections/__init__", "dataclasses", "decimal", "difflib", "doctest",
+    "email/message", "enum", "fractions", "functools", "heapq", "inspect", "json/__init__", "logging/__init__",
+    "pathlib", "pickle", "random", "shutil", "socket", "statistics", "string", "subprocess", "tarfile",
+    "textwrap", "threading", "typing", "unittest/case", "zipfile",
+)
+
+
+def stdlib_docstrings(min_chars: int = 200) -> str:
+    """Module, class and function docstrings of at least ``min_chars`` characters, read with ``ast`` from the
+    sources of :data:`DOCSTRING_MODULES` (nothing is imported), in file and source order."""
+    import ast
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    parts = []
+    for module in DOCSTRING_MODULES:
+        path = stdlib / f"{module}.py"
+        if not path.is_file():
+            raise ValueError(f"embedded:docstrings needs the standard-library source {path}, which is missing")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= min_chars:
+                    parts.append(doc.strip())
+    return "\n\n".join(parts)
 
 
 def load_corpus(source: str) -> str:
     """``embedded:pydoc`` (CPython's language reference prose, ships with every Python), a text file,
+    ``embedded:docstrings`` (long docstrings of 30 standard-library modules, a second offline corpus),
     or ``hf:<dataset>[:<config>][:<split>]`` (needs the hub or a local datasets cache; cluster only)."""
+    if source == "embedded:docstrings":
+        return stdlib_docstrings()
     if source == "embedded:pydoc":
         from pydoc_data.topics import topics
 

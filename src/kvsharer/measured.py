@@ -11,8 +11,9 @@ policy is "the first pairs of the ranking". This procedure instead *measures*:
    model's output: ``kl``, the mean KL divergence of the candidate's next-token distribution from the
    plain model's on every calibration token, or ``cosine``, the paper's flattened last-hidden cosine
    (as a loss: 1 − similarity);
-3. the candidate with the lowest loss is taken if its cosine similarity is > T (T keeps the paper's
-   meaning), and the next step starts from it. Stop at the target number of shared layers.
+3. among the candidates whose cosine similarity is > T (T keeps the paper's meaning: a candidate below
+   it is never accepted), the one with the lowest loss is taken, and the next step starts from it. Stop
+   at the target number of shared layers, or when no candidate clears T (``stopped: threshold``).
 
 ``refresh`` makes it lazy: the first step measures every candidate; a later step re-measures only the
 ``refresh`` candidates with the lowest loss measured so far (plus any never measured) and takes the best of
@@ -152,10 +153,11 @@ def measured_search(
             step.append(entry)
             trace.append({k: entry[k] for k in ("rank", "pair", "distance", "similarity", "kl", "loss", "seconds")}
                          | {"accepted": False})
-        best = min(range(len(step)), key=lambda s: (step[s]["loss"], step[s]["rank"]))
-        if not step[best]["similarity"] > threshold:
+        passing = [s for s in range(len(step)) if step[s]["similarity"] > threshold]
+        if not passing:
             stopped = "threshold"
             break
+        best = min(passing, key=lambda s: (step[s]["loss"], step[s]["rank"]))
         trace[len(trace) - len(step) + best]["accepted"] = True
         accepted = list(step[best]["map"])
         evaluator.accept(accepted)

@@ -177,13 +177,20 @@ def scaling_arg(wildcards, input):
 
 
 TABLES = ["table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank", "search_cost",
-          "table2_compose", "quantization", "minicache"]
+          "table2_compose", "quantization", "minicache", "search_procedures"]
 FIGURES = ["ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation", "passkey",
            "search_scaling", "profile_memory", "profile_throughput", "compose", "quantization", "minicache", "niah"]
 
 
+def corpus_eval_files():
+    """PPL on every further held-out corpus: the plain model, every order's main policies, MiniCache."""
+    corpora = EVAL.get("ppl", {}).get("corpora", {}) if "ppl" in EVAL else {}
+    names = ["plain"] + main_policies() + [f"plain+minicache-{fmt(r)}" for r in C.get("minicache_rates", [])]
+    return [f"results/{m}/eval/{p}/ppl_{c}.json" for m in config["models"] for p in names for c in corpora]
+
+
 def all_evals():
-    return eval_files("ppl") + eval_files("harness") + eval_files("longctx")
+    return eval_files("ppl") + corpus_eval_files() + eval_files("harness") + eval_files("longctx")
 
 
 def final_outputs():
@@ -197,6 +204,7 @@ wildcard_constraints:
     rate=r"[0-9.e-]+",
     threshold=r"-?[0-9.e-]+",
     seed=r"\d+",
-    order="dissimilar|similar|random",
+    order="dissimilar|similar|random|measured-kl|measured-cosine",
+    corpus=r"[a-z0-9_]+",
     metric="euclidean|cosine|cka",
     policy=r"(plain|r[^/+]+)(\+[a-z0-9.-]+)?",

@@ -81,3 +81,29 @@ rule evaluate_longctx:
         "python -m kvsharer --threads {threads} evaluate-longctx --model {input.model} {params.policy} {params.cache}"
         " --text {input.text} --lengths {params.lengths} --depths {params.depths} --trials {params.trials}"
         " --seed {params.seed} --dtype {params.dtype} --out {output} > {log} 2>&1"
+
+
+rule evaluate_ppl_corpus:
+    input:
+        unpack(lambda w: {"model": f"results/models/{w.model}", "policy": policy_input(w)}),
+    output:
+        "results/{model}/eval/{policy}/ppl_{corpus}.json",
+    params:
+        policy=policy_arg,
+        cache=chunk_arg,
+        text=lambda w: EVAL["ppl"]["corpora"][w.corpus],
+        max_tokens=EVAL.get("ppl", {}).get("max_tokens", 4096),
+        window=EVAL.get("ppl", {}).get("window", 512),
+        dtype=lambda w: model_setting(w.model, "dtype", "float32"),
+    log:
+        "logs/{model}/eval/{policy}/ppl_{corpus}.log",
+    conda:
+        "../../envs/kvsharer.yaml"
+    threads: lambda w: model_setting(w.model, "threads", 1)
+    resources:
+        mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+        batch=retry_batch("batch_size"),
+    shell:
+        "python -m kvsharer --threads {threads} evaluate-ppl --model {input.model} {params.policy} {params.cache}"
+        " --text {params.text:q} --corpus {wildcards.corpus} --max-tokens {params.max_tokens} --window {params.window}"
+        " --batch-size {resources.batch} --dtype {params.dtype} --out {output} > {log} 2>&1"

@@ -11,6 +11,8 @@ rule search:
     params:
         procedure=config["search"].get("procedure", "fast"),
         budget=(f"--max-candidates {config['search']['max_candidates']}" if config["search"].get("max_candidates") else ""),
+        measured=lambda w: (f"--sources {S.get('measured', {}).get('sources', 3)} --refresh {S.get('measured', {}).get('refresh', 8)}"
+                            if w.order.startswith("measured") else ""),
         samples=config["calibration"].get("samples", 30),
         tokens=config["calibration"].get("tokens", 64),
         dtype=lambda w: model_setting(w.model, "dtype", "float32"),
@@ -26,5 +28,5 @@ rule search:
     shell:
         "python -m kvsharer --threads {threads} search --model {input.model} --calibration {input.calibration}"
         " --rate {wildcards.rate} --order {wildcards.order} --metric {wildcards.metric}"
-        " --threshold {wildcards.threshold} --seed {wildcards.seed} --procedure {params.procedure} {params.budget}"
+        " --threshold {wildcards.threshold} --seed {wildcards.seed} --procedure {params.procedure} {params.budget} {params.measured}"
         " --samples {params.samples} --tokens {params.tokens} --dtype {params.dtype} {params.batch} --out {output} > {log} 2>&1"

@@ -112,6 +112,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder, hub id or embedded:<name>")
     add_setting_arguments(parser)
     parser.add_argument("--text", required=True, help="held-out evaluation text: a file (or embedded:pydoc, hf:...)")
+    parser.add_argument("--corpus", default=None,
+                        help="label of a further held-out corpus (e.g. docstrings): reported as ppl:<label>; "
+                             "default: the main held-out text, reported as ppl")
     parser.add_argument("--window", type=int, default=512, help="tokens per independently scored window")
     parser.add_argument("--max-tokens", type=int, default=None, help="score the first N tokens of the text (default: all)")
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward")
@@ -128,6 +131,8 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-tokens {args.max_tokens} is smaller than one --window of {args.window}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.corpus is not None and not args.corpus.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"--corpus must be a short label of letters, digits, - and _, got {args.corpus!r}")
     check_source(args.model)
     check_text_source(args.text)
     policy, method = parse_setting(args)
@@ -151,7 +156,7 @@ def main(args: argparse.Namespace) -> int:
 
     summary = {
         **result_header("evaluate-ppl", args.model, args.policy, policy, method, chunk),
-        "text": args.text, "text_sha256": sha256_text(text), "text_tokens": len(ids),
+        "text": args.text, "corpus": args.corpus, "text_sha256": sha256_text(text), "text_tokens": len(ids),
         **result, **footprint,
         "max_tokens": args.max_tokens, "batch_size": args.batch_size,
         "dtype": args.dtype, "device": str(model.device),

@@ -40,7 +40,7 @@ POLICY_COLUMNS = [
     "model", "policy", "policy_path", "order", "metric", "threshold", "seed", "procedure",
     "rate_requested", "rate", "num_shared", "n_layers", "target", "complete",
     "candidates_evaluated", "candidates_resumed", "pairs_skipped", "pairs_total",
-    "search_seconds", "seconds_per_candidate",
+    "search_seconds", "seconds_per_candidate", "forwards",
 ]
 INT_COLUMNS = ["seed", "num_shared", "n_layers", "target", "candidates_evaluated", "candidates_resumed",
                "pairs_skipped", "pairs_total"]
@@ -109,7 +109,7 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
             values = pd.to_numeric(frame[column], errors="coerce")
             if values.dropna().eq(values.dropna().round()).all():
                 frame[column] = values.astype("Int64")
-    for column in ("threshold", "rate_requested", "rate", "search_seconds", "seconds_per_candidate"):
+    for column in ("threshold", "rate_requested", "rate", "search_seconds", "seconds_per_candidate", "forwards"):
         if column in frame:
             frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
     return frame
@@ -143,6 +143,11 @@ class Evaluation:
     def cache(self) -> str:
         """The cache method's spec (``h2o:0.5``, ``int4``, ``minicache:0.25``) or ``none``."""
         return self.data.get("cache") or NO_CACHE
+
+    @property
+    def ppl_column(self) -> str:
+        """``ppl`` on the main held-out text, ``ppl:<label>`` on a further corpus (``evaluate-ppl --corpus``)."""
+        return f"ppl:{self.data['corpus']}" if self.data.get("corpus") else "ppl"
 
 
 @dataclass
@@ -189,6 +194,7 @@ def policy_row(path: str | os.PathLike, data: dict) -> dict:
         "pairs_total": data.get("pairs_total"),
         "search_seconds": data.get("seconds"),
         "seconds_per_candidate": data.get("seconds_per_candidate"),
+        "forwards": data.get("forwards"),
     }
 
 
@@ -254,7 +260,7 @@ def load_evals(paths: Sequence[str | os.PathLike], policies: dict[str, Policy]) 
             if data.get("map") is not None and data["map"] != policy.data["map"]:
                 raise ValueError(f"evaluation file {path} used a different map than its policy {policy.path} "
                                  "(the policy changed after the evaluation: rerun it)")
-        ident = (stage, model, key, data.get("cache") or NO_CACHE)
+        ident = (stage, model, key, data.get("cache") or NO_CACHE, data.get("corpus"))
         if ident in seen:
             raise ValueError(f"two {stage} results for model {model!r}, policy "
                              f"{data['policy'] or PLAIN}, cache {ident[-1]}: {seen[ident]} and {path}")
@@ -298,7 +304,9 @@ def policies_frame(collection: Collection) -> pd.DataFrame:
 def add_metrics(row: dict, ev: Evaluation, tasks: set[str]) -> None:
     """Put an evaluation's numbers into its row: ``ppl`` (with ``kv_fraction``/``kv_bytes`` when
     reported), ``acc:<task>`` per harness task (adding the task to ``tasks``), or ``passkey``."""
-    if ev.stage == "evaluate-ppl":
+    if ev.stage == "evaluate-ppl" and ev.ppl_column != "ppl":
+        row[ev.ppl_column] = float(ev.data["ppl"])
+    elif ev.stage == "evaluate-ppl":
         row["ppl"] = float(ev.data["ppl"])
         row["kv_fraction"] = ev.data.get("kv_fraction")
         row["kv_bytes"] = ev.data.get("kv_bytes")
@@ -324,7 +332,8 @@ def results_frame(collection: Collection) -> pd.DataFrame:
             continue
         n_layers = len(ev.data["map"]) if isinstance(ev.data.get("map"), list) else None
         add_metrics(rows.setdefault((ev.model, ev.policy_key), plain_row(ev.model, n_layers)), ev, tasks)
-    columns = POLICY_COLUMNS + ["ppl"] + [f"acc:{t}" for t in sorted(tasks)] + ["passkey"]
+    corpora = sorted({ev.ppl_column for ev in collection.evals if ev.stage == "evaluate-ppl"} - {"ppl"})
+    columns = POLICY_COLUMNS + ["ppl", *corpora] + [f"acc:{t}" for t in sorted(tasks)] + ["passkey"]
     frame = pd.DataFrame(list(rows.values()), columns=columns)
     for column in columns[len(POLICY_COLUMNS):]:
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
@@ -352,8 +361,9 @@ def settings_frame(collection: Collection) -> pd.DataFrame:
                            "cache_family": family, "cache_value": _cache_value(ev.cache)}
         add_metrics(rows[ident], ev, tasks)
     acc = [f"acc:{t}" for t in sorted(tasks)]
-    frame = pd.DataFrame(list(rows.values()), columns=SETTING_COLUMNS + acc + ["mean_acc", "passkey"])
-    for column in ["kv_fraction", "kv_bytes", "ppl", "cache_value", "passkey", *acc]:
+    corpora = sorted({ev.ppl_column for ev in collection.evals if ev.stage == "evaluate-ppl"} - {"ppl"})
+    frame = pd.DataFrame(list(rows.values()), columns=SETTING_COLUMNS + corpora + acc + ["mean_acc", "passkey"])
+    for column in ["kv_fraction", "kv_bytes", "ppl", "cache_value", "passkey", *corpora, *acc]:
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
     frame["mean_acc"] = frame[acc].mean(axis=1) if acc else math.nan
     frame["cache_rank"] = frame["cache"] != NO_CACHE

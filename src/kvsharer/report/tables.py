@@ -13,7 +13,12 @@ only, so Snakemake outputs stay fixed): ``<name>.csv`` and ``<name>.md`` for eve
   complete, candidates evaluated, PPL;
 * ``acceptance_by_rank``: share of accepted candidates per bin of the dissimilarity rank (dissimilar
   order; per model, metric and threshold), from the search traces;
-* ``search_cost``: per policy: candidates evaluated, seconds, seconds per candidate;
+* ``search_cost``: per policy: candidates evaluated, seconds, seconds per candidate, decoder forwards
+  (decoder layers computed / (layers x samples): the fast search replays the layers before a change);
+* ``search_procedures``: per model and rate, every search order at the main metric and threshold (the
+  ranked orders of the paper's loop, random as the mean over seeds, and the measured orders) and MiniCache
+  at its measured KV: layers shared, KV % of plain, PPL on the held-out text and on every further
+  held-out corpus (``ppl:<corpus>``), and what the search cost (candidates, forwards, seconds);
 * ``table2_compose`` (the paper's Table 2, extended): per model, sharing rate (plain and every rate a token
   method was composed with) and token method (none, H2O, PyramidInfer, KVMerger): the KV the setting held
   (% of plain, measured), KV bytes, peak memory and decode throughput from the profile (largest batch and
@@ -41,14 +46,14 @@ import numpy as np
 import pandas as pd
 
 from ..atomic import atomic_path, atomic_write_text
-from ..names import RANKED_ORDERS
+from ..names import ORDERS, RANKED_ORDERS
 from .collect import (METRICS, NO_CACHE, Collection, collect, order_rank, plain, policies_frame, results_frame, select,
                       settings_frame, task_columns, traces_frame)
 
 log = logging.getLogger("kvsharer")
 
 TABLES = ("table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank", "search_cost",
-          "table2_compose", "quantization", "minicache")
+          "table2_compose", "quantization", "minicache", "search_procedures")
 DEFAULT_METRIC = "euclidean"
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_RANK_BIN = 10
@@ -239,7 +244,7 @@ def acceptance_by_rank(traces: pd.DataFrame, width: int = DEFAULT_RANK_BIN) -> p
 def search_cost(policies: pd.DataFrame) -> pd.DataFrame:
     columns = ["model", "policy", "order", "metric", "threshold", "seed", "procedure", "rate_pct", "target",
                "layers_shared", "complete", "candidates_evaluated", "candidates_resumed", "pairs_skipped",
-               "seconds", "seconds_per_candidate"]
+               "seconds", "seconds_per_candidate", "forwards"]
     out = policies.rename(columns={"num_shared": "layers_shared", "search_seconds": "seconds"}).copy()
     out["rate_pct"] = rate_pct(out["rate_requested"])
     return out[columns].reset_index(drop=True)
@@ -341,6 +346,36 @@ def minicache(settings: pd.DataFrame, metric: str, threshold: float) -> pd.DataF
     return out[columns].reset_index(drop=True)
 
 
+def search_procedures(settings: pd.DataFrame, policies: pd.DataFrame, metric: str, threshold: float) -> pd.DataFrame:
+    corpora = [c for c in settings.columns if c.startswith("ppl:")]
+    columns = ["model", "rate_pct", "method", "layers_shared", "kv_pct", "ppl", *corpora, "candidates", "forwards",
+               "search_seconds"]
+    main = (settings["metric"] == metric) & np.isclose(settings["threshold"].astype(float).fillna(np.nan), threshold)
+    plain_row = settings["policy"] == "plain"
+    searched = settings[(settings["cache_family"] == NO_CACHE) & (main | plain_row)].copy()
+    cost = policies[["model", "policy", "candidates_evaluated", "forwards", "search_seconds"]]
+    searched = searched.merge(cost, on=["model", "policy"], how="left")
+    searched["method"] = searched["order"].where(~searched["policy"].eq("plain"), "plain")
+    mini = settings[settings["cache_family"] == "minicache"].copy()
+    mini["rate_requested"], mini["method"] = mini["cache_value"], "MiniCache"
+    frame = _setting_columns(pd.concat([searched, mini], ignore_index=True))
+    if frame.empty or frame["method"].ne("plain").sum() == 0:
+        return pd.DataFrame(columns=columns)
+    frame["layers_shared"] = frame["num_shared"]
+    frame["candidates"] = frame["candidates_evaluated"]
+    numeric = ["layers_shared", "kv_pct", "ppl", *corpora, "candidates", "forwards", "search_seconds"]
+    for column in numeric:
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
+    grouped = frame.groupby(["model", "rate_pct", "method"], sort=False, dropna=False)
+    out = grouped[numeric].mean().reset_index()  # random: mean over seeds
+    seeds = grouped.size().reset_index(name="n")
+    out["method"] = [f"{m} (mean of {n})" if n > 1 else m for m, n in zip(out["method"], seeds["n"])]
+    rank = {"plain": -1, "MiniCache": len(ORDERS)}
+    out["rank"] = [rank.get(m, order_rank(m.split(" ")[0])) for m in out["method"]]
+    out = out.sort_values(["model", "rate_pct", "rank", "method"], kind="stable")
+    return _integral(out[columns].reset_index(drop=True), ["layers_shared", "candidates"])
+
+
 def build_tables(collection: Collection, metric: str = DEFAULT_METRIC, threshold: float = DEFAULT_THRESHOLD,
                  rank_bin: int = DEFAULT_RANK_BIN, profile: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
     results = results_frame(collection)
@@ -355,6 +390,7 @@ def build_tables(collection: Collection, metric: str = DEFAULT_METRIC, threshold
         "threshold_ablation": threshold_ablation(results, metric, threshold),
         "acceptance_by_rank": acceptance_by_rank(traces_frame(collection), rank_bin),
         "search_cost": search_cost(policies_frame(collection)),
+        "search_procedures": search_procedures(settings, policies_frame(collection), metric, threshold),
     }
 
 
