@@ -85,7 +85,8 @@ def blockwise_scoring_attention(
     for start in range(0, q_len, block):
         stop = min(start + block, q_len)
         mask = visible(start, stop)  # [B|1, 1, n, S]
-        width = _last_visible_column(mask)
+        # one block (decoding, short prompts): every key, without the host sync of finding the last one
+        width = stored if stop - start == q_len else _last_visible_column(mask)
         if width == 0:  # no query of the block sees any key: its rows stay zero
             continue
         mask = mask[..., :width]
