@@ -15,8 +15,8 @@ the first to the last call of a logits processor (i.e. it excludes the prefill);
 ``--repeats`` interleaved repeats is reported (after one warm-up per arm). KV bytes are those the cache
 really holds at the end of generation (``kvsharer.cache_nbytes``). Ratios are arm / plain. Writes JSON.
 
-Note: compressed arms compute attention with an eager fp32 function that also scores tokens (SDPA
-returns no attention weights), so their speed includes that scoring cost.
+Note: compressed arms compute attention with a blockwise fp32 function that also scores tokens (SDPA
+returns no attention weights; :mod:`kvsharer.intra.blockwise`), so their speed includes that scoring cost.
 """
 
 from __future__ import annotations

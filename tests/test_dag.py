@@ -153,6 +153,27 @@ def test_tables_hold_the_numbers_the_stages_computed(dag_run):
             assert (res / "figures" / f"{name}.{ext}").stat().st_size > 1000
 
 
+def test_results_notebook_runs_headless_on_the_dag_results(dag_run):
+    """notebooks/results.ipynb, executed by a Jupyter kernel in the DAG's folder (as if opened there): no
+    cell fails, every table of results/tables is shown under its name, every figure PNG is embedded."""
+    import base64
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(REPO / "notebooks" / "results.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(dag_run)}}).execute()  # raises on a failing cell
+    outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
+    assert not [out for out in outputs if out.output_type == "error"]
+    shown = "\n".join(out.get("data", {}).get("text/markdown", "") for out in outputs)
+    tables = sorted(p.stem for p in (dag_run / "results" / "tables").glob("*.csv"))
+    assert "table1" in tables and all(f"### {name}" in shown for name in tables)
+    pngs = [base64.b64decode(out["data"]["image/png"]) for out in outputs if "image/png" in out.get("data", {})]
+    figures = sorted((dag_run / "results" / "figures").glob("*.png"))
+    assert len(figures) == 13 and sorted(pngs) == sorted(p.read_bytes() for p in figures)
+
+
 def test_rerun_does_nothing(dag_run):
     proc = snakemake(dag_run, "-n")
     assert "Nothing to be done" in proc.stdout + proc.stderr

@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,10 +18,14 @@ from transformers.masking_utils import sdpa_mask
 
 from kvsharer import SharingPolicy, cache_nbytes, share_kv
 from kvsharer.intra import (
-    ATTENTION_NAME, H2O, METHODS, Budget, CompressedLayer, KVMerger, PyramidInfer, compress_kv, make_method,
+    ATTENTION_NAME, H2O, METHODS, Budget, CompressedLayer, KVMerger, PyramidInfer, TokenMethod, compress_kv, make_method,
 )
+from kvsharer.intra import attention, blockwise
+from kvsharer.intra.attention import scoring_attention_forward
+from kvsharer.intra.blockwise import AttentionScores, blockwise_scoring_attention
 from kvsharer.models import kv_shape
 from kvsharer.sharing import SharedLayer
+from scoring_reference import reference_forward, reference_scores, reference_scoring_attention
 
 REPO = Path(__file__).resolve().parents[1]
 TWO_OF_EIGHT = {3: 1, 6: 2}
@@ -220,12 +225,17 @@ def test_padded_row_decodes_as_it_does_alone_with_token_budgets(family):
 
 
 def test_group_is_scored_by_every_layer_that_reads_it(tokens):
-    """With sharing, a source's scores are the sum of its own and its sharers' attention."""
+    """With sharing, a source's scores are the sum of its own and its sharers' attention (eager's weights)."""
     model = make_tiny("llama")
     policy = SharingPolicy.from_pairs(8, TWO_OF_EIGHT)
     with compress_kv(model, H2O(1.0), policy=policy):
         cache = model(tokens).past_key_values
-        weights = model(tokens, output_attentions=True, past_key_values=DynamicCache(config=model.config))
+    with share_kv(model, policy):
+        model.config._attn_implementation = "eager"  # returns its [B, H, q, S] weights
+        try:
+            weights = model(tokens, output_attentions=True)
+        finally:
+            model.config._attn_implementation = "sdpa"
     received = [w.float().sum(dim=(1, 2)) for w in weights.attentions]  # [B, T] per layer
     for src, members in policy.groups().items():
         expected = sum(received[m] for m in members)
@@ -397,3 +407,168 @@ def test_compose_benchmark_smoke(tiny_model_dir, tmp_path):
     assert arms["both"]["kv_bytes_ratio"] == pytest.approx(0.75 * kept / seen)
     assert all(arm["decode_tokens_per_s"] > 0 for arm in arms.values())
     assert "both" in proc.stdout and "ratio" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# blockwise scoring attention == the full-matrix reference (tests/scoring_reference.py)
+# ---------------------------------------------------------------------------------------------
+
+
+class _Recorder(TokenMethod):
+    """Keeps everything (budget 1.0) and records what each attention call handed to ``observe``."""
+
+    name = "recorder"
+
+    def __init__(self, recent_queries: int):
+        super().__init__(1.0)
+        self.recent_queries = recent_queries
+        self.seen: list[AttentionScores] = []
+
+    def observe(self, layer, scores, first):
+        self.seen.append(scores)
+
+
+class _Attention(torch.nn.Module):
+    """What the attention function reads of an attention module: its index, causality, the compression."""
+
+    def __init__(self, layer=None, is_causal=True):
+        super().__init__()
+        self.layer_idx, self.is_causal = 0, is_causal
+        if layer is not None:
+            self._kvsharer_intra = SimpleNamespace(current_cache=SimpleNamespace(layers=[layer]))
+
+
+def _padded_causal(batch_pad: list[int], q_len: int, seen: int) -> torch.Tensor:
+    """Position-coordinate bool mask [B, 1, q, seen]: causal (queries are the last q positions), row b's
+    first ``batch_pad[b]`` positions are padding (a padding query sees nothing, as in sdpa_mask)."""
+    q_pos = torch.arange(seen - q_len, seen)
+    causal = torch.arange(seen)[None, :] <= q_pos[:, None]  # [q, seen]
+    real = torch.stack([torch.arange(seen) >= p for p in batch_pad])  # [B, seen]
+    return (causal[None] & real[:, None, :] & real[:, q_pos][:, :, None])[:, None]
+
+
+def _attention_case(case: str, heads: int, kv_heads: int, recent: int):
+    """(module, query, key, value, mask) for one situation the attention function meets."""
+    g = torch.Generator().manual_seed(11)
+    batch, dim = 2, 8
+
+    def qkv(q_len, stored):
+        return (torch.randn(batch, heads, q_len, dim, generator=g), torch.randn(batch, kv_heads, stored, dim, generator=g),
+                torch.randn(batch, kv_heads, stored, dim, generator=g))
+
+    if case in ("prefill", "decode", "noncausal"):  # no compressed cache: keys as given, mask None
+        q, k, v = qkv(13 if case != "decode" else 1, 13)
+        return _Attention(is_causal=case != "noncausal"), q, k, v, None
+    if case in ("padded_bool_mask", "padded_float_mask"):  # no compressed cache, the model's padded mask
+        q, k, v = qkv(13, 13)
+        mask = _padded_causal([0, 5], 13, 13)
+        if case == "padded_float_mask":
+            mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+        return _Attention(), q, k, v, mask
+    # a compressed cache: prefill from empty, or new queries after an eviction kept 6 of 11 positions
+    layer = CompressedLayer(_Recorder(recent), 0, [0], 0, 1)
+    if case in ("compressed_prefill", "compressed_prefill_padded"):
+        q, k, v = qkv(13, 13)
+        layer.update(k, v)
+        mask = _padded_causal([0, 5], 13, 13) if case == "compressed_prefill_padded" else None
+        return _Attention(layer), q, layer.keys, layer.values, mask
+    old_k, old_v = torch.randn(batch, kv_heads, 11, dim, generator=g), torch.randn(batch, kv_heads, 11, dim, generator=g)
+    layer.update(old_k, old_v)
+    layer.valid = torch.ones(batch, 11, dtype=torch.bool)
+    layer.select(torch.tensor([[0, 2, 3, 7, 8, 10], [1, 4, 5, 6, 9, 10]]))  # per-row keep-sets
+    q_len = 1 if case == "evicted_decode" else 4
+    q, k, v = qkv(q_len, q_len)
+    layer.update(k, v)  # stored 6 + q of seen 11 + q
+    mask = None if case == "evicted_decode" else _padded_causal([0, 3], q_len, 11 + q_len)
+    return _Attention(layer), q, layer.keys, layer.values, mask
+
+
+PADDED_QUERIES = ["padded_bool_mask", "padded_float_mask", "compressed_prefill_padded"]
+CASES = ["prefill", "decode", "noncausal", *PADDED_QUERIES, "compressed_prefill", "evicted_decode", "evicted_chunk_padded"]
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 5, 64])
+@pytest.mark.parametrize("case", CASES)
+def test_blockwise_attention_equals_the_full_matrix_reference(case, block, monkeypatch):
+    """Output, attention received per key and the recent rows equal the full-matrix version's (GQA, causal,
+    padding, float masks, a compressed cache after eviction; blocks that do and do not divide q)."""
+    heads, kv_heads, recent = 6, 2, 3
+    module, q, k, v, mask = _attention_case(case, heads, kv_heads, recent)
+    ref_out, weights, ref_valid = reference_scoring_attention(module, q, k, v, mask)
+    batch, stored = k.shape[0], k.shape[2]
+    monkeypatch.setattr(blockwise, "BLOCK_BYTES", 4 * batch * heads * stored * block)  # -> `block` queries
+    assert blockwise.query_block(batch, heads, stored) == block
+    out, returned = scoring_attention_forward(module, q, k, v, mask)
+    assert returned is None and out.shape == (batch, q.shape[2], heads, q.shape[3])
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    ref = reference_scores(weights, recent)
+    if not hasattr(module, "_kvsharer_intra"):  # the kernel itself, with the same block and mask
+        visible = attention._plain_mask(module, mask, q.shape[2], stored, q.device)
+        out, got = blockwise_scoring_attention(q, k, v, visible, q.shape[3] ** -0.5, None, recent, block=block)
+        torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    else:
+        layer = module._kvsharer_intra.current_cache.layers[0]
+        (got,) = layer.method.seen
+        assert torch.equal(layer.valid[:, -q.shape[2]:], ref_valid)  # padding queries recorded as such
+    assert got.recent.shape == ref.recent.shape == (batch, min(recent, q.shape[2]), stored)
+    torch.testing.assert_close(got.received, ref.received, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.recent, ref.recent, rtol=1e-5, atol=1e-6)
+    if case in PADDED_QUERIES:  # row 1's 5 padding queries hand out nothing: each real query hands out 1 per head
+        torch.testing.assert_close(got.received.sum(-1), torch.tensor([13.0 * heads, 8.0 * heads]))
+
+
+@pytest.mark.parametrize("block_bytes", [1, 2000])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_compressed_generation_equals_the_full_matrix_reference(method, block_bytes, monkeypatch):
+    """A padded batch generated with sharing and each method: same logits, kept positions and scores
+    whether the model runs the full-matrix reference or the blockwise attention (1 or a few queries a block)."""
+    model = make_tiny("qwen2")
+    policy = SharingPolicy.from_pairs(8, TWO_OF_EIGHT)
+    tokens = torch.randint(3, VOCAB, (3, 14), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(tokens)
+    mask[1, :5] = 0
+    tokens = tokens.masked_fill(mask == 0, 0)
+
+    def run():
+        with compress_kv(model, make_method(method, 0.5), policy=policy):
+            out = model.generate(tokens, attention_mask=mask, max_new_tokens=4, output_logits=True,
+                                 return_dict_in_generate=True, **GEN)
+        layers = [layer for layer in out.past_key_values.layers if isinstance(layer, CompressedLayer)]
+        return out, layers
+
+    AttentionInterface.register(ATTENTION_NAME, reference_forward)
+    try:
+        ref, ref_layers = run()
+    finally:
+        AttentionInterface.register(ATTENTION_NAME, scoring_attention_forward)
+    monkeypatch.setattr(blockwise, "BLOCK_BYTES", block_bytes)
+    got, got_layers = run()
+    assert torch.equal(got.sequences, ref.sequences)
+    for step_got, step_ref in zip(got.logits, ref.logits):
+        torch.testing.assert_close(step_got, step_ref, rtol=1e-5, atol=1e-5)
+    assert len(got_layers) == len(ref_layers) == 6
+    for a, b in zip(got_layers, ref_layers):
+        assert torch.equal(a.positions, b.positions) and torch.equal(a.valid, b.valid)
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-6)
+        assert a.state.keys() == b.state.keys()
+        for name in a.state:
+            torch.testing.assert_close(a.state[name], b.state[name], rtol=1e-5, atol=1e-5)
+
+
+def test_scoring_attention_benchmark_smoke(tmp_path):
+    """Toy size (no timing asserted): the JSON holds both arms per length, their ratios and their agreement."""
+    out = tmp_path / "scoring_attention.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "scoring_attention.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["shape"]["heads"] > result["shape"]["kv_heads"] >= 1
+    assert [p["tokens"] for p in result["points"]] == result["shape"]["tokens"]
+    for point in result["points"]:
+        assert set(point) >= {"tokens", "reference", "blockwise", "time_ratio", "peak_ratio", "max_abs_diff"}
+        for arm in ("reference", "blockwise"):
+            assert point[arm]["seconds"] > 0 and point[arm]["peak_bytes"] >= 0
+            assert point[arm]["peak_method"] in ("cuda_allocator", "rss_hwm", "rss_sampled")
+        assert point["time_ratio"] == pytest.approx(point["blockwise"]["seconds"] / point["reference"]["seconds"])
+        assert point["max_abs_diff"] < 1e-4
+    assert "ratio" in proc.stdout

@@ -1,13 +1,17 @@
-"""Profile stage: measured KV bytes equal the model-shape prediction, with and without H2O, at every rate."""
+"""Profile stage: measured KV bytes equal the model-shape prediction, with and without H2O, at every rate;
+the peak memory is measured, not computed."""
 
 from __future__ import annotations
 
 import csv
 
 import pytest
+import torch
 
 from kvsharer.cli import main as cli
-from kvsharer.profile import parse_methods
+from kvsharer.models import load_model
+from kvsharer.policy import SharingPolicy
+from kvsharer.profile import COLUMNS, parse_methods, run_once
 
 
 def test_profile_rows_match_the_model_shape(tiny_model_dir, tmp_path):
@@ -21,7 +25,8 @@ def test_profile_rows_match_the_model_shape(tiny_model_dir, tmp_path):
     for row in grid:
         assert int(row["kv_bytes"]) == int(row["expected_kv_bytes"])  # exact, also after H2O eviction
         assert float(row["decode_tok_s"]) > 0 and float(row["prefill_s"]) > 0
-        assert int(row["peak_bytes"]) == int(row["weights_bytes"]) + int(row["kv_bytes"])  # CPU: tensor bytes
+        assert row["peak_method"] == "rss_hwm"  # Linux, CPU: the process' resident set at its peak
+        assert int(row["peak_bytes"]) >= int(row["weights_bytes"])  # weights + what the run added
     plain = {(r["intra"], r["batch"]): int(r["kv_bytes"]) for r in grid if float(r["rate"]) == 0}
     half = {(r["intra"], r["batch"]): int(r["kv_bytes"]) for r in grid if float(r["rate"]) == 0.5}
     assert all(half[k] * 2 == plain[k] for k in plain)  # 4 of 8 layers share: exactly half the bytes
@@ -41,3 +46,26 @@ def test_profile_rows_match_the_model_shape(tiny_model_dir, tmp_path):
 def test_bad_cache_methods(text, message):
     with pytest.raises(ValueError, match=message):
         parse_methods(text)
+
+
+def test_peak_memory_is_measured_not_computed_from_shapes(tiny_model_dir):
+    """A 256 MiB tensor held during every forward (allocated by a pre-hook, freed by a post-hook) raises
+    the CPU peak by 256 MiB: no formula over weights, K/V or activation shapes contains it."""
+    model, _ = load_model(str(tiny_model_dir), dtype="float32", device="cpu")
+    policy = SharingPolicy.identity(8)
+    run_once(model, policy, None, 1, 32, 2)  # warm-up
+    plain = run_once(model, policy, None, 1, 32, 2)
+    extra = 256 * 2**20
+    held = {}
+    layer = model.model.layers[3]
+    hooks = [layer.register_forward_pre_hook(lambda module, args: held.update(t=torch.ones(extra // 4))),  # written: resident
+             layer.register_forward_hook(lambda module, args, out: held.clear())]  # None: output unchanged
+    try:
+        hooked = run_once(model, policy, None, 1, 32, 2)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert not held and plain["peak_method"] == hooked["peak_method"] == "rss_hwm"
+    assert hooked["kv_bytes"] == plain["kv_bytes"]
+    assert hooked["peak_bytes"] - plain["peak_bytes"] == pytest.approx(extra, rel=0.05)
+    assert COLUMNS[-1] == "peak_method"

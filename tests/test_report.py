@@ -436,6 +436,48 @@ def test_figures(inputs, tmp_path, caplog):
     assert all(f"figure {name} (no data" in caplog.text for name in lacking)
 
 
+def _overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_figures_read_at_a_glance(inputs):
+    """Bytes in kB/MB/GB without a 1e9 offset; every legend outside the data area of every axes, each
+    label once; the profile figures share one legend (with the model-shape crosses) instead of one per panel."""
+    import matplotlib.pyplot as plt
+
+    from kvsharer.report.collect import collect
+    from kvsharer.report.figures import build_figures
+    from kvsharer.report.tables import read_profiles
+
+    profile = read_profiles([inputs["profile"]])
+    big = profile.assign(kv_bytes=profile["kv_bytes"] * 10**6, expected_kv_bytes=profile["expected_kv_bytes"] * 10**6)
+    makers = build_figures(collect(inputs["policies"], inputs["evals"]), [], profile=big)
+    for name in ("ppl_vs_rate", "compose", "quantization", "minicache", "threshold_ablation", "profile_memory",
+                 "profile_throughput"):
+        fig = makers[name]()
+        fig.tight_layout()  # as figures.save does before writing the files
+        fig.canvas.draw()
+        axes = [ax for ax in fig.axes if ax.get_visible()]
+        legends = [ax.get_legend() for ax in axes if ax.get_legend() is not None] + list(fig.legends)
+        assert legends, name
+        for legend in legends:
+            labels = [t.get_text() for t in legend.get_texts()]
+            assert len(labels) == len(set(labels)), (name, labels)
+            box = legend.get_window_extent()
+            assert not any(_overlaps(box, ax.get_window_extent()) for ax in axes), name
+        if name.startswith("profile"):
+            assert len(fig.legends) == 1 and not any(ax.get_legend() for ax in axes)
+            labels = [t.get_text() for t in fig.legends[0].get_texts()]
+            assert labels[:2] == ["sharing only", "+ h2o:0.5"]
+            assert ("from the model shape" in labels) == (name == "profile_memory")
+        if name == "profile_memory":  # 1e9 .. 4e9 bytes
+            for ax in axes:
+                assert ax.yaxis.get_offset_text().get_text() == ""
+                ticks = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+                assert ticks and all(t.endswith(" GB") for t in ticks), ticks
+        plt.close(fig)
+
+
 def test_figures_without_inputs_still_write_every_file(tmp_path, caplog):
     out = tmp_path / "figures"
     caplog.set_level("INFO", logger="kvsharer")

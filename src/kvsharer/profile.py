@@ -9,8 +9,13 @@ at rate 0 only; see :mod:`kvsharer.compose`), batch size and context length:
                     (times the budget for a token method; codes + scales for quantization; empty for
                     MiniCache, whose retained tokens depend on the data) — the answer to "why memory saved exceeds the
                     rate": the K/V part falls exactly by the rate, the total by rate × (KV share of memory)
-* ``peak_bytes``    GPU: ``torch.cuda.max_memory_allocated`` over the run; CPU: weights + K/V tensor bytes
-                    (the process' peak RSS is reported separately, ``process_peak_rss``: it never goes down)
+* ``peak_bytes``    peak memory of one prefill + decoding run, measured (:mod:`kvsharer.peakmem`), the largest
+                    over ``--repeats``: GPU: ``torch.cuda.max_memory_allocated`` over the run (everything
+                    allocated, weights included); CPU: weights + the growth of the process' resident set
+                    at its peak within the run over its size just before (activations, K/V, buffers)
+* ``peak_method``   how ``peak_bytes`` was measured: ``cuda_allocator``, ``rss_hwm`` (Linux: VmHWM reset
+                    through /proc/self/clear_refs) or ``rss_sampled`` (RSS polled every millisecond)
+* ``process_peak_rss`` the process' peak RSS since it started (``getrusage``; it never goes down)
 * ``prefill_s``     one prefill of ``batch × context`` tokens (median of ``--repeats``)
 * ``decode_tok_s``  greedy decoding of ``--new-tokens`` tokens after it: batch × new tokens / seconds
 * rows with ``kind = max_batch``: the largest batch whose weights + K/V + activations fit ``--memory-gb``
@@ -30,12 +35,13 @@ import time
 from pathlib import Path
 
 from .atomic import atomic_write_text
+from .peakmem import PeakMemory
 
 log = logging.getLogger("kvsharer")
 
 COLUMNS = ["model", "rate", "intra", "budget", "batch", "context", "kv_bytes", "peak_bytes", "prefill_s",
            "decode_tok_s", "kind", "shared_layers", "expected_kv_bytes", "weights_bytes", "process_peak_rss",
-           "device", "cache", "cache_family"]
+           "device", "cache", "cache_family", "peak_method"]
 
 
 def parse_methods(text: str) -> list:
@@ -64,7 +70,8 @@ def _sync(device) -> None:
 
 
 def run_once(model, policy, method, batch: int, context: int, new_tokens: int, seed: int = 0) -> dict:
-    """One prefill + greedy decode under ``policy`` and cache ``method``; returns bytes and timings."""
+    """One prefill + greedy decode under ``policy`` and cache ``method``; returns bytes, measured peak
+    memory (``peak_bytes``: see the module docstring) and timings."""
     import contextlib
 
     import torch
@@ -79,25 +86,27 @@ def run_once(model, policy, method, batch: int, context: int, new_tokens: int, s
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
         stack.enter_context(apply_setting(model, policy, method))
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        cache = DynamicCache(config=model.config)
-        _sync(device)
-        start = time.perf_counter()
-        out = model(prompt, past_key_values=cache, use_cache=True)
-        _sync(device)
-        prefill = time.perf_counter() - start
-        token = out.logits[:, -1:].argmax(-1)
-        start = time.perf_counter()
-        for _ in range(new_tokens):  # greedy decoding, one token per step, no sampling overhead
-            out = model(token, past_key_values=cache, use_cache=True)
+        with PeakMemory(device) as peak:
+            cache = DynamicCache(config=model.config)
+            _sync(device)
+            start = time.perf_counter()
+            out = model(prompt, past_key_values=cache, use_cache=True)
+            _sync(device)
+            prefill = time.perf_counter() - start
             token = out.logits[:, -1:].argmax(-1)
-        _sync(device)
-        decode = time.perf_counter() - start
+            start = time.perf_counter()
+            for _ in range(new_tokens):  # greedy decoding, one token per step, no sampling overhead
+                out = model(token, past_key_values=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+            _sync(device)
+            decode = time.perf_counter() - start
         kv = cache_nbytes(cache)
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    if peak.method == "cuda_allocator":  # the allocator's peak holds the weights already
+        peak_bytes = peak.peak
+    else:  # the resident set before the run held the weights (and Python, libraries): add the run's growth
+        peak_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) + peak.extra
     return {"prefill_s": prefill, "decode_tok_s": batch * new_tokens / decode if new_tokens else None,
-            "kv_bytes": kv, "peak_gpu": peak}
+            "kv_bytes": kv, "peak_bytes": peak_bytes, "peak_method": peak.method}
 
 
 def expected_bytes(model, policy, method, batch: int, tokens: int) -> int | None:
@@ -162,7 +171,7 @@ def profile(model, name: str, rates: list[float], methods, batches: list[int], c
                "device": str(model.device)}
         if batch == 0 or (kind == "max_batch" and batch > max_measured_batch):
             rows.append({**row, "kv_bytes": None, "peak_bytes": None, "prefill_s": None, "decode_tok_s": None,
-                         "process_peak_rss": None})
+                         "process_peak_rss": None, "peak_method": None})
             continue
         try:
             runs = [run_once(model, policy, method, batch, context, new_tokens, seed=k) for k in range(repeats)]
@@ -171,12 +180,11 @@ def profile(model, name: str, rates: list[float], methods, batches: list[int], c
             log.warning("out of memory at rate %g, cache %s, batch %d, context %d: row left empty", rate,
                         row["cache"], batch, context)
             rows.append({**row, "kind": f"{kind}_oom", "kv_bytes": None, "peak_bytes": None, "prefill_s": None,
-                         "decode_tok_s": None, "process_peak_rss": None})
+                         "decode_tok_s": None, "process_peak_rss": None, "peak_method": None})
             continue
-        peak_gpu = max((r["peak_gpu"] or 0) for r in runs)
         rows.append({
             **row, "kv_bytes": runs[-1]["kv_bytes"],
-            "peak_bytes": peak_gpu if peak_gpu else weights + runs[-1]["kv_bytes"],
+            "peak_bytes": max(r["peak_bytes"] for r in runs), "peak_method": runs[-1]["peak_method"],
             "prefill_s": statistics.median(r["prefill_s"] for r in runs),
             "decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs) if new_tokens else None,
             "process_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

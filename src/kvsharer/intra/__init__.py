@@ -20,8 +20,9 @@ With KV sharing, a source layer and its sharers form one physical cache: it is s
 of every layer of the group and keeps one set of tokens; shared layers store nothing.
 
 Modules: ``base`` (budget, method base, keep helpers), ``cache`` (``CompressedLayer``), ``attention``
-(the scoring attention function, registered as ``"kvsharer_intra"``), ``attach`` (hooks,
-``compress_kv``), one file per method.
+(the scoring attention function, registered as ``"kvsharer_intra"``), ``blockwise`` (its fp32 kernel
+over blocks of queries and the scores it hands to the methods), ``attach`` (hooks, ``compress_kv``),
+one file per method.
 """
 
 from __future__ import annotations

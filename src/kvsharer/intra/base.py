@@ -11,9 +11,12 @@ tokens, its *budget*. A budget is either
 Methods are small classes (one file each, kvpress style) with two hooks that the cache layer
 (:mod:`kvsharer.intra.cache`) calls:
 
-* ``observe(layer, weights, first)`` after every attention call that read the cache — ``weights`` are
-  the fp32 attention probabilities ``[batch, heads, queries, stored tokens]`` of *one* layer of the
-  group (padding queries zeroed); ``first`` is True for the source layer, which runs first;
+* ``observe(layer, scores, first)`` after every attention call that read the cache — ``scores`` (an
+  :class:`~kvsharer.intra.blockwise.AttentionScores`) holds reductions of the fp32 attention
+  probabilities of *one* layer of the group (padding queries contribute nothing): ``received [batch,
+  stored tokens]``, summed over heads and queries, and ``recent [batch, r, stored tokens]``, the rows of
+  the last ``r = min(recent_queries, queries)`` queries summed over heads (the full ``[queries, stored]``
+  matrix is never materialised); ``first`` is True for the source layer, which runs first;
 * ``compress(layer, keep)`` once the last layer of the group has attended, when the cache holds more
   than ``keep`` tokens: it must leave exactly ``keep`` tokens in every batch row.
 
@@ -30,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .blockwise import AttentionScores
     from .cache import CompressedLayer
 
 # Priorities used to choose what to keep (real scores are attention sums, always >= 0).
@@ -80,6 +84,7 @@ class TokenMethod:
     """Base of the token-level methods: a budget, a name, and the two hooks (see the module docstring)."""
 
     name = "base"
+    recent_queries = 0  # rows of the last queries that observe() needs in ``scores.recent``
 
     def __init__(self, budget=0.5):
         self.budget = Budget.parse(budget)
@@ -94,7 +99,7 @@ class TokenMethod:
         return self.budget.keep(seen, self.layer_scale(rank, n_stored))
 
     # hooks --------------------------------------------------------------------------------
-    def observe(self, layer: "CompressedLayer", weights: torch.Tensor, first: bool) -> None:  # pragma: no cover
+    def observe(self, layer: "CompressedLayer", scores: "AttentionScores", first: bool) -> None:  # pragma: no cover
         raise NotImplementedError
 
     def compress(self, layer: "CompressedLayer", keep: int) -> None:  # pragma: no cover

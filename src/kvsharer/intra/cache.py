@@ -30,6 +30,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from .base import TokenMethod
+from .blockwise import AttentionScores
 
 
 class CompressedLayer(DynamicLayer):
@@ -89,8 +90,9 @@ class CompressedLayer(DynamicLayer):
         return self.method.keep_for(self.rank, self.n_stored, self.seen)
 
     # scoring and compression (called by the attention function) ------------------------------
-    def observe(self, member: int, weights: torch.Tensor, query_valid: torch.Tensor) -> None:
-        """``member`` attended over this cache with ``weights`` [B, H, q, S] (fp32, padding queries zeroed)."""
+    def observe(self, member: int, scores: AttentionScores, query_valid: torch.Tensor) -> None:
+        """``member`` attended over this cache; ``scores``: what its keys received (fp32, padding queries
+        contributed nothing), ``query_valid [B, q]``: which of the queries were real tokens."""
         first = member == self.layer_idx
         if first:  # new tokens of this forward: they are the queries, so their validity is the query's
             self.valid = torch.cat([self.valid, query_valid], dim=-1)
@@ -99,7 +101,7 @@ class CompressedLayer(DynamicLayer):
                 if tensor.shape[-1] < stored:
                     pad = tensor.new_zeros(*tensor.shape[:-1], stored - tensor.shape[-1])
                     self.state[name] = torch.cat([tensor, pad], dim=-1)
-        self.method.observe(self, weights, first)
+        self.method.observe(self, scores, first)
         if member == self.group[-1]:  # every layer of the group has attended: compress now
             keep = self.budget()
             if self.stored > keep:

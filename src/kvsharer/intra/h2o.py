@@ -28,8 +28,8 @@ class H2O(TokenMethod):
         super().__init__(budget)
         self.recent_ratio = validate_ratio("recent_ratio", recent_ratio)
 
-    def observe(self, layer, weights, first):
-        received = weights.sum(dim=(1, 2))  # [B, S]: over heads and queries
+    def observe(self, layer, scores, first):
+        received = scores.received  # [B, S]: over heads and queries
         score = layer.state.get("score")
         layer.state["score"] = received if score is None else score + received
 

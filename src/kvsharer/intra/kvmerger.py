@@ -44,8 +44,8 @@ class KVMerger(TokenMethod):
             raise ValueError(f"threshold (cosine similarity) must be None or a number in [-1, 1]; got {threshold!r}")
         self.threshold = None if threshold is None else float(threshold)
 
-    def observe(self, layer, weights, first):
-        received = weights.sum(dim=(1, 2))
+    def observe(self, layer, scores, first):
+        received = scores.received  # [B, S]: over heads and queries
         score = layer.state.get("score")
         layer.state["score"] = received if score is None else score + received
 

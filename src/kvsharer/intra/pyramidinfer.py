@@ -43,8 +43,12 @@ class PyramidInfer(TokenMethod):
             return 1.0
         return 1.0 + self.effective_spread() * (1.0 - 2.0 * rank / (n_stored - 1))
 
-    def observe(self, layer, weights, first):
-        rows = weights.sum(dim=1)[:, -self.window:]  # [B, n, S]: per recent query, summed over heads
+    @property
+    def recent_queries(self) -> int:
+        return self.window
+
+    def observe(self, layer, scores, first):
+        rows = scores.recent  # [B, n, S]: per recent query (n = min(window, queries)), summed over heads
         recent = layer.state.get("recent_rows")
         if first or recent is None:
             if recent is None:

@@ -39,6 +39,7 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: files only, no display
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
@@ -58,7 +59,7 @@ FIGURES = ("ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_a
            "search_scaling", "profile_memory", "profile_throughput", "compose", "quantization", "minicache", "niah")
 FORMATS = ("png", "pdf")
 DEFAULT_MAIN_RATE = 0.25
-PANEL = (4.6, 3.6)  # inches per panel
+PANEL = (5.6, 3.6)  # inches per panel (about 1 inch of it for a legend outside the axes)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,7 +100,8 @@ def save(fig, out_dir: Path, name: str) -> None:
     for fmt in FORMATS:
         metadata = {"CreationDate": None} if fmt == "pdf" else {"Software": None}
         with atomic_path(out_dir / f"{name}.{fmt}") as tmp:
-            fig.savefig(tmp, format=fmt, dpi=150, metadata=metadata)
+            # bbox "tight": a legend placed outside the axes (see _legend) stays in the file
+            fig.savefig(tmp, format=fmt, dpi=150, metadata=metadata, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -122,10 +124,36 @@ def log_y(ax) -> None:
         ax.yaxis.set_minor_formatter(NullFormatter())
 
 
+BYTE_UNITS = (("GB", 1e9), ("MB", 1e6), ("kB", 1e3))  # decimal: ticks at round byte counts stay round
+
+
+def bytes_axis(ax, axis: str = "y") -> None:
+    """Tick labels in kB / MB / GB (one unit per axis, from its larger limit) instead of raw bytes under
+    a ``1e9`` offset."""
+    limits = ax.get_ylim if axis == "y" else ax.get_xlim
+
+    def label(value, _pos):
+        top = max(abs(v) for v in limits())
+        unit, scale = next(((u, s) for u, s in BYTE_UNITS if top >= s), ("B", 1.0))
+        return f"{value / scale:.4g} {unit}"
+
+    (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(FuncFormatter(label))
+
+
+def _unique(handles, labels):
+    """Legend entries without repeats (the same label drawn twice, e.g. one reference line per value)."""
+    seen = {}
+    for handle, label in zip(handles, labels):
+        seen.setdefault(label, handle)
+    return list(seen.values()), list(seen)
+
+
 def _legend(ax, title: str | None = None) -> None:
-    handles, labels = ax.get_legend_handles_labels()
+    """The axis' legend outside it, on the right (it covers no data), each label once."""
+    handles, labels = _unique(*ax.get_legend_handles_labels())
     if handles:
-        ax.legend(handles, labels, title=title, fontsize=8, title_fontsize=8)
+        ax.legend(handles, labels, title=title, fontsize=8, title_fontsize=8, loc="upper left",
+                  bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
 def main_policy(results: pd.DataFrame, model: str, metric: str, threshold: float, main_rate: float):
@@ -375,21 +403,21 @@ def fig_minicache(table: pd.DataFrame):
 def fig_search_scaling(scaling: dict | None):
     if not scaling:
         return empty_figure("search scaling", "no search-scaling results")
-    fig, (ax_fit, ax_proj) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_fit, ax_proj) = plt.subplots(1, 2, figsize=(12.5, 4))
     rows = pd.DataFrame(scaling["measurements"])
     rows["flops"] = rows["layers_computed"] * rows["samples"] * rows["tokens"] * rows["flops_per_layer_token"]
     rows["depth x width"] = rows["layers"].astype(str) + " x " + rows["hidden"].astype(str)
-    sns.scatterplot(data=rows, x="flops", y="seconds", hue="layers", size="hidden", ax=ax_fit)
+    sns.scatterplot(data=rows, x="flops", y="seconds", hue="depth x width", s=40, ax=ax_fit)
     fit = scaling["fit"]
     xs = pd.Series(sorted(rows["flops"]))
     ax_fit.plot(xs, xs / fit["throughput_flops"] + fit["fixed_seconds_per_candidate"] * rows["candidates"].mean(),
-                color="0.3", linestyle="--", label=f"fit: {fit['throughput_flops'] / 1e9:.0f} GFLOP/s")
+                color="0.3", linestyle="--", label=f"fit: {fit['throughput_flops'] / 1e9:.3g} GFLOP/s")
     ax_fit.set_xscale("log")
     ax_fit.set_yscale("log")
     ax_fit.set_xlabel("FLOPs of one search (fast procedure)")
     ax_fit.set_ylabel("seconds (this machine)")
     ax_fit.set_title(f"measured, R$^2$ = {fit['r2']:.2f}")
-    ax_fit.legend(fontsize=7)
+    _legend(ax_fit, "layers x hidden")
     proj = pd.DataFrame(scaling["projection"]).melt(
         id_vars="model", value_vars=["gpu_seconds_expected", "gpu_seconds_official_expected", "gpu_seconds_worst"],
         var_name="case", value_name="seconds")
@@ -402,7 +430,7 @@ def fig_search_scaling(scaling: dict | None):
     ax_proj.set_ylabel(f"compute seconds at {scaling['assumptions']['gpu_flops'] / 1e12:.0f} TFLOP/s (assumed)")
     ax_proj.set_title("projected search compute")
     ax_proj.tick_params(axis="x", labelrotation=20)
-    ax_proj.legend(fontsize=7)
+    _legend(ax_proj)
     fig.tight_layout()
     return fig
 
@@ -423,29 +451,52 @@ def _profile_panels(profile: pd.DataFrame | None, what: str):
     return grid_rows
 
 
-def _fig_profile(profile: pd.DataFrame | None, column: str, ylabel: str, what: str, expected: bool = False):
-    """One panel per (batch, context): ``column`` vs sharing rate, one line per token-level method."""
+MODEL_DASHES = ("", (4, 1.5), (1, 1.2), (3, 1.2, 1, 1.2), (6, 2))  # seaborn dash specs: "" is solid
+
+
+def _fig_profile(profile: pd.DataFrame | None, column: str, ylabel: str, what: str, expected: bool = False,
+                 in_bytes: bool = False):
+    """One panel per (batch, context): ``column`` vs sharing rate; colour = cache method, line style = model
+    (when there are several); one legend for the whole figure, right of the panels."""
     rows = _profile_panels(profile, column)
     if rows is None:
         return empty_figure(what, "no profile results")
-    settings = sorted(set(rows["setting"]))
+    settings = list(dict.fromkeys(rows.sort_values(["batch", "context"])["setting"]))
+    methods = sorted(set(rows["method"]), key=lambda m: (m != "sharing only", m))
+    palette = dict(zip(methods, sns.color_palette(n_colors=len(methods))))
+    models = sorted(set(rows["model"]))
+    dashes = {m: MODEL_DASHES[k % len(MODEL_DASHES)] for k, m in enumerate(models)}
+    several = len(models) > 1
     fig, axes = grid(len(settings))
     for ax, setting in zip(axes, settings):
         part = rows[rows["setting"] == setting]
-        sns.lineplot(data=part, x="rate_pct", y=column, hue="method", style="model", marker="o", ax=ax)
+        sns.lineplot(data=part, x="rate_pct", y=column, hue="method", hue_order=methods, palette=palette,
+                     style="model" if several else None, style_order=models if several else None,
+                     dashes=dashes if several else True, marker="o", legend=False, ax=ax)
         if expected:  # what the model shape predicts, as crosses on the measured lines
-            for _, r in part.drop_duplicates(["rate", "cache"]).iterrows():
-                ax.scatter(r["rate_pct"], r["expected_kv_bytes"], marker="x", color="0.2", s=18, zorder=3)
+            shape = part.drop_duplicates(["model", "rate", "cache"])
+            ax.scatter(shape["rate_pct"], shape["expected_kv_bytes"].astype(float), marker="x", color="0.2", s=18,
+                       zorder=3)
+        if in_bytes:
+            bytes_axis(ax)
         ax.set_xlabel("sharing rate (%)")
         ax.set_ylabel(ylabel)
         ax.set_title(setting)
-        _legend(ax)
+    handles = [Line2D([], [], color=palette[m], marker="o", label=m) for m in methods]
+    if several:
+        handles.append(Line2D([], [], linestyle="none", label="model:"))
+        handles += [Line2D([], [], color="0.3", label=m, **({"dashes": d} if d else {})) for m, d in dashes.items()]
+    if expected:
+        handles.append(Line2D([], [], color="0.2", marker="x", linestyle="none", label="from the model shape"))
+    fig.tight_layout()
+    fig.legend(handles=handles, title="cache method", loc="upper left", bbox_to_anchor=(1.0, 0.97), fontsize=8,
+               title_fontsize=8, frameon=False)
     return fig
 
 
 def fig_profile_memory(profile: pd.DataFrame | None):
-    return _fig_profile(profile, "kv_bytes", "KV-cache bytes (x: from the model shape)", "KV memory vs sharing rate",
-                        expected=True)
+    return _fig_profile(profile, "kv_bytes", "KV cache held (measured)", "KV memory vs sharing rate", expected=True,
+                        in_bytes=True)
 
 
 def fig_profile_throughput(profile: pd.DataFrame | None):
