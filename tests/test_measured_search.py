@@ -231,3 +231,25 @@ def test_threshold_filters_candidates_and_the_objective_ranks_them():
     assert by_cosine["map"] == [0, 1, 1, 3]  # highest cosine among those > T
     nothing = measured_search(dist, 2, 0.95, scripted, scripted, "kl", sources=None, refresh=None, progress=False)
     assert nothing["stopped"] == "threshold" and nothing["num_shared"] == 0 and not nothing["complete"]
+
+
+@pytest.mark.parametrize("order", ["similar", "measured-cosine"])
+def test_a_larger_target_starts_from_the_smaller_targets_journal(order, tmp_path):
+    model = make_tiny("llama", n_layers=8)
+    stats = calibrate.collect(model, _input_ids())
+    settings = dict(order=order, threshold=-0.99, sources=2, refresh=2)
+    small = run_search(model, stats, SearchSettings(target=2, **settings), tmp_path / "small.jsonl", "x", progress=False)
+    fresh = run_search(model, stats, SearchSettings(target=4, **settings), None, "x", progress=False)
+    chained = run_search(model, stats, SearchSettings(target=4, **settings), tmp_path / "big.jsonl", "x",
+                         progress=False, seed_journal=tmp_path / "small.jsonl")
+    assert chained["map"] == fresh["map"] and [t["pair"] for t in chained["trace"]] == [t["pair"] for t in fresh["trace"]]
+    assert chained["candidates_resumed"] == len(small["trace"]) > 0
+    assert chained["candidates_evaluated"] == len(fresh["trace"]) - len(small["trace"])
+    # the totals count what finding the policy cost from scratch, journaled candidates included (plus the one
+    # forward with which the resumed search rebuilt its state)
+    assert fresh["candidate_forwards_total"] <= chained["candidate_forwards_total"] <= fresh["candidate_forwards_total"] + 1
+    assert chained["forwards"] < fresh["forwards"]
+    # a journal of other settings is not taken
+    other = run_search(model, stats, SearchSettings(target=4, **{**settings, "threshold": 0.9}), tmp_path / "o.jsonl",
+                       "x", progress=False, seed_journal=tmp_path / "small.jsonl")
+    assert other["candidates_resumed"] == 0

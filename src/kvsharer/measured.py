@@ -120,11 +120,12 @@ def measured_search(
                                    "delete it to start over")
             resumed += 1
         else:
-            start = time.perf_counter()
+            start, layers = time.perf_counter(), getattr(evaluator, "layers_run", 0)
             scores = loss(evaluator.hidden(accepted, candidate, keep=False))
             entry = {"rank": count, "pair": [i, j], "distance": float(dist[i, j]), "similarity": scores["cosine"],
                      "kl": scores["kl"], "loss": loss_of(scores, objective), "map": candidate,
-                     "step": sum(1 for k, s in enumerate(accepted) if s != k), "seconds": time.perf_counter() - start}
+                     "step": sum(1 for k, s in enumerate(accepted) if s != k), "seconds": time.perf_counter() - start,
+                     "layers": getattr(evaluator, "layers_run", 0) - layers}
             if journal is not None:
                 journal.append(entry)
             evaluated += 1
@@ -151,7 +152,7 @@ def measured_search(
             entry = measure(i, j, maps[(i, j)])
             measured[(i, j)] = entry["loss"]
             step.append(entry)
-            trace.append({k: entry[k] for k in ("rank", "pair", "distance", "similarity", "kl", "loss", "seconds")}
+            trace.append({k: entry.get(k) for k in ("rank", "pair", "distance", "similarity", "kl", "loss", "seconds", "layers")}
                          | {"accepted": False})
         passing = [s for s in range(len(step)) if step[s]["similarity"] > threshold]
         if not passing:

@@ -71,8 +71,9 @@ class SearchSettings:
     refresh: int | None = 8  # measured orders: best-so-far candidates re-measured per step (None: all)
 
     def key(self) -> dict:
-        """What a journal entry depends on (batch size: float rounding only; the budget only says when to stop)."""
-        skip = ("batch_size", "max_candidates") + (() if self.order in MEASURED_ORDERS else ("sources", "refresh"))
+        """What a journal entry depends on (batch size: float rounding only; the budget and the target only
+        say when to stop: a search to 4 layers evaluates exactly the first candidates of one to 8)."""
+        skip = ("batch_size", "max_candidates", "target") + (() if self.order in MEASURED_ORDERS else ("sources", "refresh"))
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -240,29 +241,44 @@ class FastEvaluator:
 # ------------------------------------------------------------------------------------------------
 
 
-class Journal:
-    """Append-only JSONL of evaluated candidates; the first line pins the settings and inputs."""
+def read_journal(path: Path, header: dict) -> list[dict] | None:
+    """The lines of a journal written for ``header`` (header first; a line cut by a kill and everything
+    after it dropped), or None when there is none or it was written for other settings or inputs."""
+    if not path.exists():
+        return None
+    good = []
+    for line in path.read_text().splitlines():
+        try:
+            good.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    if good and good[0].get("header") == header:
+        return good
+    log.warning("journal %s was written for other settings or inputs; not reused", path)
+    return None
 
-    def __init__(self, path: Path | None, header: dict):
+
+class Journal:
+    """Append-only JSONL of evaluated candidates; the first line pins the settings and inputs.
+
+    ``seed``: the journal of the same search run to a smaller target (its candidates are this search's
+    first ones), used when ``path`` holds nothing to resume."""
+
+    def __init__(self, path: Path | None, header: dict, seed: Path | None = None):
         self.path, self.header, self.entries = path, header, {}
         if path is None:
             return
-        if path.exists():
-            lines = path.read_text().splitlines()
-            good = []
-            for line in lines:
-                try:
-                    good.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # a line cut by a kill: drop it and everything after
-            if good and good[0].get("header") == header:
-                self.entries = {e["rank"]: e for e in good[1:]}
-                log.info("resuming from %s: %d candidates already evaluated", path, len(self.entries))
-                path.write_text("".join(json.dumps(e) + "\n" for e in good))
-                return
-            log.warning("journal %s was written for other settings or inputs; starting over", path)
+        lines = read_journal(path, header)
+        if lines is None and seed is not None:
+            lines = read_journal(seed, header)
+            if lines is not None:
+                log.info("starting from %s (the same search to a smaller target)", seed)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"header": header}) + "\n")
+        lines = lines or [{"header": header}]
+        self.entries = {e["rank"]: e for e in lines[1:]}
+        if self.entries:
+            log.info("resuming: %d candidates already evaluated", len(self.entries))
+        atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in lines))
 
     def append(self, entry: dict) -> None:
         if self.path is None:
@@ -312,13 +328,14 @@ def greedy_search(
                 raise RuntimeError(f"journal {journal.path} disagrees with this search at rank {rank}; delete it to start over")
             resumed += 1
         else:
-            start = time.perf_counter()
+            start, layers = time.perf_counter(), getattr(evaluator, "layers_run", 0)
             sim = evaluator.similarity(accepted, candidate)
             entry = {"rank": rank, "pair": [i, j], "distance": distance, "similarity": sim,
-                     "accepted": sim > threshold, "map": candidate, "seconds": time.perf_counter() - start}
+                     "accepted": sim > threshold, "map": candidate, "seconds": time.perf_counter() - start,
+                     "layers": getattr(evaluator, "layers_run", 0) - layers}
             journal.append(entry)
             evaluated += 1
-        trace.append({k: entry[k] for k in ("rank", "pair", "distance", "similarity", "accepted", "seconds")})
+        trace.append({k: entry.get(k) for k in ("rank", "pair", "distance", "similarity", "accepted", "seconds", "layers")})
         if entry["accepted"]:
             evaluator.accept(candidate)
             accepted = candidate
@@ -343,8 +360,10 @@ def sha256_file(path: str | Path) -> str:
 
 
 def run_search(model, stats: dict, settings: SearchSettings, journal_path: Path | None = None,
-               calibration_hash: str = "", progress: bool = True) -> dict:
-    """Distances, ranking and the greedy loop for a loaded model and calibration tensors."""
+               calibration_hash: str = "", progress: bool = True, seed_journal: Path | None = None) -> dict:
+    """Distances, ranking and the greedy loop for a loaded model and calibration tensors.
+
+    ``seed_journal``: the journal of this search to a smaller target, whose candidates are not re-run."""
     dist = layer_distances(stats["keys"], stats["values"], settings.metric)
     header = {**settings.key(), "calibration_sha256": calibration_hash, "n_layers": dist.shape[0]}
     start = time.perf_counter()
@@ -354,7 +373,7 @@ def run_search(model, stats: dict, settings: SearchSettings, journal_path: Path 
         evaluator = FastEvaluator(model, stats["input_ids"], stats["reference_hidden"], settings.batch_size)
         result = measured_search(dist, settings.target, settings.threshold, evaluator,
                                  OutputLoss(model, stats["reference_hidden"]), MEASURED_ORDERS[settings.order],
-                                 settings.sources, settings.refresh, Journal(journal_path, header), progress,
+                                 settings.sources, settings.refresh, Journal(journal_path, header, seed_journal), progress,
                                  settings.max_candidates)
         return _costs(result, start, evaluator, dist.shape[0])
     ranked = rank_pairs(dist, settings.order, settings.seed)
@@ -365,7 +384,7 @@ def run_search(model, stats: dict, settings: SearchSettings, journal_path: Path 
     else:
         raise ValueError(f"unknown procedure {settings.procedure!r}; choose one of {', '.join(PROCEDURES)}")
     result = greedy_search(ranked, dist.shape[0], settings.target, settings.threshold, evaluator,
-                           Journal(journal_path, header), progress, settings.max_candidates)
+                           Journal(journal_path, header, seed_journal), progress, settings.max_candidates)
     return _costs(result, start, evaluator, dist.shape[0])
 
 
@@ -376,6 +395,11 @@ def _costs(result: dict, start: float, evaluator, n_layers: int) -> dict:
     result["layers_computed"] = getattr(evaluator, "layers_run", None)
     samples = evaluator.input_ids.shape[0]
     result["forwards"] = None if result["layers_computed"] is None else result["layers_computed"] / (n_layers * samples)
+    # what finding this policy cost from scratch, candidates taken from a journal included
+    result["candidate_seconds_total"] = sum(t["seconds"] or 0.0 for t in result["trace"])
+    layers = [t.get("layers") for t in result["trace"]]
+    result["candidate_forwards_total"] = (sum(layers) / (n_layers * samples)
+                                          if layers and all(x is not None for x in layers) else None)
     return result
 
 
@@ -407,6 +431,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", required=True, type=Path, help="policy JSON (journal: <out>.journal.jsonl)")
+    parser.add_argument("--after", type=Path, default=None,
+                        help="policy JSON of the same search to a smaller target: its journal's candidates are not re-run")
 
 
 def check_calibration(meta: dict, model: str, samples: int | None, tokens: int | None) -> None:
@@ -454,7 +480,8 @@ def main(args: argparse.Namespace) -> int:
     journal = args.out.with_name(args.out.name + ".journal.jsonl")
     log.info("search: %s order, %s metric, T=%s, target %d/%d layers, %s procedure", args.order, args.metric,
              args.threshold, target, n_layers, args.procedure)
-    result = run_search(model, stats, settings, journal, calibration_hash)
+    seed = args.after.with_name(args.after.name + ".journal.jsonl") if args.after else None
+    result = run_search(model, stats, settings, journal, calibration_hash, seed_journal=seed)
     policy = SharingPolicy(result.pop("map"), {
         "model": args.model, "rate": result["num_shared"] / n_layers, "rate_requested": args.rate,
         **result, "settings": asdict(settings), "calibration": str(args.calibration),

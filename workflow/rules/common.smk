@@ -128,6 +128,19 @@ def distance_files():
     return [f"results/{m}/distances/{metric}.json" for m in config["models"] for metric in metrics]
 
 
+def previous_policy(wildcards):
+    """The same search to the next smaller rate the DAG runs, if any: its journal's candidates are this
+    search's first ones (kvsharer search --after), so they are not evaluated twice."""
+    same = f"_{wildcards.order}_{wildcards.metric}_T{wildcards.threshold}_s{wildcards.seed}"
+    rates = sorted({float(p[1:].split("_", 1)[0]) for p in all_policies() + compose_policies() if p.endswith(same)})
+    smaller = [r for r in rates if r < float(wildcards.rate)]
+    return f"results/{wildcards.model}/policies/r{fmt(smaller[-1])}{same}.json" if smaller else []
+
+
+def after_arg(wildcards, input):
+    return f"--after {input.after}" if input.get("after") else ""
+
+
 def policy_input(wildcards):
     """The policy file of an evaluation setting ('<policy>[+<cache label>]'); nothing for the plain model."""
     base = wildcards.policy.split("+")[0]

@@ -1,11 +1,13 @@
 # One policy search per (model, rate, order, metric, threshold, seed). A killed search resumes from its
-# journal (results/{model}/policies/<name>.json.journal.jsonl) when the DAG is rerun.
+# journal (results/{model}/policies/<name>.json.journal.jsonl) when the DAG is rerun. A search starts from
+# the journal of the same search at the next smaller rate (its candidates are this one's first ones).
 
 
 rule search:
     input:
         model="results/models/{model}",
         calibration="results/{model}/calibration.safetensors",
+        after=previous_policy,
     output:
         "results/{model}/policies/r{rate}_{order}_{metric}_T{threshold}_s{seed}.json",
     params:
@@ -17,6 +19,7 @@ rule search:
         tokens=config["calibration"].get("tokens", 64),
         dtype=lambda w: model_setting(w.model, "dtype", "float32"),
         batch=batch_arg,
+        after=after_arg,
     log:
         "logs/{model}/search/r{rate}_{order}_{metric}_T{threshold}_s{seed}.log",
     conda:
@@ -28,5 +31,5 @@ rule search:
     shell:
         "python -m kvsharer --threads {threads} search --model {input.model} --calibration {input.calibration}"
         " --rate {wildcards.rate} --order {wildcards.order} --metric {wildcards.metric}"
-        " --threshold {wildcards.threshold} --seed {wildcards.seed} --procedure {params.procedure} {params.budget} {params.measured}"
+        " --threshold {wildcards.threshold} --seed {wildcards.seed} --procedure {params.procedure} {params.budget} {params.measured} {params.after}"
         " --samples {params.samples} --tokens {params.tokens} --dtype {params.dtype} {params.batch} --out {output} > {log} 2>&1"

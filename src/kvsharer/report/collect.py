@@ -40,7 +40,7 @@ POLICY_COLUMNS = [
     "model", "policy", "policy_path", "order", "metric", "threshold", "seed", "procedure",
     "rate_requested", "rate", "num_shared", "n_layers", "target", "complete",
     "candidates_evaluated", "candidates_resumed", "pairs_skipped", "pairs_total",
-    "search_seconds", "seconds_per_candidate", "forwards",
+    "search_seconds", "seconds_per_candidate", "forwards", "search_seconds_total",
 ]
 INT_COLUMNS = ["seed", "num_shared", "n_layers", "target", "candidates_evaluated", "candidates_resumed",
                "pairs_skipped", "pairs_total"]
@@ -109,7 +109,8 @@ def _typed(frame: pd.DataFrame) -> pd.DataFrame:
             values = pd.to_numeric(frame[column], errors="coerce")
             if values.dropna().eq(values.dropna().round()).all():
                 frame[column] = values.astype("Int64")
-    for column in ("threshold", "rate_requested", "rate", "search_seconds", "seconds_per_candidate", "forwards"):
+    for column in ("threshold", "rate_requested", "rate", "search_seconds", "seconds_per_candidate", "forwards",
+                   "search_seconds_total"):
         if column in frame:
             frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
     return frame
@@ -194,7 +195,10 @@ def policy_row(path: str | os.PathLike, data: dict) -> dict:
         "pairs_total": data.get("pairs_total"),
         "search_seconds": data.get("seconds"),
         "seconds_per_candidate": data.get("seconds_per_candidate"),
-        "forwards": data.get("forwards"),
+        # the cost of finding the policy from scratch: a search that took its first candidates from the
+        # journal of a smaller target reports them in these totals (older files: this run's own cost)
+        "forwards": data.get("candidate_forwards_total", data.get("forwards")),
+        "search_seconds_total": data.get("candidate_seconds_total", data.get("seconds")),
     }
 
 
