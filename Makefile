@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine with Python 3.11 (see README):
-#   make demo   set up .venv (once) and run the embedded demo DAG end to end
+#   make demo   set up .venv (once) and run the embedded demo DAG end to end (+ its HTML report)
 #   make test   set up .venv (once) and run the whole test suite
+#   make demo-full   the demo's full grid (config/demo-full.yaml on top of config/config.yaml)
 # Set-up is idempotent: the stamp is newer than pyproject.toml, so a second run installs nothing.
 
 PYTHON ?= python3.11
@@ -9,7 +10,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp-installed
 CORES  ?= all
 
-.PHONY: setup demo test lint clean-results
+.PHONY: setup demo demo-full test lint clean-results
 
 setup: $(STAMP)
 
@@ -24,6 +25,12 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --report results/report.html
+
+demo-full: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml config/demo-full.yaml
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --report results/report-full.html \
+		--configfile config/config.yaml config/demo-full.yaml
 
 test: $(STAMP)
 	# pytest exits 5 when nothing was collected: not a failure of the code under test

@@ -196,9 +196,12 @@ FIGURES = ["ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_a
 
 
 def corpus_eval_files():
-    """PPL on every further held-out corpus: the plain model, every order's main policies, MiniCache."""
+    """PPL on every further held-out corpus: the plain model, the main policies of every deterministic order
+    (the random order's seeds are left out), MiniCache."""
     corpora = EVAL.get("ppl", {}).get("corpora", {}) if "ppl" in EVAL else {}
-    names = ["plain"] + main_policies() + [f"plain+minicache-{fmt(r)}" for r in C.get("minicache_rates", [])]
+    orders = [o for o in S["orders"] if o != "random"]
+    names = (["plain"] + [p for o in orders for p in main_policies(o)]
+             + [f"plain+minicache-{fmt(r)}" for r in C.get("minicache_rates", [])])
     return [f"results/{m}/eval/{p}/ppl_{c}.json" for m in config["models"] for p in names for c in corpora]
 
 

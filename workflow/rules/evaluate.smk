@@ -92,7 +92,7 @@ rule evaluate_ppl_corpus:
         policy=policy_arg,
         cache=chunk_arg,
         text=lambda w: EVAL["ppl"]["corpora"][w.corpus],
-        max_tokens=EVAL.get("ppl", {}).get("max_tokens", 4096),
+        max_tokens=EVAL["ppl"].get("corpus_max_tokens") or EVAL["ppl"].get("max_tokens", 4096),
         window=EVAL.get("ppl", {}).get("window", 512),
         dtype=lambda w: model_setting(w.model, "dtype", "float32"),
     log:
