@@ -60,3 +60,28 @@ def test_the_table_imports_no_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={"PYTHONPATH": str(REPO / "src")})
     assert proc.returncode == 0, proc.stderr
+
+
+def test_embedded_models_are_in_the_table():
+    from kvsharer.models import EMBEDDED_MODELS
+
+    for name in EMBEDDED_MODELS:
+        shape = architecture_of(f"embedded:{name}")
+        assert shape is not None and shape.max_positions == 8192  # SmolLM2: 8192-token window
+
+
+def test_embedded_entry_matches_the_shipped_checkpoint():
+    """The one checkpoint on disk here: the table must say what its config says."""
+    from kvsharer.models import ModelError, embedded_gguf
+
+    try:
+        gguf = embedded_gguf("smollm2-135m-instruct")
+    except ModelError as err:
+        pytest.skip(str(err))
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    s = architecture_of("embedded:smollm2-135m-instruct")
+    assert (s.layers, s.hidden, s.intermediate, s.heads, s.kv_heads, s.vocab, s.max_positions, s.tied_embeddings) == (
+        c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads,
+        c.vocab_size, c.max_position_embeddings, c.tie_word_embeddings)

@@ -90,7 +90,12 @@ ARCHITECTURES: dict[str, Shape] = {
                                                 architecture="MistralForCausalLM", gated=True),
     "Qwen/Qwen2.5-7B-Instruct": Shape(28, 3584, 18944, 28, 4, 152064, 32768, family="qwen2", rope_theta=1000000.0,
                                       qkv_bias=True, params=7_615_616_512, architecture="Qwen2ForCausalLM"),
+    # the embedded demo model (embedded:smollm2-135m-instruct, a GGUF of this checkpoint)
+    "HuggingFaceTB/SmolLM2-135M-Instruct": Shape(30, 576, 1536, 9, 3, 49152, 8192, rope_theta=100000.0,
+                                                 tied_embeddings=True, params=134_515_008),
 }
+# embedded:<name> -> the hub id of the checkpoint it ships (kvsharer.models.EMBEDDED_MODELS)
+EMBEDDED = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 # random:<name> shapes: the published models above by short name, and a CPU smoke size
 SHAPES: dict[str, Shape] = {
@@ -106,9 +111,11 @@ SHAPES: dict[str, Shape] = {
 
 
 def architecture_of(source: str) -> Shape | None:
-    """The shape of a hub id (or ``random:<name>``) from the table; None for anything else."""
+    """The shape of a hub id (or ``random:<name>``, ``embedded:<name>``) from the table; None for anything else."""
     if source.startswith(RANDOM_PREFIX):
         return SHAPES.get(source[len(RANDOM_PREFIX):])
+    if source.startswith("embedded:"):
+        return ARCHITECTURES.get(EMBEDDED.get(source[len("embedded:"):], ""))
     return ARCHITECTURES.get(source)
 
 
