@@ -115,7 +115,7 @@ def test_tables_hold_the_numbers_the_stages_computed(dag_run):
     assert float(by_rate[0.0]["ppl"]) == pytest.approx(plain)
     assert float(by_rate[50.0]["ppl"]) == pytest.approx(half)
     harness = _load(res / "tiny" / "eval" / "r0.25_dissimilar_euclidean_T0.5_s0" / "harness.json")
-    assert float(by_rate[25.0]["acc:kvs_next_sentence"]) == pytest.approx(harness["tasks"]["kvs_next_sentence"]["acc"])
+    assert float(by_rate[25.0]["kvs_next_sentence (acc)"]) == pytest.approx(harness["tasks"]["kvs_next_sentence"]["acc"])
     with open(res / "tiny" / "profile.csv") as fh:
         profile = list(csv.DictReader(fh))
     assert len(profile) == 4 and all(r["kv_bytes"] == r["expected_kv_bytes"] for r in profile)
