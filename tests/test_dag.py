@@ -185,7 +185,7 @@ def test_preflight_refuses_bad_models_before_any_job(tmp_path, tiny_model_dir):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     out = "".join(snakemake(tmp_path, "-n", check=False).stdout)
     assert "sharing rate 0.9 is impossible for its 8 layers" in out
-    assert "long-context length 4096 exceeds its window of 512 tokens" in out
+    assert "passkey length 4096 + 8 answer tokens = 4104 exceeds its window of 512 tokens" in out
     assert not (tmp_path / "results").exists()
     from transformers import Phi3Config  # fused qkv_proj: no adapter, refused by name
 

@@ -140,3 +140,23 @@ def random_model(source: str, dtype, attn_implementation: str = "sdpa", device: 
     with torch.device(device or "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
     return model.eval()
+
+
+def shape_from_config(data: dict) -> Shape | None:
+    """A ``Shape`` from a model's ``config.json`` content (a local folder's, or a cached hub one); None when
+    it lacks the sizes. Its parameter count is the shape's (``param_count``), not a checkpoint's."""
+    text = data.get("text_config") or data
+    try:
+        heads = int(text["num_attention_heads"])
+        hidden = int(text["hidden_size"])
+        return Shape(
+            layers=int(text["num_hidden_layers"]), hidden=hidden,
+            intermediate=int(text.get("intermediate_size") or 4 * hidden), heads=heads,
+            kv_heads=int(text.get("num_key_value_heads") or heads), vocab=int(text["vocab_size"]),
+            max_positions=int(text.get("max_position_embeddings") or 0), family=str(data.get("model_type", "")),
+            rope_theta=float(text.get("rope_theta") or 10000.0), head_dim=text.get("head_dim"),
+            tied_embeddings=bool(data.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+            architecture=(data.get("architectures") or [""])[0], remote_code=bool(data.get("auto_map")),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
