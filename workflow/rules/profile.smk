@@ -22,8 +22,9 @@ rule profile:
     threads: 2
     resources:
         mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+        gpu=model_gpus,
     shell:
-        "python -m kvsharer --threads {threads} profile --model {input.model} --name {wildcards.model}"
+        "python -m kvsharer --threads {threads} --gpus {resources.gpu} profile --model {input.model} --name {wildcards.model}"
         " --rates {params.rates} --cache {params.methods} --batch-sizes {params.batches} --contexts {params.contexts}"
         " --new-tokens {params.new_tokens} --repeats {params.repeats} {params.memory} --dtype {params.dtype}"
         " --out {output} > {log} 2>&1"
