@@ -256,3 +256,18 @@ def test_killed_dag_resumes_without_redoing_finished_jobs(tmp_path, tiny_model_d
     assert len(list(policies.glob("*.json"))) == 4 and (tmp_path / "results" / "tables" / "table1.csv").exists()
     for path in policies.glob("*.json"):
         json.loads(path.read_text())  # every result is whole
+
+
+def test_max_length_caps_one_models_passkey_lengths(tmp_path, tiny_model_dir):
+    """models.<m>.max_length skips the longer passkey lengths on that model only; every passkey job generates
+    evaluation.longctx.answer_tokens answer tokens (what preflight adds to each length against the window)."""
+    import re
+
+    config = tiny_config(tiny_model_dir)
+    config["models"]["short"] = {**config["models"]["tiny"], "max_length": 256}
+    config["evaluation"]["longctx"]["answer_tokens"] = 6
+    config.pop("compose")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    out = snakemake(tmp_path, "-n", "-p").stdout
+    calls = re.findall(r"evaluate-longctx --model results/models/(\w+) .*?--lengths (\S+) .*?--max-new-tokens (\d+)", out)
+    assert {(m, lengths, n) for m, lengths, n in calls} == {("tiny", "256,384", "6"), ("short", "256", "6")}
