@@ -62,3 +62,12 @@ def test_a_subgroup_requested_on_its_own_is_a_group_too():
     scores = requested_scores(lm_eval_output(), ["mmlu_other"])
     assert scores == {"mmlu_other": {"metric": "acc", "label": "acc", "value": 0.60, "stderr": 0.04,
                                      "kind": "group", "subtasks": 2}}
+
+
+def test_xsum_reads_its_dataset_and_nltk_data_from_unitxts_catalog(manager):
+    pytest.importorskip("unitxt")
+    from kvsharer.evaluate.lm_tasks import task_needs
+
+    xsum = task_needs(["xsum"], manager)["xsum"]
+    assert xsum.datasets == {"EdinburghNLP/xsum"}  # card xsum's loader
+    assert xsum.nltk_data == {"tokenizers/punkt_tab"}  # its task's metric, rouge, sentence-splits with NLTK

@@ -338,9 +338,27 @@ def check_tasks(tasks: list[str], findings: Findings) -> dict[str, set[str]]:
             if importlib.util.find_spec(package) is None:
                 findings.environment.append(f"lm-eval task {name!r} needs the Python package {package!r} "
                                             f"(pip install {package}); without it the harness jobs fail")
+        for resource in sorted(needs.nltk_data):
+            if not _nltk_has(resource):
+                findings.environment.append(
+                    f"lm-eval task {name!r} scores with NLTK's {resource.split('/')[-1]} data, which is not here and "
+                    f"which unitxt downloads at scoring time: python -m nltk.downloader {resource.split('/')[-1]} "
+                    "(into NLTK_DATA on a shared file system when the compute nodes have no internet)")
         for dataset in needs.datasets:
             datasets.setdefault(dataset, set()).add(name)
     return datasets
+
+
+def _nltk_has(resource: str) -> bool:
+    if importlib.util.find_spec("nltk") is None:
+        return False
+    import nltk
+
+    try:
+        nltk.data.find(resource)
+        return True
+    except LookupError:
+        return False
 
 
 def check_scaling(config: dict, overrides: dict) -> list[str]:

@@ -17,6 +17,8 @@ from pathlib import Path
 FOLDER_PACKAGES = {"unitxt": ("unitxt",)}
 # metrics computed by a package lm-eval does not require
 METRIC_PACKAGES = {"rouge": ("rouge_score",), "bleu": ("sacrebleu",), "chrf": ("sacrebleu",), "ter": ("sacrebleu",)}
+# unitxt metrics that need NLTK data at scoring time (unitxt downloads it then: no internet, no score)
+UNITXT_METRIC_NLTK_DATA = {"metrics.rouge": ("tokenizers/punkt_tab",)}
 # dataset_path values that are local `datasets` builders, not hub ids
 LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas", "imagefolder", "audiofolder"}
 
@@ -28,6 +30,7 @@ class TaskNeeds:
     leaves: list[str] = field(default_factory=list)
     datasets: set[str] = field(default_factory=set)
     packages: set[str] = field(default_factory=set)
+    nltk_data: set[str] = field(default_factory=set)  # NLTK resources its metrics load (nltk.data.find)
     metric: str | None = None  # what the report shows: a group's aggregate, a task's primary metric
 
 
@@ -43,21 +46,30 @@ def _metrics(cfg: dict) -> list[str]:
     return [m["metric"] for m in cfg.get("metric_list") or [] if isinstance(m, dict) and "metric" in m]
 
 
-def _unitxt_dataset(cfg: dict) -> str | None:
-    """The hub dataset of a unitxt recipe (``card=cards.xsum,...``), from unitxt's catalog when installed."""
+def _unitxt_catalog(name: str | None) -> dict:
+    """An entry of unitxt's catalog (``cards.xsum`` -> catalog/cards/xsum.json) when unitxt is installed."""
     import importlib.util
     import json
 
-    recipe = dict(part.split("=", 1) for part in str(cfg.get("recipe", "")).split(",") if "=" in part)
-    card = recipe.get("card")
     spec = importlib.util.find_spec("unitxt")
-    if not card or spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0], "catalog", *card.split(".")).with_suffix(".json")
+    if not isinstance(name, str) or spec is None or not spec.submodule_search_locations:
+        return {}
+    path = Path(list(spec.submodule_search_locations)[0], "catalog", *name.split(".")).with_suffix(".json")
     try:
-        loader = json.loads(path.read_text()).get("loader", {})
+        return json.loads(path.read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+
+
+def _unitxt_recipe(cfg: dict, needs: "TaskNeeds") -> str | None:
+    """The hub dataset of a unitxt recipe (``card=cards.xsum,...``), and the NLTK data its task's metrics load."""
+    recipe = dict(part.split("=", 1) for part in str(cfg.get("recipe", "")).split(",") if "=" in part)
+    card = _unitxt_catalog(recipe.get("card"))
+    task = card.get("task")
+    metrics = (_unitxt_catalog(task) if isinstance(task, str) else task or {}).get("metrics") or []
+    for metric in metrics:
+        needs.nltk_data.update(UNITXT_METRIC_NLTK_DATA.get(metric, ()))
+    loader = card.get("loader") or {}
     return loader.get("path") if loader.get("__type__") == "load_hf" else None
 
 
@@ -68,7 +80,7 @@ def _leaf(entry, needs: TaskNeeds) -> None:
     needs.packages.update(FOLDER_PACKAGES.get(folder, ()))
     for metric in _metrics(cfg):
         needs.packages.update(METRIC_PACKAGES.get(metric, ()))
-    path = cfg.get("dataset_path") or (_unitxt_dataset(cfg) if folder == "unitxt" else None)
+    path = cfg.get("dataset_path") or (_unitxt_recipe(cfg, needs) if folder == "unitxt" else None)
     if path and path not in LOCAL_BUILDERS and not Path(str(path)).exists():
         needs.datasets.add(str(path))
 
