@@ -209,3 +209,31 @@ def test_the_snakefile_checks_the_slurm_profiles_requests(tmp_path):
     assert "rule profile for model 'tiny' gets no GPU" in out
     assert "rule prepare_model for model 'tiny' asks for 1 GPU(s)" in out
     assert "rule search_scaling asks for 100 MB" in out
+
+
+def test_the_token_methods_preflight_knows_are_kvsharer_intras():
+    from kvsharer.intra import METHODS
+
+    assert set(pf.TOKEN_METHOD_NAMES) == set(METHODS)
+
+
+def test_a_cached_hub_model_outside_the_table_is_checked_from_its_config(tmp_path):
+    """A hub id the table does not know, with its config.json in the (here: fake) local HF cache: built on the
+    meta device like a folder, its window and size checked."""
+    from transformers import LlamaConfig
+
+    from kvsharer import hub_access
+
+    repo = hub_access.hub_cache() / "models--someorg--tiny-llama"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    LlamaConfig(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=300, max_position_embeddings=256).save_pretrained(snapshot)
+    config = {"models": {"t": {"source": "someorg/tiny-llama"}}, "calibration": {"text": "embedded:pydoc"},
+              "search": {"rates": [0.25, 0.9]}, "evaluation": {"longctx": {"lengths": [128, 256]}}}
+    found = pf.check_config(config)
+    assert find(found.problems, "sharing rate 0.9 is impossible for its 4 layers")
+    assert find(found.problems, r"passkey length 256 \+ 8 answer tokens = 264 exceeds its window of 256")
+    assert not find(found.environment, "someorg/tiny-llama")  # cached: nothing to fetch

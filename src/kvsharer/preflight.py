@@ -45,7 +45,7 @@ from .sources import EMBEDDED_PREFIX, ModelError, check_source
 
 log = logging.getLogger("kvsharer")
 
-TOKEN_METHOD_NAMES = ("h2o", "pyramidinfer", "kvmerger")  # kvsharer.intra.METHODS
+TOKEN_METHOD_NAMES = ("h2o", "pyramidinfer", "kvmerger")  # kvsharer.intra.METHODS (which imports torch)
 
 
 class PreflightError(ValueError):
@@ -150,8 +150,13 @@ def model_info(name: str, settings: dict) -> ModelInfo:
         except (OSError, ValueError):
             info.problems.append(f"model {name!r}: {folder / 'config.json'} is not readable JSON")
             return info
-    else:
+    else:  # a hub id outside the table: its cached config.json, if any
         info.hub_id = source
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, "config.json")
+        if isinstance(cached, str):
+            info.shape = shape_from_config(json.loads(Path(cached).read_text()))
     _build(name, source, info)
     return info
 
