@@ -41,3 +41,21 @@ def test_profile_rows_match_the_model_shape(tiny_model_dir, tmp_path):
 def test_bad_cache_methods(text, message):
     with pytest.raises(ValueError, match=message):
         parse_methods(text)
+
+
+def test_a_model_spread_over_gpus_is_profiled_on_all_of_them(monkeypatch):
+    """A model loaded with --gpus 2: its peak memory is the sum over both GPUs (cuda:0 alone would hide the
+    other half of a 70B model)."""
+    import torch
+
+    from conftest import make_tiny
+    from kvsharer.profile import gpus_of, peak_gpu_bytes
+
+    model = make_tiny("llama", n_layers=4)
+    assert gpus_of(model) == []  # on CPU: no GPU to read
+    model.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0, "model.layers.2": 1,
+                           "model.layers.3": 1, "model.norm": 1, "lm_head": 1}
+    gpus = gpus_of(model)
+    assert gpus == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: {0: 7_000, 1: 5_000}[d.index])
+    assert peak_gpu_bytes(gpus) == 12_000

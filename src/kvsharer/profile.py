@@ -9,7 +9,8 @@ at rate 0 only; see :mod:`kvsharer.compose`), batch size and context length:
                     (times the budget for a token method; codes + scales for quantization; empty for
                     MiniCache, whose retained tokens depend on the data) — the answer to "why memory saved exceeds the
                     rate": the K/V part falls exactly by the rate, the total by rate × (KV share of memory)
-* ``peak_bytes``    GPU: ``torch.cuda.max_memory_allocated`` over the run; CPU: weights + K/V tensor bytes
+* ``peak_bytes``    GPU: ``torch.cuda.max_memory_allocated`` over the run, summed over the GPUs a model spread
+                    with ``--gpus N`` holds; CPU: weights + K/V tensor bytes
                     (the process' peak RSS is reported separately, ``process_peak_rss``: it never goes down)
 * ``prefill_s``     one prefill of ``batch × context`` tokens (median of ``--repeats``)
 * ``decode_tok_s``  greedy decoding of ``--new-tokens`` tokens after it: batch × new tokens / seconds
@@ -56,11 +57,29 @@ def method_columns(method) -> dict:
     return {"intra": method.name, "budget": method.value, "cache": method.spec, "cache_family": method.family}
 
 
-def _sync(device) -> None:
+def gpus_of(model) -> list:
+    """The CUDA devices holding the model: every GPU of a model spread with device_map (``hf_device_map``),
+    else its one device (none on CPU)."""
     import torch
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    placed = {d for d in (getattr(model, "hf_device_map", None) or {}).values() if isinstance(d, int)}
+    if placed:
+        return [torch.device("cuda", d) for d in sorted(placed)]
+    return [model.device] if model.device.type == "cuda" else []
+
+
+def _sync(devices) -> None:
+    import torch
+
+    for device in devices:
+        torch.cuda.synchronize(device)
+
+
+def peak_gpu_bytes(devices) -> int | None:
+    """Peak memory allocated since the last reset, summed over ``devices`` (None without GPU)."""
+    import torch
+
+    return sum(torch.cuda.max_memory_allocated(d) for d in devices) if devices else None
 
 
 def run_once(model, policy, method, batch: int, context: int, new_tokens: int, seed: int = 0) -> dict:
@@ -74,28 +93,29 @@ def run_once(model, policy, method, batch: int, context: int, new_tokens: int, s
     from .sharing import cache_nbytes
 
     device = model.device
+    gpus = gpus_of(model)
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (batch, context), generator=torch.Generator().manual_seed(seed)).to(device)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
         stack.enter_context(apply_setting(model, policy, method))
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        for gpu in gpus:
+            torch.cuda.reset_peak_memory_stats(gpu)
         cache = DynamicCache(config=model.config)
-        _sync(device)
+        _sync(gpus)
         start = time.perf_counter()
         out = model(prompt, past_key_values=cache, use_cache=True)
-        _sync(device)
+        _sync(gpus)
         prefill = time.perf_counter() - start
         token = out.logits[:, -1:].argmax(-1)
         start = time.perf_counter()
         for _ in range(new_tokens):  # greedy decoding, one token per step, no sampling overhead
             out = model(token, past_key_values=cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
-        _sync(device)
+        _sync(gpus)
         decode = time.perf_counter() - start
         kv = cache_nbytes(cache)
-        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        peak = peak_gpu_bytes(gpus)
     return {"prefill_s": prefill, "decode_tok_s": batch * new_tokens / decode if new_tokens else None,
             "kv_bytes": kv, "peak_gpu": peak}
 
