@@ -237,3 +237,13 @@ def test_a_cached_hub_model_outside_the_table_is_checked_from_its_config(tmp_pat
     assert find(found.problems, "sharing rate 0.9 is impossible for its 4 layers")
     assert find(found.problems, r"passkey length 256 \+ 8 answer tokens = 264 exceeds its window of 256")
     assert not find(found.environment, "someorg/tiny-llama")  # cached: nothing to fetch
+
+
+def test_a_cpu_run_holds_the_kv_cache_in_host_memory():
+    config = copy.deepcopy(PAPER)
+    config["models"] = {"llama": {**PAPER["models"]["llama2-7b-chat"], "gpus": 0, "mem_mb": 20000}}
+    problems = pf.check_config(config, PROFILE["set-resources"]).problems
+    # the weights (13.5 GB) fit 20 GB, the passkey cells' K/V (10 x 4096 tokens x 512 KiB) do not
+    assert not find(problems, "mem_mb 20000 is less")
+    assert find(problems, "rule evaluate_longctx runs on CPU", "asks for 20000 MB")
+    assert not find(problems, "rule profile")  # gpus: 0 is the config's own choice: the profile follows it

@@ -273,7 +273,15 @@ def check_resources(name: str, shape: Shape, config: dict, overrides: dict, gpu_
                             f"be measured on CPU (models.{name}.gpus is {wanted}; remove gpu: 0 from its "
                             "set-resources)")
             continue
-        if not gpus:
+        if not gpus:  # a CPU job: weights, K/V and activations all live in its host memory
+            mem = effective(config, rule, name, overrides).get("mem_mb", 0)
+            for what, batch, tokens, all_logits in runs:
+                need = math.ceil(footprint.gpu_bytes(shape, dtype, batch, tokens, all_logits) / 1e6)
+                need += footprint.HOST_OVERHEAD_MB
+                if mem < need:
+                    problems.append(f"model {name!r}: rule {rule} runs on CPU (no GPU) and needs {need} MB for its "
+                                    f"{what} ({batch} x {tokens} tokens: weights + K/V + activations) but asks for "
+                                    f"{mem} MB")
             continue
         for what, batch, tokens, all_logits in runs:
             need = footprint.gpu_bytes(shape, dtype, batch, tokens, all_logits)
