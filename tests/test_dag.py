@@ -264,10 +264,15 @@ def test_max_length_caps_one_models_passkey_lengths(tmp_path, tiny_model_dir):
     import re
 
     config = tiny_config(tiny_model_dir)
-    config["models"]["short"] = {**config["models"]["tiny"], "max_length": 256}
+    config["models"]["short"] = {**config["models"]["tiny"], "max_length": 256, "gpus": 2}
     config["evaluation"]["longctx"]["answer_tokens"] = 6
+    config["profile"]["memory_gb"] = 3
     config.pop("compose")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     out = snakemake(tmp_path, "-n", "-p").stdout
     calls = re.findall(r"evaluate-longctx --model results/models/(\w+) .*?--lengths (\S+) .*?--max-new-tokens (\d+)", out)
     assert {(m, lengths, n) for m, lengths, n in calls} == {("tiny", "256,384", "6"), ("short", "256", "6")}
+    # a model on 2 GPUs: loaded across them, and its profile's max-batch rows get both GPUs' memory
+    assert set(re.findall(r"kvsharer --threads \d+ --gpus (\d+) \S+ --model results/models/short", out)) == {"2"}
+    assert re.findall(r"profile --model results/models/(\w+) .*?--memory-gb (\S+)", out) and \
+        dict(re.findall(r"profile --model results/models/(\w+) .*?--memory-gb (\S+)", out)) == {"tiny": "3", "short": "6"}
