@@ -77,7 +77,7 @@ def test_load_model_asks_transformers_for_the_device_map(tmp_path, two_gpus, mon
 def test_cli_gpus_reaches_load_model(monkeypatch):
     from kvsharer.cli import main
 
-    monkeypatch.delenv("KVSHARER_GPUS", raising=False)
+    monkeypatch.setenv("KVSHARER_GPUS", "1")  # restored (to unset) after the test, whatever the CLI sets
     monkeypatch.setattr("kvsharer.cli.importlib.import_module",
                         lambda name: SimpleNamespace(main=lambda args: 0, add_arguments=lambda p: None))
     assert main(["--gpus", "4", "tables"]) == 0
