@@ -78,7 +78,8 @@ ARCHITECTURES: dict[str, Shape] = {
     "meta-llama/Llama-2-70b-chat-hf": Shape(80, 8192, 28672, 64, 8, **_LLAMA2, params=68_976_648_192),
     "internlm/internlm2-chat-7b": Shape(32, 4096, 14336, 32, 8, **_INTERNLM2, rope_scaling="dynamic x2",
                                         params=7_737_708_544),
-    "internlm/internlm2-chat-20b": Shape(48, 6144, 16384, 48, 8, **_INTERNLM2, rope_scaling="dynamic x3",
+    # (its dynamic-NTK factor is not recorded here; no check reads rope_scaling)
+    "internlm/internlm2-chat-20b": Shape(48, 6144, 16384, 48, 8, **_INTERNLM2, rope_scaling="dynamic",
                                          params=19_861_149_696),
     "meta-llama/Llama-3.1-8B-Instruct": Shape(32, 4096, 14336, 32, 8, 128256, 131072, rope_theta=500000.0,
                                               rope_scaling="llama3 x8 from 8192", params=8_030_261_248, gated=True),
