@@ -26,18 +26,11 @@ PACKAGE_SRC = os.path.join(workflow.basedir, "src")
 shell.prefix(f'set -euo pipefail; export PYTHONPATH="{PACKAGE_SRC}${{{{PYTHONPATH:+:$PYTHONPATH}}}}"; ')
 
 
-# checks the schema cannot express (model sources and architectures, rates vs depth, task names),
-# before any job is submitted; jobs themselves skip them
-if workflow.is_main_process:
-    sys.path.insert(0, PACKAGE_SRC)
-    try:
-        from kvsharer.preflight import preflight
-    except ImportError as err:  # Snakemake runs outside the project's environment (e.g. conda jobs)
-        print(f"kvsharer preflight skipped: {err}", file=sys.stderr)
-    else:
-        preflight(config)
+# the rules' resources come from kvsharer.jobs (torch-free, standard library only)
+sys.path.insert(0, PACKAGE_SRC)
 
 
+include: "workflow/rules/preflight.smk"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/calibrate.smk"

@@ -125,7 +125,7 @@ def test_tables_hold_the_numbers_the_stages_computed(dag_run):
     assert float(by_rate[0.0]["ppl"]) == pytest.approx(plain)
     assert float(by_rate[50.0]["ppl"]) == pytest.approx(half)
     harness = _load(res / "tiny" / "eval" / "r0.25_dissimilar_euclidean_T0.5_s0" / "harness.json")
-    assert float(by_rate[25.0]["acc:kvs_next_sentence"]) == pytest.approx(harness["tasks"]["kvs_next_sentence"]["acc"])
+    assert float(by_rate[25.0]["kvs_next_sentence (acc)"]) == pytest.approx(harness["tasks"]["kvs_next_sentence"]["acc"])
     with open(res / "tiny" / "profile.csv") as fh:
         profile = list(csv.DictReader(fh))
     assert len(profile) == 4 and all(r["kv_bytes"] == r["expected_kv_bytes"] for r in profile)
@@ -223,7 +223,7 @@ def test_preflight_refuses_bad_models_before_any_job(tmp_path, tiny_model_dir):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     out = "".join(snakemake(tmp_path, "-n", check=False).stdout)
     assert "sharing rate 0.9 is impossible for its 8 layers" in out
-    assert "long-context length 4096 exceeds its window of 512 tokens" in out
+    assert "passkey length 4096 + 8 answer tokens = 4104 exceeds its window of 512 tokens" in out
     assert not (tmp_path / "results").exists()
     from transformers import Phi3Config  # fused qkv_proj: no adapter, refused by name
 
@@ -294,3 +294,23 @@ def test_killed_dag_resumes_without_redoing_finished_jobs(tmp_path, tiny_model_d
     assert len(list(policies.glob("*.json"))) == 4 and (tmp_path / "results" / "tables" / "table1.csv").exists()
     for path in policies.glob("*.json"):
         json.loads(path.read_text())  # every result is whole
+
+
+def test_max_length_caps_one_models_passkey_lengths(tmp_path, tiny_model_dir):
+    """models.<m>.max_length skips the longer passkey lengths on that model only; every passkey job generates
+    evaluation.longctx.answer_tokens answer tokens (what preflight adds to each length against the window)."""
+    import re
+
+    config = tiny_config(tiny_model_dir)
+    config["models"]["short"] = {**config["models"]["tiny"], "max_length": 256, "gpus": 2}
+    config["evaluation"]["longctx"]["answer_tokens"] = 6
+    config["profile"]["memory_gb"] = 3
+    config.pop("compose")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    out = snakemake(tmp_path, "-n", "-p").stdout
+    calls = re.findall(r"evaluate-longctx --model results/models/(\w+) .*?--lengths (\S+) .*?--max-new-tokens (\d+)", out)
+    assert {(m, lengths, n) for m, lengths, n in calls} == {("tiny", "256,384", "6"), ("short", "256", "6")}
+    # a model on 2 GPUs: loaded across them, and its profile's max-batch rows get both GPUs' memory
+    assert set(re.findall(r"kvsharer --threads \d+ --gpus (\d+) \S+ --model results/models/short", out)) == {"2"}
+    assert re.findall(r"profile --model results/models/(\w+) .*?--memory-gb (\S+)", out) and \
+        dict(re.findall(r"profile --model results/models/(\w+) .*?--memory-gb (\S+)", out)) == {"tiny": "3", "short": "6"}

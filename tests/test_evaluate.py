@@ -275,3 +275,34 @@ def test_longctx_length_beyond_the_window_is_refused_before_loading(tiny_model_d
     assert cli(argv) == 2
     assert not no_model_load and not (tmp_path / "x.json").exists()
     assert any("600" in r.getMessage() and "512" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+
+
+def test_harness_scores_a_group_by_its_aggregate_and_a_tag_by_its_tasks(tiny_model_dir, task_dir, tmp_path):
+    """A real lm-eval group (local YAML with an aggregate) and a tag: the result holds one score per requested
+    name, the group's being lm-eval's size-weighted aggregate of its subtasks, not the subtasks themselves."""
+    import shutil
+
+    import yaml
+
+    local = tmp_path / "tasks"
+    shutil.copytree(task_dir, local)
+    (local / "kvs_both.yaml").write_text(yaml.safe_dump({
+        "group": "kvs_both", "task": ["kvs_next_sentence", "kvs_cloze"],
+        "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}]}))
+    out = tmp_path / "harness.json"
+    argv = ["evaluate-harness", "--model", str(tiny_model_dir), "--tasks", "kvs_both", "--task-dir", str(local),
+            "--limit", "6", "--batch-size", "8", "--out", str(out)]
+    assert cli(argv) == 0
+    result = read(out)
+    scores = result["scores"]
+    assert set(scores) == {"kvs_both"}
+    group = scores["kvs_both"]
+    assert (group["kind"], group["metric"], group["label"], group["subtasks"]) == ("group", "acc", "acc", 2)
+    subtasks = [result["tasks"][t]["acc"] for t in ("kvs_next_sentence", "kvs_cloze")]
+    assert group["value"] == pytest.approx(sum(subtasks) / 2)  # 6 samples each: equal weights
+    out2 = tmp_path / "tag.json"
+    argv[argv.index("kvs_both")] = "kvsharer_demo"
+    assert cli(argv[:-1] + [str(out2)]) == 0
+    tag = read(out2)["scores"]
+    assert set(tag) == {"kvs_next_sentence", "kvs_cloze"}
+    assert {s["kind"] for s in tag.values()} == {"subtask of kvsharer_demo"}

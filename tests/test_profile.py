@@ -69,3 +69,27 @@ def test_peak_memory_is_measured_not_computed_from_shapes(tiny_model_dir):
     assert hooked["kv_bytes"] == plain["kv_bytes"]
     assert hooked["peak_bytes"] - plain["peak_bytes"] == pytest.approx(extra, rel=0.05)
     assert COLUMNS[-1] == "peak_method"
+
+
+def test_a_model_spread_over_gpus_is_profiled_on_all_of_them(monkeypatch):
+    """A model loaded with --gpus 2: its peak memory is the sum over both GPUs (cuda:0 alone would hide the
+    other half of a 70B model)."""
+    import torch
+
+    from conftest import make_tiny
+    from kvsharer.peakmem import PeakMemory
+    from kvsharer.profile import gpus_of
+
+    model = make_tiny("llama", n_layers=4)
+    assert gpus_of(model) == []  # on CPU: no GPU to read
+    model.hf_device_map = {"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": 0, "model.layers.2": 1,
+                           "model.layers.3": 1, "model.norm": 1, "lm_head": 1}
+    gpus = gpus_of(model)
+    assert gpus == [torch.device("cuda", 0), torch.device("cuda", 1)]
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: {0: 1_000, 1: 2_000}[d.index])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: {0: 7_000, 1: 5_000}[d.index])
+    with PeakMemory(gpus[0], gpus) as peak:
+        pass
+    assert (peak.method, peak.peak, peak.baseline, peak.extra) == ("cuda_allocator", 12_000, 3_000, 9_000)

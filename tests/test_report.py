@@ -257,7 +257,7 @@ def test_table1_holds_the_inputs(tables):
         row = tiny.loc[rate * 100]
         assert row["ppl"] == ppl_of(rate)
         for task in TASKS:
-            assert row[f"acc:{task}"] == acc_of(rate, task)
+            assert row[f"{task} (acc)"] == acc_of(rate, task)
         assert row["passkey"] == pytest.approx(passkey_of(rate), rel=1e-12)
         mean = np.mean([acc_of(rate, t) for t in TASKS] + [passkey_of(rate)])
         assert row["mean_score"] == pytest.approx(mean, rel=1e-12)
@@ -566,3 +566,66 @@ def test_no_torch(inputs, tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"rc": [0, 0], "loaded": []}, proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmarks as the paper reports them: groups by their aggregate, generation tasks by their metric
+# ------------------------------------------------------------------------------------------------
+
+MMLU_SUBJECTS = ("mmlu_anatomy", "mmlu_astronomy", "mmlu_college_physics", "mmlu_econometrics", "mmlu_virology")
+
+
+def lm_eval_like_harness(root: Path, model: str, policy: Path | None, rate: float) -> Path:
+    """A harness result as evaluate-harness writes it for hellaswag, mmlu (a group) and xsum (generation):
+    lm-eval's ``results`` hold every subject of mmlu and its category subgroup besides the group itself."""
+    subjects = {s: 0.3 + 0.1 * k - rate / 10 for k, s in enumerate(MMLU_SUBJECTS)}
+    group_acc = 0.47 - rate / 10  # lm-eval's size-weighted aggregate: not the plain mean of the subjects
+    tasks = {"hellaswag": {"acc": 0.6 - rate / 5, "acc_norm": 0.7}, "mmlu": {"acc": group_acc},
+             "mmlu_stem": {"acc": 0.44}, **{s: {"acc": a} for s, a in subjects.items()},
+             "xsum": {"rouge": 0.21 - rate / 20, "rouge_stderr": 0.01}}
+    scores = {
+        "hellaswag": {"metric": "acc", "label": "acc", "value": tasks["hellaswag"]["acc"], "kind": "task"},
+        "mmlu": {"metric": "acc", "label": "acc", "value": group_acc, "kind": "group", "subtasks": len(subjects)},
+        "xsum": {"metric": "rouge", "label": "rougeL", "value": tasks["xsum"]["rouge"], "kind": "task"},
+    }
+    name = policy.stem if policy else "plain"
+    return write(root / model / "eval" / name / "harness.json", {
+        "stage": "evaluate-harness", **_common(model, policy), "cache": None, "cache_family": None, "chunk": None,
+        "tasks": tasks, "scores": scores, "requested": ["hellaswag", "mmlu", "xsum"]})
+
+
+def test_table1_reports_groups_by_their_aggregate_and_generation_tasks_by_their_metric(tmp_path):
+    root = tmp_path / "results"
+    policy = make_policy(root, "bench", 0.25)
+    evals = [lm_eval_like_harness(root, "bench", None, 0.0), lm_eval_like_harness(root, "bench", policy, 0.25)]
+    evals += make_evals(root, "bench", None, 0.0, 10.0, full=False) + make_evals(root, "bench", policy, 0.25, 12.0,
+                                                                                 full=False)
+    out = tmp_path / "tables"
+    assert cli(["tables", "--policies", str(policy), "--evals", *map(str, evals), "--out-dir", str(out)]) == 0
+    t1 = read(out, "table1").set_index("rate_pct")
+    scores = ["hellaswag (acc)", "mmlu (acc, group)", "xsum (rougeL)"]
+    # one column per benchmark, named by its metric; no subject or subgroup of mmlu as a benchmark of its own
+    assert [c for c in t1.columns if "(" in c] == scores
+    assert not any(c.startswith(("mmlu_", "acc:")) for c in t1.columns)
+    for rate in (0.0, 25.0):
+        r = rate / 100
+        assert t1.loc[rate, "mmlu (acc, group)"] == pytest.approx(0.47 - r / 10)  # the group's aggregate
+        assert t1.loc[rate, "xsum (rougeL)"] == pytest.approx(0.21 - r / 20)  # not dropped
+        assert t1.loc[rate, "mean_score"] == pytest.approx(np.mean([0.6 - r / 5, 0.47 - r / 10, 0.21 - r / 20]))
+    md = (out / "table1.md").read_text()
+    assert "mmlu (acc, group)" in md and "xsum (rougeL)" in md
+
+
+def test_harness_results_written_before_scores_keep_their_requested_names(tmp_path):
+    """Older harness files (no ``scores``): the requested names' ``acc``, the group's aggregate included."""
+    root = tmp_path / "results"
+    path = lm_eval_like_harness(root, "bench", None, 0.0)
+    data = json.loads(path.read_text())
+    del data["scores"]
+    write(path, {**data, "requested": ["hellaswag", "mmlu"]})
+    out = tmp_path / "tables"
+    assert cli(["tables", "--evals", str(path), *map(str, make_evals(root, "bench", None, 0.0, 10.0, full=False)),
+                "--out-dir", str(out)]) == 0
+    t1 = read(out, "table1")
+    assert [c for c in t1.columns if "(" in c] == ["hellaswag (acc)", "mmlu (acc)"]
+    assert t1.loc[0, "mmlu (acc)"] == pytest.approx(0.47)

@@ -56,3 +56,25 @@ def test_bad_arguments(tmp_path, caplog):
     assert cli(["search-scaling", "--layers", "2,4", "--out", str(tmp_path / "x.json")]) == 2
     assert "at least 4 layers" in caplog.text
     assert cli(["search-scaling", "--hidden", "abc", "--out", str(tmp_path / "x.json")]) == 2
+
+
+def test_the_measurements_memory_and_time_follow_the_grid():
+    """The paper grid's largest random model (48 layers x 4096, fp32) alone is ~39 GB: the rule asks for
+    that and more, where the default resources gave it 2,000 MB and 30 minutes."""
+    from pathlib import Path
+
+    import yaml
+
+    from kvsharer.jobs import rule_resources
+    from kvsharer.scaling import measure_memory_bytes, measure_minutes, measured_shape
+
+    heads, inter = measured_shape(4096)
+    model_bytes = 4 * (48 * layer_params(4096, inter, heads, heads) + 2 * 1024 * 4096)
+    assert 38e9 < model_bytes < 40e9
+    paper = yaml.safe_load((Path(__file__).resolve().parents[1] / "config" / "paper.yaml").read_text())
+    res = rule_resources(paper, "search_scaling")
+    assert res["mem_mb"] * 1e6 > model_bytes and res["gpu"] == 0
+    assert res["runtime"] > 30
+    # fewer threads: longer; a smaller grid: less memory and time
+    assert measure_minutes([8, 48], [4096], 30, 64, 0.25, 2) > measure_minutes([8, 48], [4096], 30, 64, 0.25, 16)
+    assert measure_memory_bytes([8, 16], [256], 30, 64) < 3e9

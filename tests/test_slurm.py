@@ -28,8 +28,9 @@ from test_dag import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = yaml.safe_load((REPO / "slurm" / "config.yaml").read_text())
-# the rules that load a model: one GPU each in the profile; every other rule runs on CPUs only
-GPU_RULES = {"prepare_model", "calibrate", "search", "evaluate_ppl", "evaluate_harness", "evaluate_longctx"}
+# the rules that load a model: models.<m>.gpus GPUs each (the config's, not the profile's); every other rule
+# runs on CPUs only: prepare_model converts the weights on CPU, search_scaling is a CPU measurement
+GPU_RULES = {"calibrate", "search", "evaluate_ppl", "evaluate_ppl_corpus", "evaluate_harness", "evaluate_longctx", "profile"}
 # the one-node cluster of .ci/start-slurm.sh has partition `debug` with one (dummy) GPU
 PARTITION = os.environ.get("KVSHARER_SLURM_PARTITION", "debug")
 
@@ -60,22 +61,32 @@ def _jobs(log: str) -> list[dict]:
     return jobs
 
 
-def test_profile_requests_a_gpu_for_the_model_rules_only(tmp_path):
-    """Without a cluster: a dry run of test_dag's whole tiny DAG with the profile shows every job's resources."""
-    assert set(PROFILE["set-resources"]) == GPU_RULES
+def test_profile_requests_the_models_gpus_for_the_model_rules_only(tmp_path):
+    """Without a cluster: a dry run of test_dag's whole tiny DAG with the profile shows every job's resources:
+    the model's GPUs (here 2) for the rules that load it, the profile (Table 2) included, none for the others."""
+    assert set(PROFILE["set-resources"]) == GPU_RULES | {"prepare_model"}  # their wall times
+    assert not any({"gpu", "gres", "mem_mb"} & set(r) for r in PROFILE["set-resources"].values())  # the config's
     model_dir = save_tiny_model(tmp_path / "tiny-model", n_layers=8)  # the config check reads its config.json
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config(model_dir)))
+    config = tiny_config(model_dir)
+    config["models"]["tiny"]["gpus"] = 2
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
            "--configfile", str(tmp_path / "config.yaml"), "--profile", str(REPO / "slurm"), "-n", "--cores", "4"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     jobs = [j for j in _jobs(out) if not j["local"]]
-    assert GPU_RULES | {"prepare_text", "make_tasks", "distances", "tables", "figures"} <= {j["rule"] for j in jobs}
+    assert GPU_RULES | {"prepare_model", "search_scaling", "prepare_text", "make_tasks", "distances", "tables",
+                        "figures"} <= {j["rule"] for j in jobs}
     for job in jobs:
         res, rule = job["resources"], job["rule"]
-        assert (res.get("gpu") == "1") == (rule in GPU_RULES), job
+        assert res.get("gpu", "0") == ("2" if rule in GPU_RULES else "0"), job
         runtime = PROFILE["set-resources"].get(rule, PROFILE["default-resources"])["runtime"]
+        if rule == "search_scaling":  # memory and wall time from its grid (kvsharer.scaling), not the profile
+            from kvsharer.jobs import rule_resources
+
+            runtime = rule_resources(config, rule)["runtime"]
+            assert res["mem_mb"] == str(rule_resources(config, rule)["mem_mb"]), job
         assert res["runtime"] == str(runtime) and res["slurm_partition"] == "" and res["slurm_account"] == "", job
         assert res["cpus_per_task"] == str(job["threads"]), job  # `cpus_per_task: threads`
 
@@ -117,7 +128,7 @@ def _slurm_workdir(workdir: Path) -> Path:
     if problem:
         pytest.skip(problem)
     model_dir = save_tiny_model(workdir / "tiny-model", n_layers=8)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(slurm_config(model_dir)))
+    (workdir / "config.yaml").write_text(yaml.safe_dump(slurm_config(model_dir, _partition_has_gpu())))
     return workdir
 
 
@@ -128,18 +139,20 @@ def _failed(workdir: Path, what: str, returncode: int, log: str) -> AssertionErr
     return AssertionError(f"{what} failed (rc {returncode}):\n{log[-6000:]}\n{logs[-6000:]}")
 
 
-def slurm_config(model_dir: Path) -> dict:
-    """test_dag's tiny config, smaller: one policy (25 %, dissimilar), no ablations or compositions, perplexity only."""
+def slurm_config(model_dir: Path, gpu: bool) -> dict:
+    """test_dag's tiny config, smaller: one policy (25 %, dissimilar), no ablations or compositions, perplexity
+    only; one GPU per model job where the partition has GPUs, none (CPU) where it has not."""
     config = tiny_config(model_dir)
     config.pop("compose", None)
     config["models"]["tiny"]["mem_mb"] = 1000
+    config["models"]["tiny"]["gpus"] = 1 if gpu else 0
     config["search"].update(rates=[0.25], orders=["dissimilar"], seeds=[0], ablation_rates=[], metrics=[],
                             thresholds=[])
     config["evaluation"] = {"ppl": config["evaluation"]["ppl"]}
     return config
 
 
-def snakemake_slurm_cmd(workdir: Path, *args: str, gpu: bool = True) -> list[str]:
+def snakemake_slurm_cmd(workdir: Path, *args: str) -> list[str]:
     """Snakemake with the repository's profile from `workdir`, plus this test cluster's overrides."""
     cmd = [
         sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
@@ -154,15 +167,12 @@ def snakemake_slurm_cmd(workdir: Path, *args: str, gpu: bool = True) -> list[str
         "--verbose",  # the plugin logs each `sbatch call: ...` at debug level
         *args,
     ]
-    if not gpu:  # a cluster without GPUs: the profile's per-rule requests (restated whole), GPUs set to 0
-        cmd += ["--set-resources", *(f"{rule}:{key}={0 if key == 'gpu' else value}"
-                                     for rule, res in PROFILE["set-resources"].items() for key, value in res.items())]
-    return cmd
+    return cmd  # a partition without GPUs: the config says gpus: 0 (slurm_config)
 
 
-def snakemake_slurm(workdir: Path, *args: str, gpu: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def snakemake_slurm(workdir: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `snakemake_slurm_cmd` to its end (on a timeout, its Slurm jobs are cancelled)."""
-    cmd = snakemake_slurm_cmd(workdir, *args, gpu=gpu)
+    cmd = snakemake_slurm_cmd(workdir, *args)
     try:
         return subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=workdir, timeout=timeout)
     except subprocess.TimeoutExpired as e:  # leave no job behind in the queue
@@ -188,7 +198,7 @@ def slurm_run(tmp_path_factory):
     workdir = _slurm_workdir(tmp_path_factory.mktemp("slurm_dag"))
     gpu = _partition_has_gpu()
     start = time.monotonic()
-    proc = snakemake_slurm(workdir, gpu=gpu)
+    proc = snakemake_slurm(workdir)
     wall = time.monotonic() - start
     log = proc.stdout + proc.stderr
     (workdir / "snakemake_slurm.log").write_text(log)
@@ -288,14 +298,14 @@ def test_killed_slurm_dag_resumes_without_redoing_finished_jobs(slurm_run, tmp_p
     every result Snakemake had booked keeps its file, only jobs it had not booked are redone (the search
     from its journal, evaluating nothing twice), nothing is half-written, and the results are those of the
     uninterrupted run of `slurm_run`."""
-    workdir, gpu = _slurm_workdir(tmp_path), slurm_run["gpu"]
+    workdir = _slurm_workdir(tmp_path)
     res = workdir / "results" / "tiny"
     policy = res / "policies" / "r0.25_dissimilar_euclidean_T0.5_s0.json"
     journal = policy.with_name(policy.name + ".journal.jsonl")
     log_path = workdir / "snakemake_killed.log"
     start = time.monotonic()
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(snakemake_slurm_cmd(workdir, gpu=gpu), cwd=workdir, env=_env(), stdout=log_file,
+        proc = subprocess.Popen(snakemake_slurm_cmd(workdir), cwd=workdir, env=_env(), stdout=log_file,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     run_id, states = None, []
     try:
@@ -323,10 +333,10 @@ def test_killed_slurm_dag_resumes_without_redoing_finished_jobs(slurm_run, tmp_p
     before, journaled = _files(workdir), _journal(journal)  # the journal: a header line, then candidates
     assert before, "no job had finished before the kill"
 
-    unlock = snakemake_slurm(workdir, "--unlock", gpu=gpu, timeout=120)
+    unlock = snakemake_slurm(workdir, "--unlock", timeout=120)
     assert unlock.returncode == 0, unlock.stdout[-2000:] + unlock.stderr[-2000:]
     rerun_start = time.monotonic()
-    rerun = snakemake_slurm(workdir, "--rerun-incomplete", gpu=gpu)
+    rerun = snakemake_slurm(workdir, "--rerun-incomplete")
     rerun_wall, log = time.monotonic() - rerun_start, rerun.stdout + rerun.stderr
     (workdir / "snakemake_rerun.log").write_text(log)
     if rerun.returncode != 0:

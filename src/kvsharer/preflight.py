@@ -1,24 +1,85 @@
 """Checks of a pipeline config that need more than its schema, run before any job is submitted.
 
-The Snakefile calls ``preflight(config)`` in Snakemake's main process (never inside jobs). It collects
-every problem and raises one ``ValueError`` listing them: a model source that is neither a folder, a hub
-id nor an embedded model; an architecture the sharing mechanism cannot handle (checked on an empty model
-built on the ``meta`` device from the config: no weights are read); a sharing rate no policy can reach
-for the model's depth; a long-context length beyond the model's window; an lm-eval task name unknown to
-lm-eval's registry; a token-level method of ``kvsharer.intra`` (profile) for a model whose attention is
-remote code, which does not go through transformers' attention-function registry those methods plug
-into (they would silently compress nothing); a MiniCache rate that needs more adjacent layer pairs than the
-model has. Hub models whose config is not in the local Hugging Face
-cache (offline dry runs) are not checked for architecture; that is logged, not an error.
+The Snakefile calls ``preflight(config, overrides)`` in Snakemake's main process (never inside jobs),
+with the Slurm profile's per-rule ``set-resources`` as ``overrides``. It collects every problem and
+raises one ``PreflightError`` listing them all, in two groups:
+
+**Config problems** (the run would fail or measure the wrong thing, on any host):
+
+* a model source that is neither a folder, a hub id nor an embedded model; an architecture the sharing
+  mechanism cannot handle; a sharing rate no policy can reach for the model's depth; a MiniCache rate that
+  needs more adjacent layer pairs than the model has; a token-level method (kvsharer.intra) for a model
+  whose attention is remote code (it would compress nothing);
+* every length a stage runs against the model's window: passkey lengths (up to ``models.<m>.max_length``)
+  plus the answer tokens, profile contexts plus the new tokens, the perplexity window, the calibration
+  tokens;
+* resources, as the rules and the Slurm profile request them: a model's ``mem_mb`` against its weights in
+  the config's dtype (every job loads them through host memory; prepare-model converts them on CPU); its
+  GPUs against weights + K/V + activations of the largest forward of each rule; a profile without a GPU
+  (Table 2 on CPU), a prepare_model with one (it never uses it); search_scaling's memory against its grid;
+* lm-eval task names unknown to lm-eval, and groups/tags without an aggregate metric (the paper reports
+  one number per benchmark).
+
+Architectures come from ``kvsharer.shapes.ARCHITECTURES`` (every paper model, offline, without torch),
+from a folder's config.json, or from a cached hub config (built on the ``meta`` device: no weights).
+
+**Environment problems** (this host): Python packages a model's remote code or a task needs; models and
+datasets neither in the local Hugging Face cache nor reachable on the hub, gated repos without an HF
+token. A dry run (``environment="warn"``) logs them instead of raising; so does a real run with
+``KVSHARER_PREFLIGHT_ENVIRONMENT=warn`` (when the compute nodes have what the submit host lacks).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
 import logging
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import footprint, jobs
+from .shapes import Shape, architecture_of, shape_from_config
+from .sources import EMBEDDED_PREFIX, ModelError, check_source
+
 log = logging.getLogger("kvsharer")
+
+TOKEN_METHOD_NAMES = ("h2o", "pyramidinfer", "kvmerger")  # kvsharer.intra.METHODS (which imports torch)
+
+
+class PreflightError(ValueError):
+    """The config (or this host) would make jobs fail: every problem, in one message."""
+
+
+@dataclass
+class Findings:
+    problems: list[str] = field(default_factory=list)  # the config's
+    environment: list[str] = field(default_factory=list)  # this host's
+    notes: list[str] = field(default_factory=list)  # worth knowing, not wrong
+
+    def message(self, environment: bool = True) -> str:
+        parts = []
+        if self.problems:
+            parts.append("config check failed before any job was submitted:\n  - " + "\n  - ".join(self.problems))
+        if environment and self.environment:
+            parts.append("environment of this host (packages, hub access; KVSHARER_PREFLIGHT_ENVIRONMENT=warn "
+                         "when the compute nodes have them):\n  - " + "\n  - ".join(self.environment))
+        return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------
+# what a model is
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelInfo:
+    shape: Shape | None = None
+    native_attention: bool = True  # transformers' own attention (token-level methods plug into it)
+    hub_id: str | None = None  # fetched from the hub by prepare-model
+    problems: list[str] = field(default_factory=list)
+    environment: list[str] = field(default_factory=list)
 
 
 def _model_config(source: str, trust_remote_code: bool = False):
@@ -28,40 +89,89 @@ def _model_config(source: str, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as err:  # not cached, remote code, ...
-        log.warning("preflight: config of %s is not available offline (%s); architecture not checked",
-                    source, str(err).splitlines()[0][:120])
+        log.warning("preflight: config of %s is not available offline (%s)", source, str(err).splitlines()[0][:120])
         return None
 
 
-def check_model(name: str, settings: dict, rates: list[float], lengths: list[int],
-                methods: list[str] = (), minicache_rates: list[float] = ()) -> list[str]:
-    from .models import (EMBEDDED_PREFIX, ModelError, UnsupportedArchitecture, check_source, find_parts,
-                         trusts_remote_code)
-
-    source = settings["source"]
-    try:
-        check_source(source)
-    except ModelError as err:
-        return [f"model {name!r}: {err}"]
-    if source.startswith(EMBEDDED_PREFIX):
-        return []  # a known, supported Llama checkpoint
+def _build(name: str, source: str, info: ModelInfo) -> None:
+    """Build the model on the ``meta`` device (no weights) and find the parts sharing touches."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from .models import UnsupportedArchitecture, find_parts, text_config, trusts_remote_code
 
     remote = trusts_remote_code(source, local_files_only=True)
     config = _model_config(source, remote)
     if config is None:
-        return []
-    problems = []
+        info.environment.append(f"model {name!r}: {source} is not in the table of known architectures "
+                                "(kvsharer.shapes) and its config is not available here: not checked")
+        return
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=remote)
         parts = find_parts(model)
-        n_layers = parts.n_layers
     except UnsupportedArchitecture as err:
-        return [f"model {name!r}: {err}"]
+        info.problems.append(f"model {name!r}: {err}")
+        return
     except Exception as err:  # an architecture transformers cannot build
-        return [f"model {name!r}: cannot build {type(config).__name__} ({err})"]
+        info.problems.append(f"model {name!r}: cannot build {type(config).__name__} ({err})")
+        return
+    info.native_attention = parts.native_attention
+    if info.shape is None or info.shape.layers != parts.n_layers:
+        window = getattr(text_config(config), "max_position_embeddings", None) or 0
+        shape = info.shape or Shape(parts.n_layers, 0, 0, 1, 1, 0, window)
+        info.shape = Shape(**{**shape.__dict__, "layers": parts.n_layers})
+
+
+def model_info(name: str, settings: dict) -> ModelInfo:
+    source = settings["source"]
+    info = ModelInfo()
+    try:
+        check_source(source)
+    except ModelError as err:
+        info.problems.append(f"model {name!r}: {err}")
+        return info
+    known = architecture_of(source)
+    if known is not None:  # the table: every paper model, offline, no torch
+        info.shape, info.native_attention = known, not known.remote_code
+        if not source.startswith(("random:", EMBEDDED_PREFIX)):
+            info.hub_id = source
+        for package in known.packages:
+            if importlib.util.find_spec(package) is None:
+                info.environment.append(f"model {name!r} ({source}) needs the Python package {package!r} (its "
+                                        f"remote code or tokenizer imports it): pip install {package}")
+        return info
+    if source.startswith(EMBEDDED_PREFIX):
+        return info
+    folder = Path(source)
+    if folder.is_dir():
+        try:
+            info.shape = shape_from_config(json.loads((folder / "config.json").read_text()))
+        except (OSError, ValueError):
+            info.problems.append(f"model {name!r}: {folder / 'config.json'} is not readable JSON")
+            return info
+    else:  # a hub id outside the table: its cached config.json, if any
+        info.hub_id = source
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, "config.json")
+        if isinstance(cached, str):
+            info.shape = shape_from_config(json.loads(Path(cached).read_text()))
+    _build(name, source, info)
+    return info
+
+
+# ------------------------------------------------------------------------------------------------
+# checks of one model
+# ------------------------------------------------------------------------------------------------
+
+
+def _token_methods(methods) -> list[str]:
+    return [m for m in methods if str(m).split(":")[0] in TOKEN_METHOD_NAMES]
+
+
+def check_depth(name: str, n_layers: int, rates, minicache_rates=()) -> list[str]:
+    problems = []
     for rate in rates:
         if rate > (n_layers - 1) / n_layers or math.floor(rate * n_layers + 0.5) > n_layers - 1:
             problems.append(f"model {name!r}: sharing rate {rate} is impossible for its {n_layers} layers")
@@ -73,58 +183,296 @@ def check_model(name: str, settings: dict, rates: list[float], lengths: list[int
                 pairs_for_rate(rate, n_layers)
             except ValueError as err:
                 problems.append(f"model {name!r}: {err}")
-    window = getattr(config, "max_position_embeddings", None)
-    limit = settings.get("max_length") or window
-    for length in lengths:
-        if limit and length > limit:
-            problems.append(f"model {name!r}: long-context length {length} exceeds its window of {limit} tokens")
-    token_methods = _token_methods(methods)
-    if token_methods and not parts.native_attention:
-        problems.append(
-            f"model {name!r}: token-level methods ({', '.join(token_methods)}) need transformers' attention-function "
-            f"registry, which the attention of {type(model).__name__} ({type(parts.attentions[0]).__module__}) does "
-            f"not use: they would compress nothing (set models.{name}.token_methods: false to run them on the other "
-            "models only)"
-        )
     return problems
 
 
-def _token_methods(methods: list[str]) -> list[str]:
-    """The entries of a profile's method list that are kvsharer.intra token-level methods (h2o:0.5, ...)."""
-    if not any(m != "none" for m in methods):
-        return []
-    from .intra import METHODS
+def check_windows(name: str, window: int, config: dict) -> list[str]:
+    """Every length a stage runs on this model, against its window (max_position_embeddings)."""
+    problems = []
+    evaluation = config.get("evaluation") or {}
+    answer = jobs.answer_tokens(config)
+    cap = config["models"][name].get("max_length")
+    if cap is not None and cap + answer > window:
+        problems.append(f"model {name!r}: max_length {cap} + {answer} answer tokens = {cap + answer} exceeds its "
+                        f"window of {window} tokens (set max_length to at most {window - answer})")
+    if "longctx" in evaluation:
+        for n in jobs.longctx_lengths(config, name):
+            if n + answer > window and (cap is None or cap + answer <= window):
+                problems.append(
+                    f"model {name!r}: passkey length {n} + {answer} answer tokens = {n + answer} exceeds its window "
+                    f"of {window} tokens (evaluate-longctx would fail): use lengths up to {window - answer}, or cap "
+                    f"this model with models.{name}.max_length")
+    profile = config.get("profile")
+    if profile is not None:
+        new = profile.get("new_tokens", 16)
+        for context in profile.get("contexts", [512]):
+            if context + new > window:
+                problems.append(
+                    f"model {name!r}: profile context {context} + {new} new tokens = {context + new} exceeds its "
+                    f"window of {window} tokens (profile would fail): use contexts up to {window - new}")
+    if "ppl" in evaluation and evaluation["ppl"].get("window", 512) > window:
+        problems.append(f"model {name!r}: perplexity window {evaluation['ppl'].get('window', 512)} exceeds its "
+                        f"window of {window} tokens")
+    tokens = config["calibration"].get("tokens", 64)
+    if tokens > window:
+        problems.append(f"model {name!r}: calibration.tokens {tokens} exceeds its window of {window} tokens")
+    return problems
 
-    return [m for m in methods if m.split(":")[0] in METHODS]
+
+def effective(config: dict, rule: str, model: str | None, overrides: dict) -> dict:
+    """A rule's resources for ``model`` after the Slurm profile's ``set-resources`` (which win)."""
+    res = {**jobs.rule_resources(config, rule, model), **(overrides.get(rule) or {})}
+    if "gres" in (overrides.get(rule) or {}):  # gres: "gpu:2" / "gpu:a100:2" instead of gpu: 2
+        gres = str(overrides[rule]["gres"]).split(":")
+        res["gpu"] = int(gres[-1]) if gres[0] == "gpu" and gres[-1].isdigit() else res.get("gpu", 0)
+    return res
 
 
-def check_tasks(tasks: list[str]) -> list[str]:
+def forwards(config: dict, name: str, window: int) -> dict[str, list[tuple[str, int, int, bool]]]:
+    """rule -> [(what, batch, tokens, logits of every position)]: the largest forwards each model rule
+    runs (the profile's grid is left out: a point that does not fit is an out-of-memory row by design)."""
+    evaluation = config.get("evaluation") or {}
+    batch = jobs.model_setting(config, name, "batch_size")
+    calibration = config["calibration"]
+    samples, tokens = calibration.get("samples", 30), calibration.get("tokens", 64)
+    out = {"calibrate": [("calibration", samples, tokens, True)], "search": [("calibration", samples, tokens, True)]}
+    if "ppl" in evaluation:
+        out["evaluate_ppl"] = [("perplexity windows", batch, evaluation["ppl"].get("window", 512), True)]
+    lengths = jobs.longctx_lengths(config, name) if "longctx" in evaluation else []
+    if lengths:  # a whole (length, depth) cell per generate call: trials sequences
+        out["evaluate_longctx"] = [("passkey cells", evaluation["longctx"].get("trials", 2),
+                                    max(lengths) + jobs.answer_tokens(config), False)]
+    profile = config.get("profile")
+    if profile is not None:
+        out["profile"] = [("profile warm-up", 1, min(profile.get("contexts", [512])) + 2, False)]
+    return out
+
+
+def check_resources(name: str, shape: Shape, config: dict, overrides: dict, gpu_memory_gb: float) -> list[str]:
+    settings = config["models"][name]
+    dtype = settings.get("dtype", "float32")
+    problems = []
+    host = footprint.host_mb_to_load(shape, dtype)
+    short = [r for r in ("prepare_model", *jobs.MODEL_RULES)
+             if effective(config, r, name, overrides).get("mem_mb", 0) < host]
+    if short:
+        asked = sorted({effective(config, r, name, overrides).get("mem_mb", 0) for r in short})
+        problems.append(
+            f"model {name!r}: mem_mb {'/'.join(map(str, asked))} is less than the {host} MB needed to load its "
+            f"{(shape.params or shape.param_count()) / 1e9:.1f}B parameters in {dtype} through host memory "
+            f"(rules {', '.join(short)}; prepare_model converts them on CPU): raise models.{name}.mem_mb")
+    prepare = effective(config, "prepare_model", name, overrides)
+    if prepare.get("gpu", 0):
+        problems.append(f"rule prepare_model for model {name!r} asks for {prepare['gpu']} GPU(s) but converts the "
+                        "weights on CPU: the GPU would idle (remove gpu from its set-resources)")
+    wanted = jobs.model_gpus(config, name)
+    for rule, runs in forwards(config, name, shape.max_positions).items():
+        gpus = effective(config, rule, name, overrides).get("gpu", 0)
+        if rule == "profile" and wanted and not gpus:
+            problems.append(f"rule profile for model {name!r} gets no GPU: Table 2's memory and throughput would "
+                            f"be measured on CPU (models.{name}.gpus is {wanted}; remove gpu: 0 from its "
+                            "set-resources)")
+            continue
+        if not gpus:  # a CPU job: weights, K/V and activations all live in its host memory
+            mem = effective(config, rule, name, overrides).get("mem_mb", 0)
+            for what, batch, tokens, all_logits in runs:
+                need = math.ceil(footprint.gpu_bytes(shape, dtype, batch, tokens, all_logits) / 1e6)
+                need += footprint.HOST_OVERHEAD_MB
+                if mem < need:
+                    problems.append(f"model {name!r}: rule {rule} runs on CPU (no GPU) and needs {need} MB for its "
+                                    f"{what} ({batch} x {tokens} tokens: weights + K/V + activations) but asks for "
+                                    f"{mem} MB")
+            continue
+        for what, batch, tokens, all_logits in runs:
+            need = footprint.gpu_bytes(shape, dtype, batch, tokens, all_logits)
+            n = footprint.gpus_needed(need, gpu_memory_gb)
+            if n > gpus:
+                problems.append(
+                    f"model {name!r}: rule {rule} needs {n} GPUs of {gpu_memory_gb:g} GB for its {what} ({batch} x "
+                    f"{tokens} tokens: weights + K/V + activations = {footprint.gb(need)}) but gets {gpus} "
+                    f"(set models.{name}.gpus: {n})")
+    return problems
+
+
+def check_model(name: str, settings: dict, rates: list[float], lengths: list[int], methods=(), minicache_rates=(),
+                config: dict | None = None, overrides: dict | None = None, info: ModelInfo | None = None) -> list[str]:
+    """Config problems of one model. ``config``: the whole config, for its windows and resources; without
+    it, ``lengths`` are checked as passkey lengths (no answer tokens) and resources are not."""
+    info = info or model_info(name, settings)
+    problems = list(info.problems)
+    if problems or info.shape is None:
+        return problems
+    shape = info.shape
+    problems += check_depth(name, shape.layers, rates, minicache_rates)
+    own = _token_methods(methods)
+    if own and not info.native_attention:
+        problems.append(
+            f"model {name!r}: token-level methods ({', '.join(own)}) need transformers' attention-function registry, "
+            f"which the remote-code attention of {shape.architecture or settings['source']} does not use: they would "
+            f"compress nothing (set models.{name}.token_methods: false to run them on the other models only)")
+    whole = config or {"models": {name: settings}, "calibration": {},
+                       "evaluation": {"longctx": {"lengths": lengths, "answer_tokens": 0}}}
+    if shape.max_positions:
+        problems += check_windows(name, shape.max_positions, whole)
+    if config is not None and shape.hidden and shape.vocab:
+        gpu_gb = (config.get("resources") or {}).get("gpu_memory_gb", footprint.GPU_MEMORY_GB)
+        problems += check_resources(name, shape, config, overrides or {}, gpu_gb)
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------
+# tasks, scaling, hub
+# ------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def task_manager():
     from lm_eval.tasks import TaskManager
 
-    known = TaskManager().all_tasks
-    unknown = [t for t in tasks if t not in known]
-    return [f"unknown lm-eval task(s): {', '.join(unknown)}"] if unknown else []
+    return TaskManager()  # scans lm-eval's ~15k task configs once per process
 
 
-def preflight(config: dict) -> None:
-    search, evaluation = config["search"], config.get("evaluation", {})
-    compose = config.get("compose", {})
+def check_tasks(tasks: list[str], findings: Findings) -> dict[str, set[str]]:
+    """Unknown names, groups without aggregate, packages; returns {dataset: requested names reading it}."""
+    from .evaluate.lm_tasks import task_needs
+
+    manager = task_manager()
+    unknown = [t for t in tasks if t not in manager.task_index]
+    if unknown:
+        findings.problems.append(f"unknown lm-eval task(s): {', '.join(unknown)}")
+    datasets: dict[str, set[str]] = {}
+    for name, needs in task_needs(tasks, manager).items():
+        if needs.kind in ("tag", "group without aggregate"):
+            findings.problems.append(
+                f"lm-eval task {name!r} is a {'tag' if needs.kind == 'tag' else 'group'} with no aggregate metric: "
+                f"lm-eval reports only its {len(needs.leaves)} tasks, not one score for the benchmark (name a group "
+                "with an aggregate_metric_list, or the tasks themselves)")
+        for package in sorted(needs.packages):
+            if importlib.util.find_spec(package) is None:
+                findings.environment.append(f"lm-eval task {name!r} needs the Python package {package!r} "
+                                            f"(pip install {package}); without it the harness jobs fail")
+        for resource in sorted(needs.nltk_data):
+            if not _nltk_has(resource):
+                findings.environment.append(
+                    f"lm-eval task {name!r} scores with NLTK's {resource.split('/')[-1]} data, which is not here and "
+                    f"which unitxt downloads at scoring time: python -m nltk.downloader {resource.split('/')[-1]} "
+                    "(into NLTK_DATA on a shared file system when the compute nodes have no internet)")
+        for dataset in needs.datasets:
+            datasets.setdefault(dataset, set()).add(name)
+    return datasets
+
+
+def _nltk_has(resource: str) -> bool:
+    if importlib.util.find_spec("nltk") is None:
+        return False
+    import nltk
+
+    try:
+        nltk.data.find(resource)
+        return True
+    except LookupError:
+        return False
+
+
+def check_scaling(config: dict, overrides: dict) -> list[str]:
+    if "scaling" not in config:
+        return []
+    from .scaling import measure_memory_bytes
+
+    s = jobs.scaling_settings(config)
+    need = math.ceil(measure_memory_bytes(s["layers"], s["hidden"], s["samples"], s["tokens"]) / 1e6)
+    asked = effective(config, "search_scaling", None, overrides).get("mem_mb", 0)
+    if asked < need:
+        return [f"rule search_scaling asks for {asked} MB but its grid (layers {max(s['layers'])} x hidden "
+                f"{max(s['hidden'])}, random fp32 models, {s['samples']} x {s['tokens']} tokens) needs {need} MB "
+                "(kvsharer.scaling.measure_memory_bytes): drop its mem_mb override or shrink scaling.layers/hidden"]
+    return []
+
+
+def hub_problems(config: dict, infos: dict[str, ModelInfo], datasets: dict[str, set[str]]) -> list[str]:
+    from .hub_access import access_problems
+
+    repos = {}
+    for name, info in infos.items():
+        if info.hub_id:
+            gated = bool(info.shape and info.shape.gated)
+            repos.setdefault((info.hub_id, "model"), {"gated": gated, "used_by": f"model {name}"})
+    text = config["calibration"]["text"]
+    if text.startswith("hf:"):
+        repos[(text[3:].split(":")[0], "dataset")] = {"gated": False, "used_by": "calibration text"}
+    for dataset, names in sorted(datasets.items()):
+        repos.setdefault((dataset, "dataset"), {"gated": False, "used_by": f"lm-eval {', '.join(sorted(names))}"})
+    return access_problems(repos)
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole config
+# ------------------------------------------------------------------------------------------------
+
+
+def check_config(config: dict, overrides: dict | None = None) -> Findings:
+    """Every problem of ``config`` (with the Slurm profile's per-rule ``overrides``), without raising."""
+    overrides = {rule: dict(res) for rule, res in (overrides or {}).items()}
+    search, evaluation = config["search"], config.get("evaluation") or {}
+    compose = config.get("compose") or {}
     rates = sorted(set(search["rates"]) | set(search.get("ablation_rates", [])) | set(compose.get("rates", [])))
-    lengths = evaluation.get("longctx", {}).get("lengths", [])
-    problems = []
-    profile = config.get("profile")  # the profile rule's methods (formerly `intra`), with its default
-    methods = profile.get("methods", profile.get("intra", ["none", "h2o:0.5"])) if profile is not None else []
+    profile = config.get("profile")
+    methods = profile.get("methods", ["none", "h2o:0.5"]) if profile is not None else []
     methods = list(dict.fromkeys([*methods, *compose.get("intra", []), *compose.get("niah", [])]))
     minicache_rates = sorted(set(compose.get("minicache_rates", []))
-                             | {float(m.split(":")[1]) for m in methods if m.startswith("minicache:")})
+                             | {float(m.split(":")[1]) for m in methods if str(m).startswith("minicache:")})
+    findings = Findings()
+    infos = {}
     for name, settings in config["models"].items():
         own = methods if settings.get("token_methods", True) else [m for m in methods if m not in _token_methods(methods)]
-        problems += check_model(name, settings, rates, lengths, own, minicache_rates)
+        info = infos[name] = model_info(name, settings)
+        findings.environment += info.environment
+        findings.problems += check_model(name, settings, rates, [], own, minicache_rates, config, overrides, info)
+    findings.problems += check_scaling(config, overrides)
     text = config["calibration"]["text"]
     if not (text.startswith(("embedded:", "hf:")) or Path(text).is_file()):
-        problems.append(f"calibration text {text!r} is not a file, embedded:pydoc, or hf:<dataset>")
+        findings.problems.append(f"calibration text {text!r} is not a file, embedded:pydoc, or hf:<dataset>")
+    datasets: dict[str, set[str]] = {}
     harness = evaluation.get("harness")
     if harness and not harness.get("local_tasks", False):
-        problems += check_tasks(harness["tasks"])
-    if problems:
-        raise ValueError("config check failed before any job was submitted:\n  - " + "\n  - ".join(problems))
+        datasets = check_tasks(harness["tasks"], findings)
+    findings.environment += hub_problems(config, infos, datasets)
+    findings.problems = list(dict.fromkeys(findings.problems))
+    findings.environment = list(dict.fromkeys(findings.environment))
+    return findings
+
+
+def preflight(config: dict, overrides: dict | None = None, environment: str = "raise") -> Findings:
+    """Raise ``PreflightError`` with every problem; environment problems only warn when ``environment`` is
+    ``"warn"`` (dry runs) or ``KVSHARER_PREFLIGHT_ENVIRONMENT=warn``."""
+    import os
+
+    findings = check_config(config, overrides)
+    strict = environment == "raise" and os.environ.get("KVSHARER_PREFLIGHT_ENVIRONMENT", "raise") != "warn"
+    if findings.problems or (strict and findings.environment):
+        raise PreflightError(findings.message(environment=True))
+    for line in findings.environment:
+        log.warning("preflight (environment): %s", line)
+    return findings
+
+
+# ------------------------------------------------------------------------------------------------
+# from the Snakefile
+# ------------------------------------------------------------------------------------------------
+
+
+def snakemake_overrides(workflow) -> dict:
+    """The per-rule resources of the profile's ``set-resources`` (and ``--set-resources``), as
+    ``{rule: {name: value}}``."""
+    out = {}
+    for rule, resources in dict(workflow.resource_settings.overwrite_resources).items():
+        items = resources.items() if hasattr(resources, "items") else resources._data.items()
+        out[rule] = {k: getattr(v, "value", v) for k, v in items}
+    return out
+
+
+def dry_run(argv: list[str]) -> bool:
+    """Whether Snakemake was started with ``-n`` (the executor is chosen after the Snakefile is read)."""
+    import re
+
+    return any(a in ("--dry-run", "--dryrun", "--dry") or re.fullmatch(r"-[a-zA-Z]*n[a-zA-Z]*", a) for a in argv)

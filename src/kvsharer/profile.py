@@ -11,8 +11,9 @@ at rate 0 only; see :mod:`kvsharer.compose`), batch size and context length:
                     rate": the K/V part falls exactly by the rate, the total by rate × (KV share of memory)
 * ``peak_bytes``    peak memory of one prefill + decoding run, measured (:mod:`kvsharer.peakmem`), the largest
                     over ``--repeats``: GPU: ``torch.cuda.max_memory_allocated`` over the run (everything
-                    allocated, weights included); CPU: weights + the growth of the process' resident set
-                    at its peak within the run over its size just before (activations, K/V, buffers)
+                    allocated, weights included), summed over the GPUs a model spread with ``--gpus N`` holds;
+                    CPU: weights + the growth of the process' resident set at its peak within the run over
+                    its size just before (activations, K/V, buffers)
 * ``peak_method``   how ``peak_bytes`` was measured: ``cuda_allocator``, ``rss_hwm`` (Linux: VmHWM reset
                     through /proc/self/clear_refs) or ``rss_sampled`` (RSS polled every millisecond)
 * ``process_peak_rss`` the process' peak RSS since it started (``getrusage``; it never goes down)
@@ -62,11 +63,22 @@ def method_columns(method) -> dict:
     return {"intra": method.name, "budget": method.value, "cache": method.spec, "cache_family": method.family}
 
 
-def _sync(device) -> None:
+def gpus_of(model) -> list:
+    """The CUDA devices holding the model: every GPU of a model spread with device_map (``hf_device_map``),
+    else its one device (none on CPU)."""
     import torch
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    placed = {d for d in (getattr(model, "hf_device_map", None) or {}).values() if isinstance(d, int)}
+    if placed:
+        return [torch.device("cuda", d) for d in sorted(placed)]
+    return [model.device] if model.device.type == "cuda" else []
+
+
+def _sync(devices) -> None:
+    import torch
+
+    for device in devices:
+        torch.cuda.synchronize(device)
 
 
 def run_once(model, policy, method, batch: int, context: int, new_tokens: int, seed: int = 0) -> dict:
@@ -81,24 +93,25 @@ def run_once(model, policy, method, batch: int, context: int, new_tokens: int, s
     from .sharing import cache_nbytes
 
     device = model.device
+    gpus = gpus_of(model)
     vocab = model.config.vocab_size
     prompt = torch.randint(0, vocab, (batch, context), generator=torch.Generator().manual_seed(seed)).to(device)
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
         stack.enter_context(apply_setting(model, policy, method))
-        with PeakMemory(device) as peak:
+        with PeakMemory(device, gpus) as peak:
             cache = DynamicCache(config=model.config)
-            _sync(device)
+            _sync(gpus)
             start = time.perf_counter()
             out = model(prompt, past_key_values=cache, use_cache=True)
-            _sync(device)
+            _sync(gpus)
             prefill = time.perf_counter() - start
             token = out.logits[:, -1:].argmax(-1)
             start = time.perf_counter()
             for _ in range(new_tokens):  # greedy decoding, one token per step, no sampling overhead
                 out = model(token, past_key_values=cache, use_cache=True)
                 token = out.logits[:, -1:].argmax(-1)
-            _sync(device)
+            _sync(gpus)
             decode = time.perf_counter() - start
         kv = cache_nbytes(cache)
     if peak.method == "cuda_allocator":  # the allocator's peak holds the weights already

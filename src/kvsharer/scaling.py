@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -52,6 +53,54 @@ def flops_per_layer_token(hidden: int, inter: int, heads: int, kv_heads: int, to
     return 2.0 * layer_params(hidden, inter, heads, kv_heads) + 4.0 * tokens * hidden
 
 
+def measured_shape(hidden: int) -> tuple[int, int]:
+    """(heads, intermediate) of the random model of width ``hidden`` that ``measure`` builds (heads of 64)."""
+    return max(1, hidden // 64), int(hidden * 8 / 3) // 64 * 64
+
+
+MEASURE_VOCAB = 1024
+# Assumed fp32 matmul throughput of one CPU thread, for the job's wall-time request only (a lower bound:
+# a current core sustains several times more); the measurement itself fits the real throughput.
+CPU_FLOPS_PER_THREAD = 10e9
+HOST_OVERHEAD_BYTES = 2e9
+
+
+def measure_memory_bytes(layers: list[int], hiddens: list[int], samples: int, tokens: int) -> float:
+    """Host memory the measurement needs (torch-free): its largest random fp32 model, plus every layer's
+    cached outputs and K/V for the ``samples x tokens`` calibration tokens (the fast search keeps them),
+    plus one forward's activations and logits, plus interpreter overhead."""
+    worst = 0.0
+    for n_layers in layers:
+        for hidden in hiddens:
+            heads, inter = measured_shape(hidden)
+            params = n_layers * layer_params(hidden, inter, heads, heads) + 2 * MEASURE_VOCAB * hidden
+            states = n_layers * samples * tokens * 3 * hidden * 4
+            activations = samples * tokens * (inter + 4 * hidden + MEASURE_VOCAB) * 4
+            worst = max(worst, params * 4 + states + activations)
+    return worst + HOST_OVERHEAD_BYTES
+
+
+def measure_flops(layers: list[int], hiddens: list[int], samples: int, tokens: int, rate: float) -> float:
+    """FLOPs of the whole measurement, an upper bound: per shape four calibration forwards and at most
+    ``round(rate x L)`` candidates that each re-run all L layers."""
+    total = 0.0
+    for n_layers in layers:
+        for hidden in hiddens:
+            heads, inter = measured_shape(hidden)
+            layer_token = flops_per_layer_token(hidden, inter, heads, heads, tokens)
+            forwards = 4 + max(1, round(rate * n_layers))
+            total += forwards * n_layers * samples * tokens * layer_token
+    return total
+
+
+def measure_minutes(layers: list[int], hiddens: list[int], samples: int, tokens: int, rate: float,
+                    threads: int) -> int:
+    """Wall-time request (minutes) for the measurement on ``threads`` CPU threads: twice the FLOP estimate at
+    ``CPU_FLOPS_PER_THREAD``, plus 10 minutes for building and initialising the models."""
+    seconds = measure_flops(layers, hiddens, samples, tokens, rate) / (CPU_FLOPS_PER_THREAD * max(1, threads))
+    return math.ceil(2 * seconds / 60) + 10
+
+
 def measure(layers: list[int], hiddens: list[int], samples: int, tokens: int, rate: float, seed: int = 0) -> list[dict]:
     """Time the fast search on random Llama-shaped models of every (L, d)."""
     import torch
@@ -63,14 +112,13 @@ def measure(layers: list[int], hiddens: list[int], samples: int, tokens: int, ra
     rows = []
     for n_layers in layers:
         for hidden in hiddens:
-            heads = max(1, hidden // 64)
-            inter = int(hidden * 8 / 3) // 64 * 64
-            config = LlamaConfig(vocab_size=1024, hidden_size=hidden, intermediate_size=inter,
+            heads, inter = measured_shape(hidden)
+            config = LlamaConfig(vocab_size=MEASURE_VOCAB, hidden_size=hidden, intermediate_size=inter,
                                  num_hidden_layers=n_layers, num_attention_heads=heads, num_key_value_heads=heads,
                                  max_position_embeddings=max(512, tokens))
             torch.manual_seed(seed)
             model = LlamaForCausalLM(config).eval()
-            ids = torch.randint(0, 1024, (samples, tokens), generator=torch.Generator().manual_seed(seed))
+            ids = torch.randint(0, MEASURE_VOCAB, (samples, tokens), generator=torch.Generator().manual_seed(seed))
             stats = collect(model, ids)
             for _ in range(3):  # warm up: the first forwards of a new shape build kernels and caches
                 collect(model, ids)

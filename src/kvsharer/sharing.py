@@ -45,7 +45,11 @@ class SharedLayer(DummyLayer):
         # A source that does not hold its full K/V as plain tensors (quantized, merged) says what it
         # returned to its own attention in this forward; a plain DynamicLayer just has them.
         shared_kv = getattr(self.source, "shared_kv", None)
-        return shared_kv() if shared_kv is not None else (self.source.keys, self.source.values)
+        keys, values = shared_kv() if shared_kv is not None else (self.source.keys, self.source.values)
+        if key_states is None:
+            return keys, values
+        # a model spread over GPUs (device_map="auto") may hold the source layer on another GPU
+        return keys.to(key_states.device), values.to(key_states.device)
 
     def get_seq_length(self) -> int:
         return self.source.get_seq_length()

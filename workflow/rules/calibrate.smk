@@ -20,9 +20,10 @@ rule calibrate:
     threads: lambda w: model_setting(w.model, "threads", 1)
     resources:
         mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+        gpu=model_gpus,
         batch=retry_batch(),
     shell:
-        "python -m kvsharer --threads {threads} calibrate --model {input.model} --text {input.text}"
+        "python -m kvsharer --threads {threads} --gpus {resources.gpu} calibrate --model {input.model} --text {input.text}"
         " --samples {params.samples} --tokens {params.tokens} --dtype {params.dtype} {params.batch} --out {output.stats} > {log} 2>&1"
 
 

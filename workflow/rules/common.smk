@@ -3,6 +3,8 @@ import json
 import os
 from itertools import product
 
+from kvsharer import jobs
+
 
 def fmt(x):
     """Numbers as they appear in file names: 0.25 -> '0.25', 0.5 -> '0.5'."""
@@ -59,6 +61,16 @@ def retry_batch(default_key=None):
 
 def batch_arg(wildcards, resources):
     return f"--batch-size {resources.batch}" if resources.batch else ""
+
+
+def model_gpus(wildcards):
+    """GPUs of a job that loads the model (models.<m>.gpus): the Slurm plugin asks for them (--gpus=N)."""
+    return jobs.model_gpus(config, wildcards.model)
+
+
+def longctx_lengths(wildcards):
+    """evaluation.longctx.lengths up to models.<m>.max_length."""
+    return ",".join(str(x) for x in jobs.longctx_lengths(config, wildcards.model))
 
 
 # Compositions: "<policy>+<label>" settings (kvsharer.compose), evaluated by the same stages.

@@ -13,7 +13,8 @@ rule prepare_model:
         "../../envs/kvsharer.yaml"
     threads: lambda w: model_setting(w.model, "threads", 1)
     resources:
-        mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+        mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),  # one copy of the weights: converted on CPU
+        gpu=0,
     shell:
         "python -m kvsharer --threads {threads} prepare-model --source {params.source:q} --dtype {params.dtype}"
         " --out {output} > {log} 2>&1"

@@ -21,9 +21,10 @@ rule evaluate_ppl:
     threads: lambda w: model_setting(w.model, "threads", 1)
     resources:
         mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+        gpu=model_gpus,
         batch=retry_batch("batch_size"),
     shell:
-        "python -m kvsharer --threads {threads} evaluate-ppl --model {input.model} {params.policy} {params.cache}"
+        "python -m kvsharer --threads {threads} --gpus {resources.gpu} evaluate-ppl --model {input.model} {params.policy} {params.cache}"
         " --text {input.text} --max-tokens {params.max_tokens} --window {params.window}"
         " --batch-size {resources.batch} --dtype {params.dtype} --out {output} > {log} 2>&1"
 
@@ -49,9 +50,10 @@ rule evaluate_harness:
     threads: lambda w: model_setting(w.model, "threads", 1)
     resources:
         mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+        gpu=model_gpus,
         batch=retry_batch("batch_size"),
     shell:
-        "python -m kvsharer --threads {threads} evaluate-harness --model {input.model} {params.policy} {params.cache}"
+        "python -m kvsharer --threads {threads} --gpus {resources.gpu} evaluate-harness --model {input.model} {params.policy} {params.cache}"
         " --tasks {params.tasks} {params.task_dir} {params.limit} {params.fewshot}"
         " --batch-size {resources.batch} --dtype {params.dtype} --out {output} > {log} 2>&1"
 
@@ -65,7 +67,8 @@ rule evaluate_longctx:
     params:
         policy=policy_arg,
         cache=cache_arg,
-        lengths=",".join(str(x) for x in EVAL.get("longctx", {}).get("lengths", [])),
+        lengths=longctx_lengths,
+        answer_tokens=EVAL.get("longctx", {}).get("answer_tokens", jobs.ANSWER_TOKENS),
         depths=",".join(str(x) for x in EVAL.get("longctx", {}).get("depths", [0.0, 0.5, 1.0])),
         trials=EVAL.get("longctx", {}).get("trials", 2),
         seed=EVAL.get("longctx", {}).get("seed", 0),
@@ -77,10 +80,11 @@ rule evaluate_longctx:
     threads: lambda w: model_setting(w.model, "threads", 1)
     resources:
         mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+        gpu=model_gpus,
     shell:
-        "python -m kvsharer --threads {threads} evaluate-longctx --model {input.model} {params.policy} {params.cache}"
+        "python -m kvsharer --threads {threads} --gpus {resources.gpu} evaluate-longctx --model {input.model} {params.policy} {params.cache}"
         " --text {input.text} --lengths {params.lengths} --depths {params.depths} --trials {params.trials}"
-        " --seed {params.seed} --dtype {params.dtype} --out {output} > {log} 2>&1"
+        " --seed {params.seed} --max-new-tokens {params.answer_tokens} --dtype {params.dtype} --out {output} > {log} 2>&1"
 
 
 rule evaluate_ppl_corpus:
@@ -103,7 +107,8 @@ rule evaluate_ppl_corpus:
     resources:
         mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
         batch=retry_batch("batch_size"),
+        gpu=model_gpus,
     shell:
-        "python -m kvsharer --threads {threads} evaluate-ppl --model {input.model} {params.policy} {params.cache}"
+        "python -m kvsharer --threads {threads} --gpus {resources.gpu} evaluate-ppl --model {input.model} {params.policy} {params.cache}"
         " --text {params.text:q} --corpus {wildcards.corpus} --max-tokens {params.max_tokens} --window {params.window}"
         " --batch-size {resources.batch} --dtype {params.dtype} --out {output} > {log} 2>&1"

@@ -13,7 +13,9 @@ rule profile:
         contexts=",".join(str(x) for x in config.get("profile", {}).get("contexts", [512])),
         new_tokens=config.get("profile", {}).get("new_tokens", 16),
         repeats=config.get("profile", {}).get("repeats", 1),
-        memory=(f"--memory-gb {config['profile']['memory_gb']}" if config.get("profile", {}).get("memory_gb") else ""),
+        # profile.memory_gb is one GPU's: a model spread over N GPUs has N times that for its max-batch rows
+        memory=lambda w: (f"--memory-gb {config['profile']['memory_gb'] * max(1, jobs.model_gpus(config, w.model))}"
+                          if config.get("profile", {}).get("memory_gb") else ""),
         dtype=lambda w: model_setting(w.model, "dtype", "float32"),
     log:
         "logs/{model}/profile.log",
@@ -22,8 +24,9 @@ rule profile:
     threads: 2
     resources:
         mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+        gpu=model_gpus,
     shell:
-        "python -m kvsharer --threads {threads} profile --model {input.model} --name {wildcards.model}"
+        "python -m kvsharer --threads {threads} --gpus {resources.gpu} profile --model {input.model} --name {wildcards.model}"
         " --rates {params.rates} --cache {params.methods} --batch-sizes {params.batches} --contexts {params.contexts}"
         " --new-tokens {params.new_tokens} --repeats {params.repeats} {params.memory} --dtype {params.dtype}"
         " --out {output} > {log} 2>&1"

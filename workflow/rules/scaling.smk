@@ -17,7 +17,12 @@ rule search_scaling:
         "logs/search_scaling.log",
     conda:
         "../../envs/kvsharer.yaml"
-    threads: 2
+    threads: jobs.scaling_settings(config)["threads"]
+    resources:
+        # a CPU measurement: memory of its largest random fp32 model and wall time from its FLOPs (kvsharer.scaling)
+        mem_mb=jobs.rule_resources(config, "search_scaling")["mem_mb"] if "scaling" in config else 2000,
+        runtime=jobs.rule_resources(config, "search_scaling")["runtime"] if "scaling" in config else 30,
+        gpu=0,
     shell:
         "python -m kvsharer --threads {threads} search-scaling --layers {params.layers} --hidden {params.hidden}"
         " --samples {params.samples} --tokens {params.tokens} --rate {params.rate} --policies {input.policies}"

@@ -27,9 +27,10 @@ rule search:
     threads: lambda w: model_setting(w.model, "threads", 1)
     resources:
         mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+        gpu=model_gpus,
         batch=retry_batch(),
     shell:
-        "python -m kvsharer --threads {threads} search --model {input.model} --calibration {input.calibration}"
+        "python -m kvsharer --threads {threads} --gpus {resources.gpu} search --model {input.model} --calibration {input.calibration}"
         " --rate {wildcards.rate} --order {wildcards.order} --metric {wildcards.metric}"
         " --threshold {wildcards.threshold} --seed {wildcards.seed} --procedure {params.procedure} {params.budget} {params.measured} {params.after}"
         " --samples {params.samples} --tokens {params.tokens} --dtype {params.dtype} {params.batch} --out {output} > {log} 2>&1"

@@ -23,6 +23,8 @@ from pathlib import Path
 
 from ..atomic import atomic_write_text
 from . import result_header
+from .lm_tasks import task_needs
+from .scores import flatten_metrics, requested_scores
 from ..models import DTYPES, check_source, find_parts, load_model, resolve_device
 from ..compose import apply_setting
 from ..policy import SharingPolicy
@@ -56,17 +58,22 @@ def task_manager_for(names: list[str], task_dir: Path | None):
     return manager, False
 
 
-def flatten_metrics(task_results: dict) -> dict:
-    """``{"alias": .., "acc,none": 0.5, "acc_stderr,none": 0.1}`` -> ``{"acc": 0.5, "acc_stderr": 0.1}``.
-    A filter other than ``none`` stays in the name (``metric,filter``); non-numbers ("N/A") become None."""
-    out = {}
-    for key, value in task_results.items():
-        if "," not in key:
-            continue
-        metric, filter_name = key.split(",", 1)
-        name = metric if filter_name == "none" else key
-        out[name] = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-    return out
+def metric_label(manager):
+    """``label(task, metric)``: how a table names a task's metric. A unitxt task (xsum) reports each unitxt
+    metric under its catalog name (``rouge``) with the metric's main score as the value: the label is that
+    main score (``rougeL``), read from unitxt's catalog."""
+    def label(task: str, metric: str) -> str:
+        entry = manager.task_index.get(task)
+        if entry is None or entry.yaml_path is None or Path(entry.yaml_path).parent.name != "unitxt":
+            return metric
+        try:
+            from unitxt.artifact import fetch_artifact
+
+            return getattr(fetch_artifact(f"metrics.{metric}")[0], "main_score", None) or metric
+        except Exception:  # unitxt missing or no such catalog entry: the metric's own name
+            return metric
+
+    return label
 
 
 def streaming_lm(hflm_class, chunk: int | None):
@@ -144,17 +151,20 @@ def main(args: argparse.Namespace) -> int:
                "samples_total": counts.get(name, {}).get("original")}
         for name, metrics in out["results"].items()
     }
+    # one score per requested name (a group's aggregate, a generation task's own metric): what the tables show
+    needs = task_needs(names, task_manager)
+    scores = requested_scores(out, names, {name: n.metric for name, n in needs.items()}, metric_label(task_manager),
+                              {name: n.leaves for name, n in needs.items()})
     summary = {
         **result_header("evaluate-harness", args.model, args.policy, policy, method, chunk),
-        "tasks": tasks,
+        "tasks": tasks, "scores": scores,
         "requested": names, "task_dir": str(task_dir) if task_dir else None,
         "limit": args.limit, "num_fewshot": args.num_fewshot, "batch_size": args.batch_size,
         "dtype": args.dtype, "device": str(model.device), "lm_eval_version": lm_eval.__version__,
         "seconds": seconds,
     }
     atomic_write_text(args.out, json.dumps(summary, indent=2) + "\n")
-    for name, metrics in tasks.items():
-        log.info("%s: acc %s, acc_norm %s (%s samples)", name, metrics.get("acc"), metrics.get("acc_norm"),
-                 metrics["samples"])
+    for name, score in scores.items():
+        log.info("%s (%s): %s %s", name, score["kind"], score["label"], score["value"])
     log.info("harness (%d/%d layers shared) in %.1f s -> %s", policy.num_shared, policy.n_layers, seconds, args.out)
     return 0

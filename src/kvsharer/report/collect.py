@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -232,6 +233,9 @@ def _check_eval(path: Path, data: dict) -> str:
         tasks = data.get("tasks")
         if not isinstance(tasks, dict) or not all(isinstance(v, dict) for v in tasks.values()):
             raise ValueError(f"evaluation file {path} ({stage}) needs 'tasks': {{task: {{'acc': ...}}}}")
+        scores = data.get("scores")
+        if scores is not None and (not isinstance(scores, dict) or not all(isinstance(v, dict) for v in scores.values())):
+            raise ValueError(f"evaluation file {path} ({stage}): 'scores' must be {{task: {{'metric': ..., 'value': ...}}}}")
     if stage == "evaluate-longctx":
         cells = data.get("cells")
         if not _number(data.get("accuracy")) or not isinstance(cells, list):
@@ -305,9 +309,37 @@ def policies_frame(collection: Collection) -> pd.DataFrame:
     return _typed(_sort(frame, ROW_ORDER))
 
 
+SCORE_COLUMN = re.compile(r"^(?P<task>\S+) \((?P<metric>[^()]+)\)$")  # "mmlu (acc, group)", "xsum (rougeL)"
+
+
+def score_column(task: str, metric: str, group: bool = False) -> str:
+    return f"{task} ({metric}{', group' if group else ''})"
+
+
+def harness_scores(data: dict) -> dict[str, float]:
+    """``{column: value}``: one score per benchmark the harness stage was asked for, its column naming the
+    metric: a group by lm-eval's aggregate (``mmlu (acc, group)``), a task by ``acc`` or, for a generation
+    task, its own metric (``xsum (rougeL)``). Results written before the stage recorded ``scores``: the
+    ``acc`` of each requested name (of every task when the names were not recorded either)."""
+    scores = data.get("scores")
+    out = {}
+    if isinstance(scores, dict):
+        for task, score in scores.items():
+            label = score.get("label") or score.get("metric") or "score"
+            value = score.get("value")
+            out[score_column(task, label, score.get("kind") == "group")] = float(value) if _number(value) else math.nan
+        return out
+    tasks = data["tasks"]
+    for task in data.get("requested") or list(tasks):
+        acc = tasks.get(task, {}).get("acc")
+        out[score_column(task, "acc")] = float(acc) if _number(acc) else math.nan
+    return out
+
+
 def add_metrics(row: dict, ev: Evaluation, tasks: set[str]) -> None:
     """Put an evaluation's numbers into its row: ``ppl`` (with ``kv_fraction``/``kv_bytes`` when
-    reported), ``acc:<task>`` per harness task (adding the task to ``tasks``), or ``passkey``."""
+    reported; ``ppl:<corpus>`` on a further held-out corpus), one ``<task> (<metric>)`` column per
+    benchmark of a harness result (adding it to ``tasks``, see :func:`harness_scores`), or ``passkey``."""
     if ev.stage == "evaluate-ppl" and ev.ppl_column != "ppl":
         row[ev.ppl_column] = float(ev.data["ppl"])
     elif ev.stage == "evaluate-ppl":
@@ -315,17 +347,17 @@ def add_metrics(row: dict, ev: Evaluation, tasks: set[str]) -> None:
         row["kv_fraction"] = ev.data.get("kv_fraction")
         row["kv_bytes"] = ev.data.get("kv_bytes")
     elif ev.stage == "evaluate-harness":
-        for task, metrics in ev.data["tasks"].items():
-            acc = metrics.get("acc")
-            row[f"acc:{task}"] = float(acc) if _number(acc) else math.nan
-            tasks.add(task)
+        for column, value in harness_scores(ev.data).items():
+            row[column] = value
+            tasks.add(column)
     else:
         row["passkey"] = float(ev.data["accuracy"])
 
 
 def results_frame(collection: Collection) -> pd.DataFrame:
     """One row per (model, policy), the plain model included when it was evaluated: settings, search
-    results, ``ppl``, ``acc:<task>`` for every harness task and ``passkey`` (overall accuracy).
+    results, ``ppl``, ``<task> (<metric>)`` for every benchmark (:func:`harness_scores`) and ``passkey``
+    (overall accuracy).
     Evaluations with a cache method are left out (they are in :func:`settings_frame`)."""
     rows: dict[tuple, dict] = {}
     for key, policy in collection.policies.items():
@@ -337,7 +369,7 @@ def results_frame(collection: Collection) -> pd.DataFrame:
         n_layers = len(ev.data["map"]) if isinstance(ev.data.get("map"), list) else None
         add_metrics(rows.setdefault((ev.model, ev.policy_key), plain_row(ev.model, n_layers)), ev, tasks)
     corpora = sorted({ev.ppl_column for ev in collection.evals if ev.stage == "evaluate-ppl"} - {"ppl"})
-    columns = POLICY_COLUMNS + ["ppl", *corpora] + [f"acc:{t}" for t in sorted(tasks)] + ["passkey"]
+    columns = POLICY_COLUMNS + ["ppl", *corpora] + sorted(tasks) + ["passkey"]
     frame = pd.DataFrame(list(rows.values()), columns=columns)
     for column in columns[len(POLICY_COLUMNS):]:
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
@@ -352,7 +384,8 @@ def settings_frame(collection: Collection) -> pd.DataFrame:
     """One row per evaluated (model, policy, cache method): the policy's settings, the cache method
     (``cache``: spec or ``none``; ``cache_family``: intra, quant, minicache or none; ``cache_value``:
     budget, bits or rate), ``kv_fraction``/``kv_bytes`` (the K/V the setting held for one PPL window,
-    as a fraction of the plain model's), ``ppl``, ``acc:<task>``, ``mean_acc`` and ``passkey``."""
+    as a fraction of the plain model's), ``ppl``, ``<task> (<metric>)`` per benchmark, their mean ``mean_acc``
+    and ``passkey``."""
     rows: dict[tuple, dict] = {}
     tasks: set[str] = set()
     for ev in collection.evals:
@@ -364,7 +397,7 @@ def settings_frame(collection: Collection) -> pd.DataFrame:
             rows[ident] = {**{k: base.get(k) for k in SETTING_COLUMNS[:10]}, "cache": ev.cache,
                            "cache_family": family, "cache_value": _cache_value(ev.cache)}
         add_metrics(rows[ident], ev, tasks)
-    acc = [f"acc:{t}" for t in sorted(tasks)]
+    acc = sorted(tasks)
     corpora = sorted({ev.ppl_column for ev in collection.evals if ev.stage == "evaluate-ppl"} - {"ppl"})
     frame = pd.DataFrame(list(rows.values()), columns=SETTING_COLUMNS + corpora + acc + ["mean_acc", "passkey"])
     for column in ["kv_fraction", "kv_bytes", "ppl", "cache_value", "passkey", *corpora, *acc]:
@@ -384,7 +417,8 @@ def _cache_value(spec: str) -> float | None:
 
 
 def task_columns(frame: pd.DataFrame) -> list[str]:
-    return [c for c in frame.columns if c.startswith("acc:")]
+    """The benchmark score columns (``<task> (<metric>)``) of a results or settings frame."""
+    return [c for c in frame.columns if SCORE_COLUMN.match(str(c))]
 
 
 def traces_frame(collection: Collection) -> pd.DataFrame:

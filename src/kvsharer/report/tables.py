@@ -4,8 +4,10 @@ Writes, under ``--out-dir``, always the same files (a table without inputs is wr
 only, so Snakemake outputs stay fixed): ``<name>.csv`` and ``<name>.md`` for every name in ``TABLES``:
 
 * ``table1``: per model, the plain model and the dissimilar order (the paper's method) at every requested
-  rate, at the main metric and threshold: PPL, every harness task's accuracy, passkey accuracy, their
-  mean (``mean_score``) and that mean as a percentage of the plain model's (``pct_of_plain``);
+  rate, at the main metric and threshold: PPL, one score per requested benchmark, its column naming the
+  metric (``hellaswag (acc)``; a group by lm-eval's aggregate, ``mmlu (acc, group)``; a generation task by
+  its own metric, ``xsum (rougeL)``; see ``collect.harness_scores``), passkey accuracy, their mean
+  (``mean_score``) and that mean as a percentage of the plain model's (``pct_of_plain``);
 * ``order_ablation``: PPL per rate for the dissimilar, similar and random orders (random: mean and sample
   standard deviation, ddof=1, over seeds), at the main metric and threshold;
 * ``metric_ablation``: PPL per rate per distance metric (dissimilar order, main threshold);

@@ -1,0 +1,65 @@
+"""What each rule asks the scheduler for and which lengths it runs, from the config alone (torch-free).
+
+The Snakemake rules (workflow/rules/*.smk) take their resources from here, and preflight checks the same
+numbers (after the Slurm profile's per-rule overrides) against what the models need, so the two never
+disagree.
+
+* model rules (``MODEL_RULES``): ``mem_mb`` and ``gpu`` from ``models.<m>.mem_mb`` / ``models.<m>.gpus``:
+  ``gpus > 1`` loads the model across that many GPUs (``device_map="auto"``, kvsharer.models.load_model);
+* ``prepare_model`` converts the weights on CPU: the model's ``mem_mb``, no GPU;
+* ``search_scaling``: memory and wall time from its grid (kvsharer.scaling), ``scaling.threads`` CPUs.
+"""
+
+from __future__ import annotations
+
+# rules that load a model onto its GPUs
+MODEL_RULES = ("calibrate", "search", "evaluate_ppl", "evaluate_harness", "evaluate_longctx", "profile")
+DEFAULTS = {"mem_mb": 4000, "gpus": 1, "batch_size": 8}  # as in workflow/schemas/config.schema.yaml
+ANSWER_TOKENS = 8  # evaluation.longctx.answer_tokens default: greedy answer tokens after a passkey prompt
+SCALING_DEFAULTS = {"layers": [8, 16, 32], "hidden": [256, 512], "samples": 30, "tokens": 64, "rate": 0.25,
+                    "threads": 2}
+
+
+def model_setting(config: dict, model: str, key: str):
+    return config["models"][model].get(key, DEFAULTS.get(key))
+
+
+def model_gpus(config: dict, model: str) -> int:
+    return int(model_setting(config, model, "gpus"))
+
+
+def model_mem_mb(config: dict, model: str) -> int:
+    return int(model_setting(config, model, "mem_mb"))
+
+
+def rule_resources(config: dict, rule: str, model: str | None = None) -> dict:
+    """``{"mem_mb": .., "gpu": ..}`` a rule declares for ``model`` (before any profile override)."""
+    if rule == "prepare_model":
+        return {"mem_mb": model_mem_mb(config, model), "gpu": 0}
+    if rule in MODEL_RULES:
+        return {"mem_mb": model_mem_mb(config, model), "gpu": model_gpus(config, model)}
+    if rule == "search_scaling":
+        s = scaling_settings(config)
+        from .scaling import measure_memory_bytes, measure_minutes
+
+        return {"mem_mb": int(measure_memory_bytes(s["layers"], s["hidden"], s["samples"], s["tokens"]) // 1e6) + 1,
+                "runtime": measure_minutes(s["layers"], s["hidden"], s["samples"], s["tokens"], s["rate"],
+                                           s["threads"]),
+                "gpu": 0}
+    return {}
+
+
+def scaling_settings(config: dict) -> dict:
+    return {**SCALING_DEFAULTS, **(config.get("scaling") or {})}
+
+
+def answer_tokens(config: dict) -> int:
+    return int(((config.get("evaluation") or {}).get("longctx") or {}).get("answer_tokens", ANSWER_TOKENS))
+
+
+def longctx_lengths(config: dict, model: str) -> list[int]:
+    """The passkey lengths run on ``model``: ``evaluation.longctx.lengths`` up to ``models.<m>.max_length``
+    (all of them when it is not set)."""
+    lengths = ((config.get("evaluation") or {}).get("longctx") or {}).get("lengths", [])
+    cap = config["models"][model].get("max_length")
+    return [n for n in lengths if cap is None or n <= cap]
