@@ -368,6 +368,10 @@ def test_search_procedures_compare_orders_measured_search_and_minicache(tables):
     assert at25.loc["measured-kl", "ppl:docstrings"] == pytest.approx(ppl_of(0.25, "measured-kl") * SECOND_CORPUS_FACTOR)
     assert at25.loc["MiniCache", "ppl:docstrings"] == pytest.approx(ppl_of(0.25) * 2 * SECOND_CORPUS_FACTOR)
     assert math.isnan(at25.loc["similar", "ppl:docstrings"])
+    # tasks and passkey where they ran (the dissimilar policies here)
+    assert at25.loc["dissimilar", "mean_acc"] == pytest.approx(np.mean([acc_of(0.25, t) for t in TASKS]))
+    assert at25.loc["dissimilar", "passkey"] == pytest.approx(passkey_of(0.25))
+    assert math.isnan(at25.loc["similar", "passkey"])
     # KV held: sharing 2 of 8 layers holds 75 %; MiniCache what its evaluation measured
     assert at25.loc["measured-kl", "kv_pct"] == pytest.approx(75.0)
     assert at25.loc["MiniCache", "kv_pct"] == pytest.approx(kv_of(0.0, "minicache:0.25") * 100)

@@ -20,7 +20,8 @@ only, so Snakemake outputs stay fixed): ``<name>.csv`` and ``<name>.md`` for eve
 * ``search_procedures``: per model and rate, every search order at the main metric and threshold (the
   ranked orders of the paper's loop, random as the mean over seeds, and the measured orders) and MiniCache
   at its measured KV: layers shared, KV % of plain, PPL on the held-out text and on every further
-  held-out corpus (``ppl:<corpus>``), and what finding the policy cost from scratch (candidates, decoder
+  held-out corpus (``ppl:<corpus>``), mean task accuracy and passkey accuracy where they were run, and
+  what finding the policy cost from scratch (candidates, decoder
   forwards, seconds of candidate evaluations — those taken from a smaller target's journal included);
 * ``table2_compose`` (the paper's Table 2, extended): per model, sharing rate (plain and every rate a token
   method was composed with) and token method (none, H2O, PyramidInfer, KVMerger): the KV the setting held
@@ -351,8 +352,8 @@ def minicache(settings: pd.DataFrame, metric: str, threshold: float) -> pd.DataF
 
 def search_procedures(settings: pd.DataFrame, policies: pd.DataFrame, metric: str, threshold: float) -> pd.DataFrame:
     corpora = [c for c in settings.columns if c.startswith("ppl:")]
-    columns = ["model", "rate_pct", "method", "layers_shared", "kv_pct", "ppl", *corpora, "candidates", "forwards",
-               "search_seconds"]
+    columns = ["model", "rate_pct", "method", "layers_shared", "kv_pct", "ppl", *corpora, "mean_acc", "passkey",
+               "candidates", "forwards", "search_seconds"]
     main = (settings["metric"] == metric) & np.isclose(settings["threshold"].astype(float).fillna(np.nan), threshold)
     plain_row = settings["policy"] == "plain"
     searched = settings[(settings["cache_family"] == NO_CACHE) & (main | plain_row)].copy()
@@ -367,7 +368,7 @@ def search_procedures(settings: pd.DataFrame, policies: pd.DataFrame, metric: st
     frame["layers_shared"] = frame["num_shared"]
     frame["candidates"] = frame["candidates_evaluated"] + frame["candidates_resumed"]
     frame["search_seconds"] = frame["search_seconds_total"]
-    numeric = ["layers_shared", "kv_pct", "ppl", *corpora, "candidates", "forwards", "search_seconds"]
+    numeric = ["layers_shared", "kv_pct", "ppl", *corpora, "mean_acc", "passkey", "candidates", "forwards", "search_seconds"]
     for column in numeric:
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype(float)
     grouped = frame.groupby(["model", "rate_pct", "method"], sort=False, dropna=False)
