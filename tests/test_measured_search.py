@@ -253,3 +253,15 @@ def test_a_larger_target_starts_from_the_smaller_targets_journal(order, tmp_path
     other = run_search(model, stats, SearchSettings(target=4, **{**settings, "threshold": 0.9}), tmp_path / "o.jsonl",
                        "x", progress=False, seed_journal=tmp_path / "small.jsonl")
     assert other["candidates_resumed"] == 0
+
+
+def test_lazy_step_measures_the_rest_before_stopping_on_the_threshold():
+    dist = torch.arange(16, dtype=torch.float64).view(4, 4)  # nearest source: the lowest index
+    # step 1 measures all 6 pairs, takes 3 -> 0 (lowest KL); step 2 re-measures the best stale one (2 -> 0),
+    # which now falls below T: the others must still be measured, and 1 -> 0 clears T
+    scripted = _ScriptedModel({(0, 1, 2, 0): (0.1, 0.9), (0, 1, 0, 3): (0.2, 0.9), (0, 0, 2, 3): (0.9, 0.9),
+                               (0, 1, 0, 0): (0.3, 0.2), (0, 0, 2, 0): (0.5, 0.8)})
+    result = measured_search(dist, 2, 0.5, scripted, scripted, "kl", sources=None, refresh=1, progress=False)
+    assert result["map"] == [0, 0, 2, 0] and result["complete"]
+    step2 = result["trace"][6:]
+    assert step2[0]["pair"] == [2, 0] and not step2[0]["accepted"] and {(1, 0)} <= {tuple(t["pair"]) for t in step2}

@@ -17,7 +17,8 @@ policy is "the first pairs of the ranking". This procedure instead *measures*:
 
 ``refresh`` makes it lazy: the first step measures every candidate; a later step re-measures only the
 ``refresh`` candidates with the lowest loss measured so far (plus any never measured) and takes the best of
-those, since one accepted pair barely changes how the others rank. ``refresh=None`` re-measures all.
+those, since one accepted pair barely changes how the others rank (when none of those clears T, the rest
+are measured before the search concludes that none does). ``refresh=None`` re-measures all.
 
 Every measured candidate is appended to the same journal as the paper's loop (entry ``rank`` = the
 measurement's index); a killed search replays the journal's losses and reaches the same policy.
@@ -148,13 +149,17 @@ def measured_search(
             stopped = "budget"
             break
         step = []
-        for i, j in todo:
-            entry = measure(i, j, maps[(i, j)])
-            measured[(i, j)] = entry["loss"]
-            step.append(entry)
-            trace.append({k: entry.get(k) for k in ("rank", "pair", "distance", "similarity", "kl", "loss", "seconds", "layers")}
-                         | {"accepted": False})
-        passing = [s for s in range(len(step)) if step[s]["similarity"] > threshold]
+        while todo:
+            for i, j in todo:
+                entry = measure(i, j, maps[(i, j)])
+                measured[(i, j)] = entry["loss"]
+                step.append(entry)
+                trace.append({k: entry.get(k) for k in ("rank", "pair", "distance", "similarity", "kl", "loss", "seconds",
+                                                        "layers")} | {"accepted": False})
+            passing = [s for s in range(len(step)) if step[s]["similarity"] > threshold]
+            # none of the re-measured ones clears T: measure the rest before concluding that none does
+            todo = [] if passing else [p for p in pairs if p not in todo and tuple(maps[p]) not in
+                                       {tuple(e["map"]) for e in step}]
         if not passing:
             stopped = "threshold"
             break
