@@ -12,7 +12,10 @@ rule search:
         "results/{model}/policies/r{rate}_{order}_{metric}_T{threshold}_s{seed}.json",
     params:
         procedure=config["search"].get("procedure", "fast"),
-        budget=(f"--max-candidates {config['search']['max_candidates']}" if config["search"].get("max_candidates") else ""),
+        # the candidate budget bounds the paper's loop at high T; a measured search measures ~3 x layers
+        # candidates in its first step by design
+        budget=lambda w: (f"--max-candidates {S['max_candidates']}"
+                          if S.get("max_candidates") and not w.order.startswith("measured") else ""),
         measured=lambda w: (f"--sources {S.get('measured', {}).get('sources', 3)} --refresh {S.get('measured', {}).get('refresh', 8)}"
                             if w.order.startswith("measured") else ""),
         samples=config["calibration"].get("samples", 30),
