@@ -24,7 +24,12 @@ import random
 import re
 from collections import defaultdict
 
-from .tasks import CHOICES, is_prose, make_item, paragraphs, pick_distractors
+
+def _helpers():
+    """The sentence helpers of :mod:`kvsharer.evaluate.tasks` (imported late: tasks lists these builders)."""
+    from . import tasks
+
+    return tasks
 
 PASSAGE_WORDS = (220, 360)  # default bounds of a passage, in whitespace-separated words
 PHRASE_WORDS = 6  # words quoted by a kvs_passage_word question
@@ -41,6 +46,7 @@ def passages(text: str, min_words: int, max_words: int) -> list[tuple[str, list[
     if not 1 <= min_words <= max_words:
         raise ValueError(f"passage bounds must satisfy 1 <= min <= max words, got {min_words}, {max_words}")
     out: list = []
+    paragraphs = _helpers().paragraphs
     blocks: list[list[tuple[str, bool]]] = []
     words = 0
     for para in paragraphs(text):
@@ -74,8 +80,9 @@ def early_prose(passage: str, sentences: list[tuple[str, bool, int]]) -> list[st
 
 def passage_sentence_items(text: str, seed: int, passage_words: tuple[int, int] = PASSAGE_WORDS) -> list[dict]:
     """One item per passage with an early prose sentence (shuffled); see the module docstring."""
+    t = _helpers()
     rng = random.Random(f"{seed}:kvs_passage_sentence")
-    pool = sorted({s for para in paragraphs(text) for s, prose in para if prose})
+    pool = sorted({s for para in t.paragraphs(text) for s, prose in para if prose})
     items = []
     for passage, sentences in passages(text, *passage_words):
         candidates = early_prose(passage, sentences)
@@ -85,9 +92,10 @@ def passage_sentence_items(text: str, seed: int, passage_words: tuple[int, int] 
         n = len(answer.split())
         outside = [s for s in pool if s not in passage]
         similar = [s for s in outside if 0.75 * n <= len(s.split()) <= 1.34 * n]
-        distractors = pick_distractors(rng, similar if len(similar) >= 3 * CHOICES else outside, {answer},
-                                       CHOICES - 1)
-        items.append({**make_item(rng, passage + SENTENCE_QUESTION, answer, distractors), "answer_at": passage.index(answer)})
+        distractors = t.pick_distractors(rng, similar if len(similar) >= 3 * t.CHOICES else outside, {answer},
+                                         t.CHOICES - 1)
+        item = t.make_item(rng, passage + SENTENCE_QUESTION, answer, distractors)
+        items.append({**item, "answer_at": passage.index(answer)})
     rng.shuffle(items)
     return items
 
@@ -104,26 +112,30 @@ def followers(text: str) -> dict[str, set[str]]:
 
 def passage_word_items(text: str, seed: int, passage_words: tuple[int, int] = PASSAGE_WORDS) -> list[dict]:
     """One item per passage with a usable early phrase (shuffled); see the module docstring."""
+    t = _helpers()
     rng = random.Random(f"{seed}:kvs_passage_word")
     after = followers(text)
     items = []
     for passage, sentences in passages(text, *passage_words):
-        candidates = []  # (phrase, answer, plausible distractors)
+        candidates = []  # (phrase, answer, plausible distractors, the answer's offset)
         for sentence in early_prose(passage, sentences):
             words = sentence.split()
             for j in range(PHRASE_WORDS, len(words)):
                 phrase, answer = " ".join(words[j - PHRASE_WORDS : j]), words[j]
                 if not WORD.match(answer) or passage.count(phrase) != 1:
                     continue
+                at = passage.index(f"{phrase} {answer}") + len(phrase) + 1
+                if at >= len(passage) / 2:
+                    break  # the rest of the sentence lies in the second half
                 others = sorted({w for w in after[words[j - 1].lower()] if w.lower() != answer.lower()
                                  and f"{phrase} {w}" not in passage})
-                if len({w.lower() for w in others}) >= CHOICES - 1:
-                    candidates.append((phrase, answer, others))
+                if len({w.lower() for w in others}) >= t.CHOICES - 1:
+                    candidates.append((phrase, answer, others, at))
         if not candidates:
             continue
-        phrase, answer, others = rng.choice(candidates)
-        distractors = pick_distractors(rng, others, {answer}, CHOICES - 1)
-        item = make_item(rng, passage + WORD_QUESTION.format(phrase=phrase), answer, distractors)
-        items.append({**item, "answer_at": passage.index(f"{phrase} {answer}") + len(phrase) + 1})
+        phrase, answer, others, at = rng.choice(candidates)
+        distractors = t.pick_distractors(rng, others, {answer}, t.CHOICES - 1)
+        item = t.make_item(rng, passage + WORD_QUESTION.format(phrase=phrase), answer, distractors)
+        items.append({**item, "answer_at": at})
     rng.shuffle(items)
     return items

@@ -122,7 +122,7 @@ def cloze_items(text: str, seed: int) -> list[dict]:
     return items
 
 
-from .passages import PASSAGE_WORDS, passage_sentence_items, passage_word_items  # noqa: E402 (they use the helpers above)
+from .passages import PASSAGE_WORDS, passage_sentence_items, passage_word_items  # noqa: E402
 
 # name -> (builder, description, whether it builds passages: takes passage_words=(min, max))
 BUILDERS = {
