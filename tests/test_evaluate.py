@@ -21,6 +21,7 @@ from kvsharer.data import load_corpus, split_corpus, token_chunks
 from kvsharer.evaluate import harness, longctx, ppl
 from kvsharer.evaluate.longctx import INSTRUCTION, NEEDLE, QUESTION, passkey_prompt, sentence_ends
 from kvsharer.evaluate.passages import PASSAGE_WORDS, SENTENCE_QUESTION, WORD_QUESTION, followers, passages
+from kvsharer.evaluate.ruler import OFFLINE
 from kvsharer.evaluate.tasks import BUILDERS
 
 SHARING_MAP = [0, 1, 2, 1, 4, 4, 2, 0]  # 4 of 8 layers read an earlier layer's KV
@@ -294,6 +295,45 @@ def test_harness_unknown_task_is_refused_before_loading(tiny_model_dir, task_dir
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "kvs_nope, zzz_task" in errors[0]
     assert "hellaswag" not in errors[0].split(";")[0]  # a real lm-eval task is known
+
+
+def test_harness_runs_offline_ruler_tasks_per_length_with_their_own_metric(tiny_model_dir, task_dir, policy_file,
+                                                                            tmp_path, sharing_spy):
+    out = tmp_path / "ruler.json"
+    argv = ["evaluate-harness", "--model", str(tiny_model_dir), "--tasks", "niah_single_1,kvs_passage_word",
+            "--task-dir", str(task_dir), "--max-seq-lengths", "500,400", "--limit", "2", "--batch-size", "2",
+            "--policy", str(policy_file), "--out", str(out)]
+    assert cli(argv) == 0
+    result = read(out)
+    assert result["max_seq_lengths"] == [400, 500] and set(result["ruler_seconds_by_length"]) == {"400", "500"}
+    ruler = result["tasks"]["niah_single_1"]
+    assert ruler["metric"] == "string_match_all" and "acc" not in ruler
+    assert set(ruler["by_length"]) == {"400", "500"}  # --limit counts per length
+    assert all(cell["samples"] == 2 and 0.0 <= cell["score"] <= 1.0 for cell in ruler["by_length"].values())
+    assert ruler["samples"] == 4
+    assert ruler["score"] == pytest.approx(sum(c["score"] for c in ruler["by_length"].values()) / 2)
+    assert result["tasks"]["kvs_passage_word"]["samples"] == 2 and "acc" in result["tasks"]["kvs_passage_word"]
+    (share_map, calls), = sharing_spy
+    assert share_map == SHARING_MAP and min(calls) > 0
+
+
+@pytest.mark.parametrize("tasks, extra, expected", [
+    ("niah_single_1,niah_single_2,ruler_qa_squad", [], "niah_single_2: Paul Graham essays; ruler_qa_squad: SQuAD"),
+    ("ruler", [], "ruler: the whole group"),
+    ("kvs_cloze", ["--max-seq-lengths", "400"], "RULER tasks only"),
+    ("niah_single_1", ["--max-seq-lengths", "400,600"], "600 exceed the model's window of 512"),
+    ("niah_single_1", ["--max-seq-lengths", "4k"], "comma-separated list of token counts"),
+])
+def test_harness_ruler_bad_input_is_refused_before_loading(tiny_model_dir, task_dir, tmp_path, caplog, no_model_load,
+                                                           tasks, extra, expected):
+    argv = ["evaluate-harness", "--model", str(tiny_model_dir), "--tasks", tasks, "--task-dir", str(task_dir), *extra,
+            "--out", str(tmp_path / "x.json")]
+    assert cli(argv) == 2
+    assert not no_model_load and not (tmp_path / "x.json").exists()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and expected in errors[0]
+    if "download" in errors[0]:
+        assert all(name in errors[0] for name in OFFLINE) and "niah_single_1:" not in errors[0]
 
 
 # ------------------------------------------------------------------------------------------------
