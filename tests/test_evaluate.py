@@ -20,6 +20,8 @@ from kvsharer.cli import main as cli
 from kvsharer.data import load_corpus, split_corpus, token_chunks
 from kvsharer.evaluate import harness, longctx, ppl
 from kvsharer.evaluate.longctx import INSTRUCTION, NEEDLE, QUESTION, passkey_prompt, sentence_ends
+from kvsharer.evaluate.passages import PASSAGE_WORDS, SENTENCE_QUESTION, WORD_QUESTION, followers, passages
+from kvsharer.evaluate.ruler import OFFLINE
 from kvsharer.evaluate.tasks import BUILDERS
 
 SHARING_MAP = [0, 1, 2, 1, 4, 4, 2, 0]  # 4 of 8 layers read an earlier layer's KV
@@ -151,7 +153,8 @@ def test_ppl_on_a_labelled_corpus(tiny_model_dir, tmp_path):
 def test_make_tasks_items_are_four_way_true_and_deterministic(task_dir, heldout, tmp_path):
     flat_text = " ".join(heldout.read_text().split())
     manifest = read(task_dir / "tasks.json")
-    assert set(manifest["tasks"]) == set(BUILDERS) == {"kvs_next_sentence", "kvs_cloze"}
+    assert set(manifest["tasks"]) == set(BUILDERS) == {"kvs_next_sentence", "kvs_cloze", "kvs_passage_sentence",
+                                                       "kvs_passage_word"}
     for name, info in manifest["tasks"].items():
         config = yaml.safe_load((task_dir / f"{name}.yaml").read_text())
         data_file = config["dataset_kwargs"]["data_files"]["test"]
@@ -163,8 +166,9 @@ def test_make_tasks_items_are_four_way_true_and_deterministic(task_dir, heldout,
             choices, label = item["choices"], item["label"]
             assert len(choices) == 4 and 0 <= label < 4
             assert len({c.lower() for c in choices}) == 4  # the answer appears exactly once
-            answer = choices[label] + ("." if name == "kvs_cloze" else "")
-            assert item["context"] + " " + answer in flat_text  # it really follows the context
+            if not name.startswith("kvs_passage"):  # (passage items: test_passage_items_...)
+                answer = choices[label] + ("." if name == "kvs_cloze" else "")
+                assert item["context"] + " " + answer in flat_text  # it really follows the context
         assert len({item["label"] for item in items}) == 4  # answers sit in every position
 
     again, other = tmp_path / "again", tmp_path / "other"
@@ -174,6 +178,78 @@ def test_make_tasks_items_are_four_way_true_and_deterministic(task_dir, heldout,
         data = (task_dir / f"{name}.jsonl").read_text()
         assert (again / f"{name}.jsonl").read_text() == data
         assert (other / f"{name}.jsonl").read_text() != data
+
+
+def test_passages_are_consecutive_paragraphs_within_the_word_bounds(heldout):
+    text = heldout.read_text()
+    found = passages(text, *PASSAGE_WORDS)
+    assert len(found) >= 50
+    flat = " ".join(text.split())
+    last = -1
+    for passage, sentences in found:
+        assert PASSAGE_WORDS[0] <= len(passage.split()) <= PASSAGE_WORDS[1]
+        for paragraph in passage.split("\n\n"):
+            at = flat.find(paragraph, last + 1)
+            assert at > last  # paragraphs of the text, in order, never reused by a later passage
+            last = at
+        assert all(passage[at : at + len(s)] == s for s, _, at in sentences)
+    with pytest.raises(ValueError, match="passage bounds"):
+        passages(text, 300, 200)
+
+
+def load_items(task_dir, name):
+    return [json.loads(line) for line in (task_dir / f"{name}.jsonl").read_text().splitlines()]
+
+
+def test_passage_items_ask_about_the_early_part_of_a_long_context(task_dir, heldout, tiny_model_dir):
+    """The answer is in the passage's first half, hundreds of tokens before the choice is scored (outside a
+    streamed chunk and the quantizer's exact window), and only the passage tells it from the distractors."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = heldout.read_text()
+    after = followers(text)
+
+    def n_tokens(s):
+        return len(tokenizer(s, add_special_tokens=False)["input_ids"])
+
+    for name, question in (("kvs_passage_sentence", SENTENCE_QUESTION), ("kvs_passage_word", WORD_QUESTION)):
+        items = load_items(task_dir, name)
+        assert len(items) >= 50 and len({item["label"] for item in items}) == 4
+        for item in items:
+            choices, answer = item["choices"], item["choices"][item["label"]]
+            distractors = [c for i, c in enumerate(choices) if i != item["label"]]
+            if name == "kvs_passage_sentence":
+                passage = item["context"].removesuffix(question)
+                assert passage != item["context"]
+                assert passage.count(answer) == 1 and passage.index(answer) == item["answer_at"]
+                assert not any(d in passage for d in distractors)  # and nothing else of the passage
+                n = len(answer.split())
+                assert all(0.5 * n <= len(d.split()) <= 2 * n for d in distractors)  # no length give-away
+            else:
+                passage, _, phrase = item["context"].rpartition(question.split("{")[0])
+                phrase = phrase.removeprefix('"')
+                assert len(phrase.split()) == 6 and passage.count(phrase) == 1
+                assert passage[item["answer_at"] - len(phrase) - 1 :].startswith(f"{phrase} {answer}")
+                assert not any(f"{phrase} {d}" in passage for d in distractors)
+                # every choice follows the phrase's last word somewhere: that word alone does not tell
+                assert set(choices) <= after[phrase.split()[-1].lower()]
+            assert PASSAGE_WORDS[0] <= len(passage.split()) <= PASSAGE_WORDS[1]
+            assert item["answer_at"] < len(passage) / 2
+            # hundreds of tokens between the answer in the passage and the end of the context
+            assert n_tokens(item["context"]) - n_tokens(item["context"][: item["answer_at"]]) >= 128
+            assert n_tokens(item["context"]) >= 300
+
+
+def test_make_tasks_passage_words_bounds_the_passages(heldout, tmp_path, no_model_load):
+    out = tmp_path / "short"
+    assert cli(["make-tasks", "--text", str(heldout), "--out-dir", str(out), "--passage-words", "60,90"]) == 0
+    manifest = read(out / "tasks.json")
+    assert manifest["passage_words"] == [60, 90]
+    for name in ("kvs_passage_sentence", "kvs_passage_word"):
+        items = load_items(out, name)
+        assert manifest["tasks"][name]["items"] == len(items) > 100  # smaller passages: more of them
+        assert all(len(item["context"].split()) <= 90 + 15 for item in items)
+    assert cli(["make-tasks", "--text", str(heldout), "--out-dir", str(tmp_path / "x"), "--passage-words", "90"]) == 2
+    assert not (tmp_path / "x").exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,6 +295,45 @@ def test_harness_unknown_task_is_refused_before_loading(tiny_model_dir, task_dir
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "kvs_nope, zzz_task" in errors[0]
     assert "hellaswag" not in errors[0].split(";")[0]  # a real lm-eval task is known
+
+
+def test_harness_runs_offline_ruler_tasks_per_length_with_their_own_metric(tiny_model_dir, task_dir, policy_file,
+                                                                            tmp_path, sharing_spy):
+    out = tmp_path / "ruler.json"
+    argv = ["evaluate-harness", "--model", str(tiny_model_dir), "--tasks", "niah_single_1,kvs_passage_word",
+            "--task-dir", str(task_dir), "--max-seq-lengths", "500,400", "--limit", "2", "--batch-size", "2",
+            "--policy", str(policy_file), "--out", str(out)]
+    assert cli(argv) == 0
+    result = read(out)
+    assert result["max_seq_lengths"] == [400, 500] and set(result["ruler_seconds_by_length"]) == {"400", "500"}
+    ruler = result["tasks"]["niah_single_1"]
+    assert ruler["metric"] == "string_match_all" and "acc" not in ruler
+    assert set(ruler["by_length"]) == {"400", "500"}  # --limit counts per length
+    assert all(cell["samples"] == 2 and 0.0 <= cell["score"] <= 1.0 for cell in ruler["by_length"].values())
+    assert ruler["samples"] == 4
+    assert ruler["score"] == pytest.approx(sum(c["score"] for c in ruler["by_length"].values()) / 2)
+    assert result["tasks"]["kvs_passage_word"]["samples"] == 2 and "acc" in result["tasks"]["kvs_passage_word"]
+    (share_map, calls), = sharing_spy
+    assert share_map == SHARING_MAP and min(calls) > 0
+
+
+@pytest.mark.parametrize("tasks, extra, expected", [
+    ("niah_single_1,niah_single_2,ruler_qa_squad", [], "niah_single_2: Paul Graham essays; ruler_qa_squad: SQuAD"),
+    ("ruler", [], "ruler: the whole group"),
+    ("kvs_cloze", ["--max-seq-lengths", "400"], "RULER tasks only"),
+    ("niah_single_1", ["--max-seq-lengths", "400,600"], "600 exceed the model's window of 512"),
+    ("niah_single_1", ["--max-seq-lengths", "4k"], "comma-separated list of token counts"),
+])
+def test_harness_ruler_bad_input_is_refused_before_loading(tiny_model_dir, task_dir, tmp_path, caplog, no_model_load,
+                                                           tasks, extra, expected):
+    argv = ["evaluate-harness", "--model", str(tiny_model_dir), "--tasks", tasks, "--task-dir", str(task_dir), *extra,
+            "--out", str(tmp_path / "x.json")]
+    assert cli(argv) == 2
+    assert not no_model_load and not (tmp_path / "x.json").exists()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and expected in errors[0]
+    if "download" in errors[0]:
+        assert all(name in errors[0] for name in OFFLINE) and "niah_single_1:" not in errors[0]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@
                tasks built from held-out text offline; the paper's tasks by name on a cluster)
 * ``longctx``  stage ``evaluate-longctx``  passkey retrieval (needle in a haystack) over lengths x depths
 
+* ``passages``                           make-tasks' long-context items (a passage, a question on its first half)
+* ``ruler``                              evaluate-harness' offline RULER tasks (lengths, refusals, their metric)
 * ``streaming``                          chunked forwards through one cache (how cache methods are seen)
 
 Every stage takes ``--policy`` (no policy: the plain model) and ``--cache`` (a cache method composed with

@@ -10,6 +10,11 @@ cluster the paper's tasks are named directly (hellaswag, piqa, ...; their datase
 Offline, ``make-tasks`` builds local tasks from the held-out text; when every requested name is found in
 ``--task-dir`` the stage sets ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` (unless already set), since
 such tasks only read local JSON files.
+
+lm-eval's RULER tasks that generate their data offline (niah_single_1, niah_multikey_2, ruler_vt, ...;
+see :mod:`kvsharer.evaluate.ruler`) run at the lengths of ``--max-seq-lengths``, one lm-eval evaluation
+per length (``--limit`` counts per length); their result carries RULER's own score (not ``acc``) overall
+and per length. RULER tasks that download their data are refused before the model loads.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,10 +31,12 @@ from ..atomic import atomic_write_text
 from . import result_header
 from .lm_tasks import task_needs
 from .scores import flatten_metrics, requested_scores
-from ..models import DTYPES, check_source, find_parts, load_model, resolve_device
+from ..models import DTYPES, check_source, find_parts, load_model, resolve_device, text_config
 from ..compose import apply_setting
 from ..policy import SharingPolicy
 from . import add_setting_arguments, parse_setting
+from .longctx import context_window
+from .ruler import check_window, parse_lengths, ruler_metadata, ruler_metrics, split_ruler
 
 log = logging.getLogger("kvsharer")
 
@@ -76,6 +84,25 @@ def metric_label(manager):
     return label
 
 
+def task_results(out: dict) -> dict:
+    """``{task: flattened metrics + samples, samples_total}`` of one ``simple_evaluate`` output."""
+    counts = out.get("n-samples", {})
+    return {
+        name: {**flatten_metrics(metrics),
+               "samples": counts.get(name, {}).get("effective"),
+               "samples_total": counts.get(name, {}).get("original")}
+        for name, metrics in out["results"].items()
+    }
+
+
+def tokenizer_folder(source: str, tokenizer, scratch: Path) -> str:
+    """A folder RULER's generators can load the tokenizer from: the model folder, else a saved copy."""
+    if Path(source).is_dir():
+        return str(Path(source).resolve())
+    tokenizer.save_pretrained(scratch)
+    return str(scratch)
+
+
 def streaming_lm(hflm_class, chunk: int | None):
     """``hflm_class`` itself (no chunk), or a subclass whose ``_model_call`` streams chunks through one cache."""
     if chunk is None:
@@ -101,7 +128,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_setting_arguments(parser)
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task, group or tag names")
     parser.add_argument("--task-dir", type=Path, help="folder of local task YAMLs (from make-tasks)")
-    parser.add_argument("--limit", type=int, default=None, help="examples per task at most (default: all)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="examples per task at most (RULER tasks: per length; default: all)")
+    parser.add_argument("--max-seq-lengths", default=None,
+                        help="RULER tasks only: comma-separated sequence lengths in tokens (default 4096)")
     parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
@@ -121,45 +151,65 @@ def main(args: argparse.Namespace) -> int:
     if args.task_dir is not None and not args.task_dir.is_dir():
         raise ValueError(f"--task-dir {args.task_dir} is not a folder (build one with make-tasks)")
     check_source(args.model)
+    ruler_names, other_names = split_ruler(names)
+    lengths = parse_lengths(args.max_seq_lengths, ruler_names)
+    check_window(lengths, context_window(args.model))
     policy, method = parse_setting(args)
     chunk = args.chunk if method is not None else None
     task_dir = args.task_dir.resolve() if args.task_dir is not None else None
-    task_manager, local = task_manager_for(names, task_dir)
+    # RULER names are lm-eval's own (checked by split_ruler); each length gets its own TaskManager below
+    task_manager, local = task_manager_for(other_names, task_dir) if other_names else (None, False)
     if local:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn,
                                   device=resolve_device(args.device))
+    check_window(lengths, getattr(text_config(model), "max_position_embeddings", None))
     policy = policy or SharingPolicy.identity(find_parts(model).n_layers)
 
     import lm_eval
     from lm_eval.evaluator import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
     lm = streaming_lm(HFLM, chunk)(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
+
+    def evaluate(task_names: list[str], manager) -> dict:
+        return simple_evaluate(model=lm, tasks=task_names, limit=args.limit, num_fewshot=args.num_fewshot,
+                               task_manager=manager, log_samples=False)
+
+    tasks: dict = {}
+    scores: dict = {}
+    seconds_by_length = {}
     start = time.perf_counter()
-    with apply_setting(model, policy, method):
-        out = simple_evaluate(model=lm, tasks=names, limit=args.limit, num_fewshot=args.num_fewshot,
-                              task_manager=task_manager, log_samples=False)
+    with apply_setting(model, policy, method), tempfile.TemporaryDirectory() as scratch:
+        if other_names:
+            out = evaluate(other_names, task_manager)
+            tasks.update(task_results(out))
+            # one score per requested name (a group's aggregate, a generation task's own metric): the tables' columns
+            needs = task_needs(other_names, task_manager)
+            scores.update(requested_scores(out, other_names, {name: n.metric for name, n in needs.items()},
+                                           metric_label(task_manager), {name: n.leaves for name, n in needs.items()}))
+        runs: dict = {name: {} for name in ruler_names}
+        for length in lengths:
+            t0 = time.perf_counter()
+            metadata = ruler_metadata(length, tokenizer_folder(args.model, tokenizer, Path(scratch)))
+            for name, metrics in task_results(evaluate(ruler_names, TaskManager(metadata=metadata))).items():
+                runs[name][length] = (metrics, metrics["samples"])
+            seconds_by_length[str(length)] = time.perf_counter() - t0
+        tasks.update({name: ruler_metrics(by_length) for name, by_length in runs.items()})
+    for name in ruler_names:  # a RULER task's score: its own metric, sample-weighted over the lengths
+        scores[name] = {"metric": tasks[name]["metric"], "label": tasks[name]["metric"], "value": tasks[name]["score"],
+                        "stderr": None, "kind": "task", "subtasks": 0}
     seconds = time.perf_counter() - start
 
-    counts = out.get("n-samples", {})
-    tasks = {
-        name: {**flatten_metrics(metrics),
-               "samples": counts.get(name, {}).get("effective"),
-               "samples_total": counts.get(name, {}).get("original")}
-        for name, metrics in out["results"].items()
-    }
-    # one score per requested name (a group's aggregate, a generation task's own metric): what the tables show
-    needs = task_needs(names, task_manager)
-    scores = requested_scores(out, names, {name: n.metric for name, n in needs.items()}, metric_label(task_manager),
-                              {name: n.leaves for name, n in needs.items()})
     summary = {
         **result_header("evaluate-harness", args.model, args.policy, policy, method, chunk),
         "tasks": tasks, "scores": scores,
         "requested": names, "task_dir": str(task_dir) if task_dir else None,
         "limit": args.limit, "num_fewshot": args.num_fewshot, "batch_size": args.batch_size,
+        "max_seq_lengths": lengths or None, "ruler_seconds_by_length": seconds_by_length or None,
         "dtype": args.dtype, "device": str(model.device), "lm_eval_version": lm_eval.__version__,
         "seconds": seconds,
     }

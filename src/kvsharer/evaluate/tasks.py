@@ -8,8 +8,16 @@ path, so the folder works as ``TaskManager(include_path=...)`` from anywhere) an
 * ``kvs_cloze`` — given a sentence (and the one before it) without its final word, pick that word among
   four (three distractors are final words of other sentences). LAMBADA-like, as multiple choice.
 
-Both carry the tag ``kvsharer_demo`` (``evaluate-harness --tasks kvsharer_demo`` runs both). An item is
-``{"context": str, "choices": [4 str], "label": int}``; lm-eval scores ``context + " " + choice``.
+Their contexts are short (about 25 tokens): they fit inside one streamed chunk, so they measure what
+sharing costs in plain language modelling, and no cache method can move them. The long-context tasks
+(:mod:`kvsharer.evaluate.passages`) ask about a passage of several hundred tokens:
+
+* ``kvs_passage_sentence`` — which of four sentences appears in the passage.
+* ``kvs_passage_word`` — which word followed a quoted phrase of the passage.
+
+All carry the tag ``kvsharer_demo`` (``evaluate-harness --tasks kvsharer_demo`` runs them all). An item is
+``{"context": str, "choices": [4 str], "label": int}`` (passage items add ``answer_at``, the answer's
+character offset in the context); lm-eval scores ``context + " " + choice``.
 Items are shuffled, so ``--limit N`` takes a sample spread over the whole text.
 """
 
@@ -114,9 +122,16 @@ def cloze_items(text: str, seed: int) -> list[dict]:
     return items
 
 
+from .passages import PASSAGE_WORDS, passage_sentence_items, passage_word_items  # noqa: E402
+
+# name -> (builder, description, whether it builds passages: takes passage_words=(min, max))
 BUILDERS = {
-    "kvs_next_sentence": (next_sentence_items, "pick the true next sentence among four"),
-    "kvs_cloze": (cloze_items, "pick the true final word of a sentence among four"),
+    "kvs_next_sentence": (next_sentence_items, "pick the true next sentence among four", False),
+    "kvs_cloze": (cloze_items, "pick the true final word of a sentence among four", False),
+    "kvs_passage_sentence": (passage_sentence_items, "pick the sentence that appears in a passage of several "
+                             "hundred tokens among four", True),
+    "kvs_passage_word": (passage_word_items, "pick the word that followed a phrase of the passage's first half "
+                         "among four", True),
 }
 
 
@@ -151,6 +166,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", required=True, type=Path, help="task folder (give it to evaluate-harness --task-dir)")
     parser.add_argument("--seed", type=int, default=0, help="seeds distractors, answer positions and item order")
     parser.add_argument("--max-items", type=int, default=1000, help="items per task at most")
+    parser.add_argument("--passage-words", default=f"{PASSAGE_WORDS[0]},{PASSAGE_WORDS[1]}",
+                        help="MIN,MAX words of a passage of the long-context tasks (default %(default)s: "
+                             "about 330-640 SmolLM2 tokens)")
+
+
+def parse_passage_words(text: str) -> tuple[int, int]:
+    try:
+        low, high = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--passage-words must be MIN,MAX (two whole numbers), got {text!r}") from None
+    if not 1 <= low <= high:
+        raise ValueError(f"--passage-words must satisfy 1 <= MIN <= MAX, got {text!r}")
+    return low, high
 
 
 def main(args: argparse.Namespace) -> int:
@@ -159,12 +187,14 @@ def main(args: argparse.Namespace) -> int:
     check_text_source(args.text)
     if args.max_items < 1:
         raise ValueError(f"--max-items must be at least 1, got {args.max_items}")
+    passage_words = parse_passage_words(args.passage_words)
     text = load_corpus(args.text)
     out_dir = args.out_dir.resolve()
     manifest = {"stage": "make-tasks", "text": args.text, "text_sha256": sha256_text(text), "seed": args.seed,
-                "max_items": args.max_items, "tag": TAG, "task_dir": str(out_dir), "tasks": {}}
-    for name, (build, description) in BUILDERS.items():
-        items = build(text, args.seed)[: args.max_items]
+                "max_items": args.max_items, "passage_words": list(passage_words), "tag": TAG,
+                "task_dir": str(out_dir), "tasks": {}}
+    for name, (build, description, long) in BUILDERS.items():
+        items = (build(text, args.seed, passage_words) if long else build(text, args.seed))[: args.max_items]
         if not items:
             raise ValueError(f"the text {args.text} yields no {name} items (too little prose)")
         data_file = out_dir / f"{name}.jsonl"
