@@ -419,5 +419,5 @@ def test_harness_scores_a_group_by_its_aggregate_and_a_tag_by_its_tasks(tiny_mod
     argv[argv.index("kvs_both")] = "kvsharer_demo"
     assert cli(argv[:-1] + [str(out2)]) == 0
     tag = read(out2)["scores"]
-    assert set(tag) == {"kvs_next_sentence", "kvs_cloze"}
+    assert set(tag) == {"kvs_next_sentence", "kvs_cloze", "kvs_passage_word", "kvs_passage_sentence"}
     assert {s["kind"] for s in tag.values()} == {"subtask of kvsharer_demo"}
