@@ -377,7 +377,7 @@ def test_search_procedures_compare_orders_measured_search_and_minicache(tables):
     assert at25.loc["MiniCache", "kv_pct"] == pytest.approx(kv_of(0.0, "minicache:0.25") * 100)
     # search cost: the measured policy's trace has 4 candidates (forwards = 2.5 per candidate here)
     assert at25.loc["measured-kl", "candidates"] == 4 and at25.loc["measured-kl", "forwards"] == 10.0
-    assert math.isnan(at25.loc["MiniCache", "candidates"])
+    assert math.isnan(at25.loc["MiniCache", "candidates"]) and math.isnan(at25.loc["MiniCache", "layers_shared"])
     plain_row = tiny[tiny["method"] == "plain"]
     assert list(plain_row["rate_pct"]) == [0.0] and list(plain_row["ppl:docstrings"]) == [ppl_of(0.0) * SECOND_CORPUS_FACTOR]
     assert set(t["rate_pct"]) >= {12.5, 25.0, 50.0}

@@ -365,7 +365,7 @@ def search_procedures(settings: pd.DataFrame, policies: pd.DataFrame, metric: st
     frame = _setting_columns(pd.concat([searched, mini], ignore_index=True))
     if frame.empty or frame["method"].ne("plain").sum() == 0:
         return pd.DataFrame(columns=columns)
-    frame["layers_shared"] = frame["num_shared"]
+    frame["layers_shared"] = frame["num_shared"].where(frame["method"] != "MiniCache")  # it merges, shares none
     frame["candidates"] = frame["candidates_evaluated"] + frame["candidates_resumed"]
     frame["search_seconds"] = frame["search_seconds_total"]
     numeric = ["layers_shared", "kv_pct", "ppl", *corpora, "mean_acc", "passkey", "candidates", "forwards", "search_seconds"]
