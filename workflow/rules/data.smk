@@ -41,9 +41,11 @@ rule make_tasks:
         "results/text/evaluation.txt",
     output:
         "results/text/tasks/tasks.json",
+    params:
+        passage_words=",".join(str(n) for n in EVAL.get("harness", {}).get("passage_words", [220, 360])),
     log:
         "logs/make_tasks.log",
     conda:
         "../../envs/kvsharer.yaml"
     shell:
-        "python -m kvsharer make-tasks --text {input} --out-dir results/text/tasks > {log} 2>&1"
+        "python -m kvsharer make-tasks --text {input} --passage-words {params.passage_words} --out-dir results/text/tasks > {log} 2>&1"
