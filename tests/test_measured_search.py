@@ -249,6 +249,11 @@ def test_a_larger_target_starts_from_the_smaller_targets_journal(order, tmp_path
     # forward with which the resumed search rebuilt its state)
     assert fresh["candidate_forwards_total"] <= chained["candidate_forwards_total"] <= fresh["candidate_forwards_total"] + 1
     assert chained["forwards"] < fresh["forwards"]
+    # this target's own journal, cut short (a kill before its first candidate), does not hide the longer seed
+    (tmp_path / "big2.jsonl").write_text((tmp_path / "big.jsonl").read_text().splitlines()[0] + "\n")
+    again = run_search(model, stats, SearchSettings(target=4, **settings), tmp_path / "big2.jsonl", "x",
+                       progress=False, seed_journal=tmp_path / "small.jsonl")
+    assert again["candidates_resumed"] == len(small["trace"]) and again["map"] == fresh["map"]
     # a journal of other settings is not taken
     other = run_search(model, stats, SearchSettings(target=4, **{**settings, "threshold": 0.9}), tmp_path / "o.jsonl",
                        "x", progress=False, seed_journal=tmp_path / "small.jsonl")

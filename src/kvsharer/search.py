@@ -262,17 +262,18 @@ class Journal:
     """Append-only JSONL of evaluated candidates; the first line pins the settings and inputs.
 
     ``seed``: the journal of the same search run to a smaller target (its candidates are this search's
-    first ones), used when ``path`` holds nothing to resume."""
+    first ones), used when it holds more candidates than ``path`` (a search to this target killed early)."""
 
     def __init__(self, path: Path | None, header: dict, seed: Path | None = None):
         self.path, self.header, self.entries = path, header, {}
         if path is None:
             return
         lines = read_journal(path, header)
-        if lines is None and seed is not None:
-            lines = read_journal(seed, header)
-            if lines is not None:
-                log.info("starting from %s (the same search to a smaller target)", seed)
+        seeded = read_journal(seed, header) if seed is not None else None
+        # both are prefixes of one deterministic sequence of candidates: the longer one holds the other
+        if seeded is not None and len(seeded) > len(lines or []):
+            lines = seeded
+            log.info("starting from %s (the same search to a smaller target)", seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         lines = lines or [{"header": header}]
         self.entries = {e["rank"]: e for e in lines[1:]}
