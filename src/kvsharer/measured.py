@@ -148,8 +148,9 @@ def measured_search(
         if max_candidates is not None and len(trace) + len(todo) > max_candidates:
             stopped = "budget"
             break
-        step = []
+        step, done = [], set()
         while todo:
+            done.update(todo)
             for i, j in todo:
                 entry = measure(i, j, maps[(i, j)])
                 measured[(i, j)] = entry["loss"]
@@ -158,8 +159,7 @@ def measured_search(
                                                         "layers")} | {"accepted": False})
             passing = [s for s in range(len(step)) if step[s]["similarity"] > threshold]
             # none of the re-measured ones clears T: measure the rest before concluding that none does
-            todo = [] if passing else [p for p in pairs if p not in todo and tuple(maps[p]) not in
-                                       {tuple(e["map"]) for e in step}]
+            todo = [] if passing else [p for p in pairs if p not in done]
         if not passing:
             stopped = "threshold"
             break
