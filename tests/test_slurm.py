@@ -139,12 +139,15 @@ def _failed(workdir: Path, what: str, returncode: int, log: str) -> AssertionErr
     return AssertionError(f"{what} failed (rc {returncode}):\n{log[-6000:]}\n{logs[-6000:]}")
 
 
+MODEL_MEM_MB = 2500  # a model job's memory: preflight wants >= the weights + 2000 MB host overhead
+
+
 def slurm_config(model_dir: Path, gpu: bool) -> dict:
     """test_dag's tiny config, smaller: one policy (25 %, dissimilar), no ablations or compositions, perplexity
     only; one GPU per model job where the partition has GPUs, none (CPU) where it has not."""
     config = tiny_config(model_dir)
     config.pop("compose", None)
-    config["models"]["tiny"]["mem_mb"] = 1000
+    config["models"]["tiny"]["mem_mb"] = MODEL_MEM_MB
     config["models"]["tiny"]["gpus"] = 1 if gpu else 0
     config["search"].update(rates=[0.25], orders=["dissimilar"], seeds=[0], ablation_rates=[], metrics=[],
                             thresholds=[])
@@ -251,7 +254,7 @@ def test_tiny_dag_runs_through_slurm(slurm_run, capsys):
         assert f" --cpus-per-task={threads[rule]} " in call, call
         assert ("--gpus=1" in call) == (slurm_run["gpu"] and rule in GPU_RULES), call
     search_call = calls[rules.index("search")]  # the profile's runtime, the config's mem_mb
-    assert f" -t {PROFILE['set-resources']['search']['runtime']} " in search_call and " --mem 1000 " in search_call
+    assert f" -t {PROFILE['set-resources']['search']['runtime']} " in search_call and f" --mem {MODEL_MEM_MB} " in search_call
     assert " -t 10 " in calls[rules.index("tables")]  # the test's default runtime for a CPU rule
 
 
