@@ -55,6 +55,15 @@ def test_search_speed_benchmark_smoke(tiny_model_dir, tmp_path):
     assert result["official_candidates_evaluated"] == result["fast_candidates_evaluated"] >= 2
 
 
+def test_warm_worker_benchmark_smoke(tiny_model_dir, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 37} and more text {i}" for i in range(400)))
+    result = _bench("warm_worker.py", "--model", str(tiny_model_dir), "--text", str(text), "--smoke",
+                    "--out", str(tmp_path / "warm.json"))
+    assert len(result["seconds"]["own_process"]) == len(result["seconds"]["warm_worker"]) == 2
+    assert result["ratio"] > 0 and result["ppl"] > 1  # both arms scored the same PPL (the script checks)
+
+
 def test_gpu_profile_script_smoke_runs_the_real_pipeline_on_a_random_shape(tmp_path):
     """``--smoke``: the GPU script's whole pipeline (random-init shape, profile, figures, ratios) on the CPU."""
     import csv

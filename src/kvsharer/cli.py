@@ -14,6 +14,8 @@ import os
 import sys
 import time
 
+from .warm_worker import IN_WORKER
+
 # subcommand -> (module, one-line help)
 STAGES = {
     "prepare-model": ("kvsharer.prepare", "materialize a model (hub id, folder or embedded) as a safetensors folder"),
@@ -31,6 +33,8 @@ STAGES = {
     "evaluate-longctx": ("kvsharer.evaluate.longctx", "passkey retrieval over lengths x depths under a sharing policy"),
     "tables": ("kvsharer.report.tables", "paper-style tables (CSV + Markdown) from policy and evaluation files"),
     "figures": ("kvsharer.report.figures", "report figures (PNG + PDF) from policy, evaluation and distance files"),
+    "warm-worker": ("kvsharer.warm_worker", "run a command (e.g. snakemake) whose kvsharer jobs fork from one warm "
+                                            "process instead of each importing torch anew"),
 }
 
 
@@ -76,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         os.environ["KVSHARER_GPUS"] = str(args.gpus)  # read by kvsharer.models.load_model
     start = time.perf_counter()
-    log.info("stage %s started", args.stage)
+    warm = os.environ.get(IN_WORKER)
+    log.info("stage %s started%s", args.stage, f" (forked from the warm worker, pid {warm})" if warm else "")
     try:
         rc = importlib.import_module(args._module).main(args)
     except (ValueError, FileNotFoundError) as err:
