@@ -314,3 +314,36 @@ def test_max_length_caps_one_models_passkey_lengths(tmp_path, tiny_model_dir):
     assert set(re.findall(r"kvsharer --threads \d+ --gpus (\d+) \S+ --model results/models/short", out)) == {"2"}
     assert re.findall(r"profile --model results/models/(\w+) .*?--memory-gb (\S+)", out) and \
         dict(re.findall(r"profile --model results/models/(\w+) .*?--memory-gb (\S+)", out)) == {"tiny": "3", "short": "6"}
+
+
+def test_ruler_runs_through_the_harness_stage_for_policies_and_token_methods(tmp_path, tiny_model_dir):
+    """evaluation.ruler plans one evaluate-harness job per setting of Table 1 (plain, the paper's and the measured
+    policies) and
+    per token method alone and with sharing, at the lengths up to each model's max_length."""
+    import re
+
+    config = tiny_config(tiny_model_dir)
+    config["models"]["short"] = {**config["models"]["tiny"], "max_length": 256}
+    config["evaluation"]["ruler"] = {"tasks": ["niah_single_1", "ruler_vt"], "lengths": [384, 256], "limit": 3}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    out = snakemake(tmp_path, "-n", "-p").stdout
+    calls = re.findall(r"evaluate-harness --model results/models/(\w+) (.*?)--tasks niah_single_1,ruler_vt "
+                       r"--max-seq-lengths (\S+) --limit 3 .*?--out results/\w+/eval/(\S+)/ruler.json", out)
+    settings = {(model, setting) for model, _, _, setting in calls}
+    policies = {s for _, s in settings if "+" not in s and s != "plain"}
+    assert policies and all(re.search(r"_(dissimilar|measured-kl)_euclidean_T", p) for p in policies)  # Table 1's
+    assert {("tiny", "plain"), ("tiny", "plain+h2o-0.5")} <= settings
+    assert any(s.endswith("+h2o-0.5") and not s.startswith("plain") for _, s in settings)  # with sharing
+    assert not any("int4" in s or "minicache" in s for _, s in settings)  # token methods only
+    for model, args, lengths, setting in calls:
+        assert lengths == ("384,256" if model == "tiny" else "256")
+        assert ("--cache h2o:0.5" in args) == setting.endswith("+h2o-0.5")
+        assert ("--policy" in args) == (setting.split("+")[0] != "plain")
+
+
+def test_preflight_refuses_ruler_lengths_past_a_models_window(tmp_path, tiny_model_dir):
+    config = tiny_config(tiny_model_dir)
+    config["evaluation"]["ruler"] = {"tasks": ["niah_single_1"], "lengths": [256, 4096]}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = snakemake(tmp_path, "-n", check=False)
+    assert proc.returncode != 0 and "RULER lengths 4096 exceed its window of 512" in proc.stderr + proc.stdout

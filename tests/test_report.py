@@ -633,3 +633,27 @@ def test_harness_results_written_before_scores_keep_their_requested_names(tmp_pa
     t1 = read(out, "table1")
     assert [c for c in t1.columns if "(" in c] == ["hellaswag (acc)", "mmlu (acc)"]
     assert t1.loc[0, "mmlu (acc)"] == pytest.approx(0.47)
+
+
+def test_ruler_results_beside_the_benchmarks_add_their_columns(tmp_path):
+    """A setting's RULER result (evaluation.ruler: a second evaluate-harness file, ruler.json) and its benchmark
+    result are both read: RULER's tasks become columns named by their metric; the same file twice is an error."""
+    root = tmp_path / "results"
+    policy = make_policy(root, "bench", 0.25)
+    evals = [lm_eval_like_harness(root, "bench", p, r) for p, r in ((None, 0.0), (policy, 0.25))]
+    for p, score in ((None, 0.9), (policy, 0.5)):
+        evals.append(write(root / "bench" / "eval" / (p.stem if p else "plain") / "ruler.json", {
+            "stage": "evaluate-harness", **_common("bench", p), "cache": None, "cache_family": None, "chunk": None,
+            "tasks": {"niah_single_1": {"metric": "string_match_all", "score": score, "samples": 4}},
+            "scores": {"niah_single_1": {"metric": "string_match_all", "label": "string_match_all", "value": score,
+                                         "stderr": None, "kind": "task", "subtasks": 0}},
+            "requested": ["niah_single_1"], "max_seq_lengths": [256, 512]}))
+    evals += make_evals(root, "bench", None, 0.0, 10.0, full=False) + make_evals(root, "bench", policy, 0.25, 12.0,
+                                                                                 full=False)
+    out = tmp_path / "tables"
+    assert cli(["tables", "--policies", str(policy), "--evals", *map(str, evals), "--out-dir", str(out)]) == 0
+    t1 = read(out, "table1").set_index("rate_pct")
+    assert t1.loc[0.0, "niah_single_1 (string_match_all)"] == 0.9 and t1.loc[25.0, "niah_single_1 (string_match_all)"] == 0.5
+    assert t1.loc[25.0, "hellaswag (acc)"] == pytest.approx(0.55)
+    assert cli(["tables", "--policies", str(policy), "--evals", *map(str, evals), str(evals[-1]),
+                "--out-dir", str(out)]) == 2  # the same result twice

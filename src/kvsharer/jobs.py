@@ -13,7 +13,8 @@ disagree.
 from __future__ import annotations
 
 # rules that load a model onto its GPUs
-MODEL_RULES = ("calibrate", "search", "evaluate_ppl", "evaluate_harness", "evaluate_longctx", "profile")
+MODEL_RULES = ("calibrate", "search", "evaluate_ppl", "evaluate_harness", "evaluate_longctx", "evaluate_ruler",
+               "profile")
 DEFAULTS = {"mem_mb": 4000, "gpus": 1, "batch_size": 8}  # as in workflow/schemas/config.schema.yaml
 ANSWER_TOKENS = 8  # evaluation.longctx.answer_tokens default: greedy answer tokens after a passkey prompt
 SCALING_DEFAULTS = {"layers": [8, 16, 32], "hidden": [256, 512], "samples": 30, "tokens": 64, "rate": 0.25,
@@ -57,9 +58,17 @@ def answer_tokens(config: dict) -> int:
     return int(((config.get("evaluation") or {}).get("longctx") or {}).get("answer_tokens", ANSWER_TOKENS))
 
 
+def _capped(lengths: list[int], config: dict, model: str) -> list[int]:
+    cap = config["models"][model].get("max_length")
+    return [n for n in lengths if cap is None or n <= cap]
+
+
 def longctx_lengths(config: dict, model: str) -> list[int]:
     """The passkey lengths run on ``model``: ``evaluation.longctx.lengths`` up to ``models.<m>.max_length``
     (all of them when it is not set)."""
-    lengths = ((config.get("evaluation") or {}).get("longctx") or {}).get("lengths", [])
-    cap = config["models"][model].get("max_length")
-    return [n for n in lengths if cap is None or n <= cap]
+    return _capped(((config.get("evaluation") or {}).get("longctx") or {}).get("lengths", []), config, model)
+
+
+def ruler_lengths(config: dict, model: str) -> list[int]:
+    """The RULER lengths run on ``model``: ``evaluation.ruler.lengths`` up to ``models.<m>.max_length``."""
+    return _capped(((config.get("evaluation") or {}).get("ruler") or {}).get("lengths", []), config, model)

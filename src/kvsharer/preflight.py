@@ -210,6 +210,11 @@ def check_windows(name: str, window: int, config: dict) -> list[str]:
                 problems.append(
                     f"model {name!r}: profile context {context} + {new} new tokens = {context + new} exceeds its "
                     f"window of {window} tokens (profile would fail): use contexts up to {window - new}")
+    too_long = [n for n in jobs.ruler_lengths(config, name) if n > window]
+    if too_long:  # a RULER sample of length L holds its prompt and its answer
+        problems.append(f"model {name!r}: RULER lengths {', '.join(map(str, too_long))} exceed its window of {window} "
+                        f"tokens (evaluate_ruler would fail): use evaluation.ruler.lengths up to {window}, or cap them "
+                        f"with models.{name}.max_length")
     if "ppl" in evaluation and evaluation["ppl"].get("window", 512) > window:
         problems.append(f"model {name!r}: perplexity window {evaluation['ppl'].get('window', 512)} exceeds its "
                         f"window of {window} tokens")
@@ -242,6 +247,9 @@ def forwards(config: dict, name: str, window: int) -> dict[str, list[tuple[str, 
     if lengths:  # a whole (length, depth) cell per generate call: trials sequences
         out["evaluate_longctx"] = [("passkey cells", evaluation["longctx"].get("trials", 2),
                                     max(lengths) + jobs.answer_tokens(config), False)]
+    lengths = jobs.ruler_lengths(config, name) if "ruler" in evaluation else []
+    if lengths:  # lm-eval generates for a batch of prompts of (up to) the longest length
+        out["evaluate_ruler"] = [("RULER samples", batch, max(lengths), False)]
     profile = config.get("profile")
     if profile is not None:
         out["profile"] = [("profile warm-up", 1, min(profile.get("contexts", [512])) + 2, False)]

@@ -70,6 +70,11 @@ def model_gpus(wildcards):
     return jobs.model_gpus(config, wildcards.model)
 
 
+def ruler_lengths(wildcards):
+    """evaluation.ruler.lengths up to models.<m>.max_length."""
+    return ",".join(str(x) for x in jobs.ruler_lengths(config, wildcards.model))
+
+
 def longctx_lengths(wildcards):
     """evaluation.longctx.lengths up to models.<m>.max_length."""
     return ",".join(str(x) for x in jobs.longctx_lengths(config, wildcards.model))
@@ -105,11 +110,13 @@ def compose_settings(kind, model):
     alone (scored by ppl and harness); the needle-in-a-haystack methods with and without sharing (longctx)."""
     if kind == "longctx":
         specs = C.get("niah", [])
+    elif kind == "ruler":  # long context is where the token methods matter
+        specs = [s for s in C.get("intra", []) if is_token_method(s)]
     else:
         specs = C.get("intra", []) + [f"int{b}" for b in C.get("quant_bits", [])]
     specs = model_methods(model, specs)
     names = [f"{base}+{label(spec)}" for spec in specs for base in compose_bases()]
-    if kind != "longctx":
+    if kind in ("ppl", "harness"):
         names += [f"plain+minicache-{fmt(r)}" for r in C.get("minicache_rates", [])]
     return names
 
@@ -120,7 +127,7 @@ def compose_policies():
 
 EVAL = config["evaluation"]
 EVAL_KINDS = {"ppl": ("ppl" in EVAL, all_policies), "harness": ("harness" in EVAL, table1_policies),
-              "longctx": ("longctx" in EVAL, table1_policies)}
+              "longctx": ("longctx" in EVAL, table1_policies), "ruler": ("ruler" in EVAL, table1_policies)}
 
 
 def eval_files(kind):
@@ -220,7 +227,7 @@ def corpus_eval_files():
 
 
 def all_evals():
-    return eval_files("ppl") + corpus_eval_files() + eval_files("harness") + eval_files("longctx")
+    return eval_files("ppl") + corpus_eval_files() + eval_files("harness") + eval_files("longctx") + eval_files("ruler")
 
 
 def final_outputs():

@@ -58,6 +58,33 @@ rule evaluate_harness:
         " --batch-size {resources.batch} --dtype {params.dtype} --out {output} > {log} 2>&1"
 
 
+rule evaluate_ruler:
+    input:
+        unpack(lambda w: {"model": f"results/models/{w.model}", "policy": policy_input(w)}),
+    output:
+        "results/{model}/eval/{policy}/ruler.json",
+    params:
+        policy=policy_arg,
+        cache=chunk_arg,
+        tasks=",".join(EVAL.get("ruler", {}).get("tasks", [])),
+        lengths=ruler_lengths,
+        limit=lambda w: f"--limit {EVAL['ruler']['limit']}" if EVAL["ruler"].get("limit") else "",
+        dtype=lambda w: model_setting(w.model, "dtype", "float32"),
+    log:
+        "logs/{model}/eval/{policy}/ruler.log",
+    conda:
+        "../../envs/kvsharer.yaml"
+    threads: lambda w: model_setting(w.model, "threads", 1)
+    resources:
+        mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+        gpu=model_gpus,
+        batch=retry_batch("batch_size"),
+    shell:
+        "python -m kvsharer --threads {threads} --gpus {resources.gpu} evaluate-harness --model {input.model} {params.policy} {params.cache}"
+        " --tasks {params.tasks} --max-seq-lengths {params.lengths} {params.limit}"
+        " --batch-size {resources.batch} --dtype {params.dtype} --out {output} > {log} 2>&1"
+
+
 rule evaluate_longctx:
     input:
         unpack(lambda w: {"model": f"results/models/{w.model}", "text": "results/text/evaluation.txt",

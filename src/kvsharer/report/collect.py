@@ -268,10 +268,12 @@ def load_evals(paths: Sequence[str | os.PathLike], policies: dict[str, Policy]) 
             if data.get("map") is not None and data["map"] != policy.data["map"]:
                 raise ValueError(f"evaluation file {path} used a different map than its policy {policy.path} "
                                  "(the policy changed after the evaluation: rerun it)")
-        ident = (stage, model, key, data.get("cache") or NO_CACHE, data.get("corpus"))
+        # a setting may have several harness results with different tasks (the benchmarks, RULER)
+        ident = (stage, model, key, data.get("cache") or NO_CACHE, data.get("corpus"),
+                 tuple(data.get("requested") or ()))
         if ident in seen:
             raise ValueError(f"two {stage} results for model {model!r}, policy "
-                             f"{data['policy'] or PLAIN}, cache {ident[-1]}: {seen[ident]} and {path}")
+                             f"{data['policy'] or PLAIN}, cache {ident[3]}: {seen[ident]} and {path}")
         seen[ident] = str(path)
         evals.append(Evaluation(str(path), stage, model, key, data))
     return evals
