@@ -53,7 +53,8 @@ def _check_cache(model, cache, seen, policy):
         assert layer.budget() == budget <= seen
         batch = layer.keys.shape[0]
         assert layer.keys.shape == layer.values.shape == (batch, kv_heads, budget, head_dim)
-        assert layer.positions.shape == layer.valid.shape == (batch, budget)
+        lead = (batch, kv_heads) if layer.method.per_head else (batch,)  # per-head methods: a keep-set per KV head
+        assert layer.positions.shape == layer.valid.shape == (*lead, budget)
         assert (layer.positions.diff(dim=-1) > 0).all() and (layer.positions < seen).all()
         expected_bytes += 2 * batch * kv_heads * budget * head_dim * layer.keys.element_size()
     assert cache_nbytes(cache) == expected_bytes
@@ -98,7 +99,7 @@ def test_cache_really_shrinks_prefill_decode_and_padded_batch(family, method, sh
             if isinstance(layer, CompressedLayer):
                 # rows with enough real tokens dropped their padding first
                 assert layer.valid[0].all() and layer.valid[1].all()
-                assert layer.valid[2].sum() == min(layer.budget(), 5 + 3)
+                assert (layer.valid[2].sum(-1) == min(layer.budget(), 5 + 3)).all()  # (per KV head: each)
 
 
 @pytest.mark.parametrize("sharing", sorted(POLICIES))

@@ -39,13 +39,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import footprint, jobs
+from . import footprint, jobs, method_registry
 from .shapes import Shape, architecture_of, shape_from_config
 from .sources import EMBEDDED_PREFIX, ModelError, check_source
 
 log = logging.getLogger("kvsharer")
 
-TOKEN_METHOD_NAMES = ("h2o", "pyramidinfer", "kvmerger")  # kvsharer.intra.METHODS (which imports torch)
+TOKEN_METHOD_NAMES = method_registry.names("intra")  # kvsharer.intra.METHODS, without importing torch
 
 
 class PreflightError(ValueError):
@@ -167,7 +167,7 @@ def model_info(name: str, settings: dict) -> ModelInfo:
 
 
 def _token_methods(methods) -> list[str]:
-    return [m for m in methods if str(m).split(":")[0] in TOKEN_METHOD_NAMES]
+    return [m for m in methods if method_registry.is_token_method(m)]
 
 
 def check_depth(name: str, n_layers: int, rates, minicache_rates=()) -> list[str]:
