@@ -12,9 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import VOCAB, make_tiny
-from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+from transformers import AttentionInterface, DynamicCache
 
 from kvsharer import SharingPolicy, cache_nbytes, share_kv
 from kvsharer.intra import (
@@ -25,6 +23,7 @@ from kvsharer.intra.attention import scoring_attention_forward
 from kvsharer.intra.blockwise import AttentionScores, blockwise_scoring_attention
 from kvsharer.models import kv_shape
 from kvsharer.sharing import SharedLayer
+from masked_reference import reference_new_logits
 from scoring_reference import reference_forward, reference_scores, reference_scoring_attention
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,30 +138,8 @@ class _nothing:
 # ---------------------------------------------------------------------------------------------
 
 
-def _reference_new_logits(model, full_tokens, kept, share_map, n_new):
-    """Plain model, no cache: each of the last ``n_new`` queries of layer l sees only the positions its
-    cache kept before them, plus the new tokens up to itself (an independent slow implementation)."""
-    batch, length = full_tokens.shape
-    first_new = length - n_new
-
-    def masked(module, query, key, value, mask, **kwargs):
-        visible = torch.ones(length, length, dtype=torch.bool).tril()[None, None].repeat(batch, 1, 1, 1)
-        old = torch.zeros(batch, first_new, dtype=torch.bool).scatter_(1, kept[share_map[module.layer_idx]], True)
-        visible[:, 0, first_new:, :first_new] = old[:, None, :]
-        return sdpa_attention_forward(module, query, key, value, visible, **kwargs)
-
-    AttentionInterface.register("kvsharer_intra_reference", masked)
-    AttentionMaskInterface.register("kvsharer_intra_reference", sdpa_mask)
-    inner = model.config._attn_implementation
-    model.config._attn_implementation = "kvsharer_intra_reference"
-    try:
-        return model(full_tokens, use_cache=False).logits[:, first_new:]
-    finally:
-        model.config._attn_implementation = inner
-
-
 @pytest.mark.parametrize("sharing", sorted(POLICIES))
-@pytest.mark.parametrize("method", ["h2o", "pyramidinfer"])
+@pytest.mark.parametrize("method", ["h2o", "pyramidinfer", "streamingllm"])
 def test_decoding_after_eviction_matches_masked_reference(family, method, sharing):
     """After eviction new tokens get positions T, T+1, ... (tokens seen) and attend exactly to the kept
     tokens: one decoding step (the model passes no mask) and a 3-token chunk (a materialized mask)."""
@@ -179,7 +156,7 @@ def test_decoding_after_eviction_matches_masked_reference(family, method, sharin
             got = model(full[:, prompt:], past_key_values=cache).logits
             assert cache.get_seq_length() == 15
         with share_kv(model, policy) if policy else _nothing():
-            ref = _reference_new_logits(model, full, kept, share_map, n_new)
+            ref = reference_new_logits(model, full, kept, share_map, n_new)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
         # and eviction really changed the prediction inputs: the unmasked model differs
         assert not torch.allclose(model(full).logits[:, prompt:], ref, atol=1e-4)

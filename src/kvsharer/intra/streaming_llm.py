@@ -6,9 +6,10 @@ What this class does, exactly:
 * **No scores.** The choice depends on positions only: ``observe`` records nothing.
 * **Evict.** Whenever the cache holds more than its budget ``k`` (after the prefill, after each chunk
   of a chunked evaluation, after each decoding step, once all layers of the group have attended), it
-  keeps the first ``s = min(sinks, k − 1)`` *real* tokens of the row (default ``sinks = 4``, the paper's)
-  plus the ``k − s`` most recent stored tokens; padding goes first. So at least one recent token is kept,
-  and a budget of one token keeps the last token only.
+  keeps the first ``s = min(sinks, k − 1)`` *real* tokens the cache still holds (default ``sinks = 4``,
+  the paper's: the sequence's first tokens, unless a smaller earlier budget already evicted some) plus
+  the ``k − s`` most recent stored tokens; padding goes first. So at least one recent token is kept, and
+  a budget of one token keeps the last token only.
 * Keys are cached after RoPE, so kept tokens keep their original positions (as kvpress's
   ``StreamingLLMPress``); the paper's rolling cache re-assigns positions inside the window instead.
 * One keep-set per layer (shared by all heads), the same for every layer of a sharing group.
