@@ -139,6 +139,21 @@ def evict_by_score(layer: "CompressedLayer", score: torch.Tensor, keep: int, rec
     layer.select(keep_top(priority, keep))
 
 
+def join_recent_rows(layer: "CompressedLayer", key: str, rows: torch.Tensor, first: bool, window: int, dim: int) -> None:
+    """Attention rows of this call's last queries (``rows``, queries along ``dim``) into ``layer.state[key]``:
+    the source layer (``first``) appends them and keeps the last ``window``; a layer sharing the cache adds
+    its attention to the same (most recent) rows."""
+    kept = layer.state.get(key)
+    if first or kept is None:
+        if kept is None:
+            kept = rows.narrow(dim, 0, 0)
+        joined = torch.cat([kept, rows], dim=dim)
+        layer.state[key] = joined.narrow(dim, max(0, joined.shape[dim] - window), min(window, joined.shape[dim]))
+    else:
+        n = rows.shape[dim]
+        kept.narrow(dim, kept.shape[dim] - n, n).add_(rows)
+
+
 def validate_ratio(name: str, value: float, low_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
         (0.0 < value if low_open else 0.0 <= value) and value <= 1.0

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import TokenMethod, evict_by_score
+from .base import TokenMethod, evict_by_score, join_recent_rows
 
 POOLINGS = ("max", "avg")
 
@@ -49,14 +49,8 @@ class SnapKV(TokenMethod):
         return self.window
 
     def observe(self, layer, scores, first):
-        rows = scores.recent_heads  # [B, kvh, n, S]: the last n = min(window, queries) queries, per KV head
-        votes = layer.state.get("window_rows")
-        if first or votes is None:
-            if votes is None:
-                votes = rows.new_zeros(*rows.shape[:2], 0, rows.shape[-1])
-            layer.state["window_rows"] = torch.cat([votes, rows], dim=2)[:, :, -self.window:]
-        else:  # a layer sharing this cache: add its votes to the same (most recent) rows
-            votes[:, :, -rows.shape[2]:] += rows
+        # scores.recent_heads [B, kvh, n, S]: the last n = min(window, queries) queries, per KV head
+        join_recent_rows(layer, "window_rows", scores.recent_heads, first, self.window, dim=2)
 
     def pool(self, score: torch.Tensor) -> torch.Tensor:
         """``score [B, kvh, P]`` pooled along the tokens (stride 1, centred, same length)."""
