@@ -334,8 +334,9 @@ def test_bad_budgets_are_refused(budget, message):
 
 
 def test_bad_methods_and_options_are_refused(tokens):
-    with pytest.raises(ValueError, match="unknown token-level method 'snapkv'; known: h2o, pyramidinfer, kvmerger"):
-        make_method("snapkv", 0.5)
+    with pytest.raises(ValueError, match="unknown token-level method 'tova'; known: h2o, pyramidinfer, kvmerger, "
+                                         "streamingllm, snapkv"):
+        make_method("tova", 0.5)
     with pytest.raises(ValueError, match="recent_ratio"):
         H2O(0.5, recent_ratio=1.5)
     with pytest.raises(ValueError, match="window"):
