@@ -29,13 +29,15 @@ def reference_scoring_attention(module, query, key, value, attention_mask, scali
         if layer.positions is None or layer.positions.shape[-1] != stored:
             raise RuntimeError("positions do not match the keys")
         q_pos = torch.arange(layer.seen - q_len, layer.seen, device=device)
+        # [B, 1, 1, S], or [B, kvh, 1, S] when the method keeps one set of tokens per KV head
+        pos = layer.positions[:, None, None, :] if layer.positions.dim() == 2 else layer.positions[:, :, None, :]
         if attention_mask is None:  # plain causal, no padding
-            visible = layer.positions[:, None, None, :] <= q_pos[None, None, :, None]
+            visible = pos <= q_pos[None, None, :, None]
             query_valid = torch.ones(batch, q_len, dtype=torch.bool, device=device)
         else:
             full = _as_bool(attention_mask)
-            full = full.expand(batch, 1, q_len, layer.seen)
-            visible = full.gather(-1, layer.positions[:, None, None, :].expand(batch, 1, q_len, stored))
+            full = full.expand(batch, pos.shape[1], q_len, layer.seen)
+            visible = full.gather(-1, pos.expand(batch, pos.shape[1], q_len, stored))
             # a token is padding iff it cannot see itself
             query_valid = full[:, 0, torch.arange(q_len, device=device), q_pos]
     else:
@@ -67,10 +69,16 @@ def reference_scoring_attention(module, query, key, value, attention_mask, scali
     return out, weights, query_valid
 
 
-def reference_scores(weights: torch.Tensor, recent_rows: int) -> AttentionScores:
-    """The reductions the methods used to take of ``weights [B, H, q, S]``."""
+def reference_scores(weights: torch.Tensor, recent_rows: int, kv_heads: int | None = None) -> AttentionScores:
+    """The reductions the methods used to take of ``weights [B, H, q, S]`` (``kv_heads``: also the recent
+    rows per KV head, for a per-head method)."""
     rows = weights.sum(dim=1)  # [B, q, S]
-    return AttentionScores(received=weights.sum(dim=(1, 2)), recent=rows[:, rows.shape[1] - min(recent_rows, rows.shape[1]):])
+    first = rows.shape[1] - min(recent_rows, rows.shape[1])
+    heads = None
+    if kv_heads is not None:
+        batch, n_heads, q_len, stored = weights.shape
+        heads = weights.reshape(batch, kv_heads, n_heads // kv_heads, q_len, stored).sum(dim=2)[:, :, first:]
+    return AttentionScores(received=weights.sum(dim=(1, 2)), recent=rows[:, first:], recent_heads=heads)
 
 
 def reference_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -78,5 +86,6 @@ def reference_forward(module, query, key, value, attention_mask, scaling=None, d
     out, weights, query_valid = reference_scoring_attention(module, query, key, value, attention_mask, scaling, dropout)
     layer = compressed_layer_for(module)
     if layer is not None:
-        layer.observe(module.layer_idx, reference_scores(weights, layer.method.recent_queries), query_valid)
+        kv_heads = key.shape[1] if layer.method.per_head else None
+        layer.observe(module.layer_idx, reference_scores(weights, layer.method.recent_queries, kv_heads), query_valid)
     return out, weights

@@ -12,9 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import VOCAB, make_tiny
-from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask
+from transformers import AttentionInterface, DynamicCache
 
 from kvsharer import SharingPolicy, cache_nbytes, share_kv
 from kvsharer.intra import (
@@ -25,6 +23,7 @@ from kvsharer.intra.attention import scoring_attention_forward
 from kvsharer.intra.blockwise import AttentionScores, blockwise_scoring_attention
 from kvsharer.models import kv_shape
 from kvsharer.sharing import SharedLayer
+from masked_reference import reference_new_logits
 from scoring_reference import reference_forward, reference_scores, reference_scoring_attention
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +52,8 @@ def _check_cache(model, cache, seen, policy):
         assert layer.budget() == budget <= seen
         batch = layer.keys.shape[0]
         assert layer.keys.shape == layer.values.shape == (batch, kv_heads, budget, head_dim)
-        assert layer.positions.shape == layer.valid.shape == (batch, budget)
+        lead = (batch, kv_heads) if layer.method.per_head else (batch,)  # per-head methods: a keep-set per KV head
+        assert layer.positions.shape == layer.valid.shape == (*lead, budget)
         assert (layer.positions.diff(dim=-1) > 0).all() and (layer.positions < seen).all()
         expected_bytes += 2 * batch * kv_heads * budget * head_dim * layer.keys.element_size()
     assert cache_nbytes(cache) == expected_bytes
@@ -98,7 +98,7 @@ def test_cache_really_shrinks_prefill_decode_and_padded_batch(family, method, sh
             if isinstance(layer, CompressedLayer):
                 # rows with enough real tokens dropped their padding first
                 assert layer.valid[0].all() and layer.valid[1].all()
-                assert layer.valid[2].sum() == min(layer.budget(), 5 + 3)
+                assert (layer.valid[2].sum(-1) == min(layer.budget(), 5 + 3)).all()  # (per KV head: each)
 
 
 @pytest.mark.parametrize("sharing", sorted(POLICIES))
@@ -138,30 +138,8 @@ class _nothing:
 # ---------------------------------------------------------------------------------------------
 
 
-def _reference_new_logits(model, full_tokens, kept, share_map, n_new):
-    """Plain model, no cache: each of the last ``n_new`` queries of layer l sees only the positions its
-    cache kept before them, plus the new tokens up to itself (an independent slow implementation)."""
-    batch, length = full_tokens.shape
-    first_new = length - n_new
-
-    def masked(module, query, key, value, mask, **kwargs):
-        visible = torch.ones(length, length, dtype=torch.bool).tril()[None, None].repeat(batch, 1, 1, 1)
-        old = torch.zeros(batch, first_new, dtype=torch.bool).scatter_(1, kept[share_map[module.layer_idx]], True)
-        visible[:, 0, first_new:, :first_new] = old[:, None, :]
-        return sdpa_attention_forward(module, query, key, value, visible, **kwargs)
-
-    AttentionInterface.register("kvsharer_intra_reference", masked)
-    AttentionMaskInterface.register("kvsharer_intra_reference", sdpa_mask)
-    inner = model.config._attn_implementation
-    model.config._attn_implementation = "kvsharer_intra_reference"
-    try:
-        return model(full_tokens, use_cache=False).logits[:, first_new:]
-    finally:
-        model.config._attn_implementation = inner
-
-
 @pytest.mark.parametrize("sharing", sorted(POLICIES))
-@pytest.mark.parametrize("method", ["h2o", "pyramidinfer"])
+@pytest.mark.parametrize("method", ["h2o", "pyramidinfer", "streamingllm"])
 def test_decoding_after_eviction_matches_masked_reference(family, method, sharing):
     """After eviction new tokens get positions T, T+1, ... (tokens seen) and attend exactly to the kept
     tokens: one decoding step (the model passes no mask) and a 3-token chunk (a materialized mask)."""
@@ -178,7 +156,7 @@ def test_decoding_after_eviction_matches_masked_reference(family, method, sharin
             got = model(full[:, prompt:], past_key_values=cache).logits
             assert cache.get_seq_length() == 15
         with share_kv(model, policy) if policy else _nothing():
-            ref = _reference_new_logits(model, full, kept, share_map, n_new)
+            ref = reference_new_logits(model, full, kept, share_map, n_new)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
         # and eviction really changed the prediction inputs: the unmasked model differs
         assert not torch.allclose(model(full).logits[:, prompt:], ref, atol=1e-4)
@@ -356,8 +334,9 @@ def test_bad_budgets_are_refused(budget, message):
 
 
 def test_bad_methods_and_options_are_refused(tokens):
-    with pytest.raises(ValueError, match="unknown token-level method 'snapkv'; known: h2o, pyramidinfer, kvmerger"):
-        make_method("snapkv", 0.5)
+    with pytest.raises(ValueError, match="unknown token-level method 'tova'; known: h2o, pyramidinfer, kvmerger, "
+                                         "streamingllm, snapkv"):
+        make_method("tova", 0.5)
     with pytest.raises(ValueError, match="recent_ratio"):
         H2O(0.5, recent_ratio=1.5)
     with pytest.raises(ValueError, match="window"):

@@ -574,3 +574,8 @@ def minicache(model: nn.Module, rate: float | None = None, *, pairs=None, t: flo
         yield merger
     finally:
         merger.detach()
+
+
+def attach_spec(model: nn.Module, spec) -> contextlib.AbstractContextManager:
+    """The registry's attach path for ``minicache:<rate>``."""
+    return minicache(model, float(spec.value))

@@ -39,13 +39,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import footprint, jobs
+from . import footprint, jobs, method_registry
 from .shapes import Shape, architecture_of, shape_from_config
 from .sources import EMBEDDED_PREFIX, ModelError, check_source
 
 log = logging.getLogger("kvsharer")
 
-TOKEN_METHOD_NAMES = ("h2o", "pyramidinfer", "kvmerger")  # kvsharer.intra.METHODS (which imports torch)
+TOKEN_METHOD_NAMES = method_registry.names("intra")  # kvsharer.intra.METHODS, without importing torch
 
 
 class PreflightError(ValueError):
@@ -167,7 +167,23 @@ def model_info(name: str, settings: dict) -> ModelInfo:
 
 
 def _token_methods(methods) -> list[str]:
-    return [m for m in methods if str(m).split(":")[0] in TOKEN_METHOD_NAMES]
+    return [m for m in methods if method_registry.is_token_method(m)]
+
+
+def check_cache_specs(specs, token_specs=()) -> tuple[list[str], list[str]]:
+    """(problems, the specs that parse): a spec the registry does not know or whose number is out of
+    range, and a ``compose.intra`` spec that is not a token-level method, are problems."""
+    problems, good = [], []
+    for spec in specs:
+        try:
+            method_registry.CacheSpec.parse(spec)
+        except ValueError as err:
+            problems.append(str(err))
+        else:
+            good.append(spec)
+    problems += [f"compose.intra: {spec!r} is not a token-level method ({method_registry.known_names()})"
+                 for spec in token_specs if spec in good and not method_registry.is_token_method(spec)]
+    return problems, good
 
 
 def check_depth(name: str, n_layers: int, rates, minicache_rates=()) -> list[str]:
@@ -427,9 +443,11 @@ def check_config(config: dict, overrides: dict | None = None) -> Findings:
     profile = config.get("profile")
     methods = profile.get("methods", ["none", "h2o:0.5"]) if profile is not None else []
     methods = list(dict.fromkeys([*methods, *compose.get("intra", []), *compose.get("niah", [])]))
+    spec_problems, methods = check_cache_specs(methods, compose.get("intra", []))
     minicache_rates = sorted(set(compose.get("minicache_rates", []))
                              | {float(m.split(":")[1]) for m in methods if str(m).startswith("minicache:")})
     findings = Findings()
+    findings.problems += spec_problems
     infos = {}
     for name, settings in config["models"].items():
         own = methods if settings.get("token_methods", True) else [m for m in methods if m not in _token_methods(methods)]

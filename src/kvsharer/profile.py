@@ -129,8 +129,7 @@ def expected_bytes(model, policy, method, batch: int, tokens: int) -> int | None
 
     element = model.dtype.itemsize
     if method is not None and method.family == "quant":
-        from .compose import quant_group_size
-        from .quant import expected_quant_nbytes
+        from .quant import expected_quant_nbytes, quant_group_size
 
         return expected_quant_nbytes(model, policy, batch, tokens, bits=int(method.value),
                                      group_size=quant_group_size(model), dtype_bytes=element)
@@ -165,8 +164,8 @@ def profile(model, name: str, rates: list[float], methods, batches: list[int], c
 
     n_layers = find_parts(model).n_layers
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    # MiniCache is a rival of sharing, not an add-on: profiled at rate 0 only
-    settings = [(r, m) for r in rates for m in methods if not (m is not None and m.family == "minicache" and r > 0)]
+    # a rival of sharing (MiniCache), not an add-on: profiled at rate 0 only
+    settings = [(r, m) for r in rates for m in methods if not (m is not None and not m.with_sharing and r > 0)]
     grid = [(r, m, b, c) for r, m in settings for b in batches for c in contexts]
     if memory_gb:
         grid += [(r, m, None, c) for r, m in settings for c in contexts]

@@ -394,6 +394,17 @@ def quantize_kv(model: nn.Module, bits: int, *, group_size: int = 32, residual: 
         yield quantization
 
 
+def attach_spec(model: nn.Module, spec) -> contextlib.AbstractContextManager:
+    """The registry's attach path for ``int<bits>`` (``spec.value``: bits; groups of :func:`quant_group_size`)."""
+    return quantize_kv(model, int(spec.value), group_size=quant_group_size(model))
+
+
+def quant_group_size(model) -> int:
+    """Channels per quantization group: 32, or the whole head when its size is not a multiple of 32."""
+    head_dim = kv_shape(model)[2]
+    return 32 if head_dim % 32 == 0 else head_dim
+
+
 def expected_quant_nbytes(model, policy: SharingPolicy | None, batch: int, tokens: int, bits: int,
                           group_size: int = 32, residual: int = 32, dtype_bytes: int = 2) -> int:
     """Bytes of a quantized (and shared) cache holding ``tokens`` tokens, from the shapes alone.

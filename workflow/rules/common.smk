@@ -3,7 +3,7 @@ import json
 import os
 from itertools import product
 
-from kvsharer import jobs
+from kvsharer import jobs, method_registry
 
 
 def fmt(x):
@@ -84,9 +84,7 @@ def longctx_lengths(wildcards):
 C = config.get("compose", {})
 
 
-def label(spec):
-    """A cache spec as it appears in paths: 'h2o:0.5' -> 'h2o-0.5', 'int4' -> 'int4'."""
-    return str(spec).replace(":", "-")
+label = method_registry.label  # a cache spec as it appears in paths: 'h2o:0.5' -> 'h2o-0.5', 'int4' -> 'int4'
 
 
 def compose_bases():
@@ -94,15 +92,11 @@ def compose_bases():
     return ["plain"] + [policy_name(r, "dissimilar", MAIN_METRIC, MAIN_T, 0) for r in C.get("rates", [])]
 
 
-def is_token_method(spec):
-    return str(spec).split(":")[0] in ("h2o", "pyramidinfer", "kvmerger")
-
-
 def model_methods(model, specs):
     """`specs` without the token-level methods for a model whose config says `token_methods: false`."""
     if model_setting(model, "token_methods", True):
         return list(specs)
-    return [s for s in specs if not is_token_method(s)]
+    return [s for s in specs if not method_registry.is_token_method(s)]
 
 
 def compose_settings(kind, model):
@@ -111,11 +105,13 @@ def compose_settings(kind, model):
     if kind == "longctx":
         specs = C.get("niah", [])
     elif kind == "ruler":  # long context is where the token methods matter
-        specs = [s for s in C.get("intra", []) if is_token_method(s)]
+        specs = [s for s in C.get("intra", []) if method_registry.is_token_method(s)]
     else:
         specs = C.get("intra", []) + [f"int{b}" for b in C.get("quant_bits", [])]
     specs = model_methods(model, specs)
-    names = [f"{base}+{label(spec)}" for spec in specs for base in compose_bases()]
+    # a method that composes with sharing runs on every base; a rival of sharing (MiniCache) on the plain model
+    names = [f"{base}+{label(spec)}" for spec in specs
+             for base in (compose_bases() if method_registry.CacheSpec.parse(spec).with_sharing else ["plain"])]
     if kind in ("ppl", "harness"):
         names += [f"plain+minicache-{fmt(r)}" for r in C.get("minicache_rates", [])]
     return names
@@ -177,10 +173,7 @@ def policy_arg(wildcards, input):
 def cache_arg(wildcards):
     """'--cache <spec>' for a composed setting ('plain+h2o-0.5' -> '--cache h2o:0.5'), else nothing."""
     _, _, lab = wildcards.policy.partition("+")
-    if not lab:
-        return ""
-    spec = lab if lab.startswith("int") else lab.replace("-", ":", 1)
-    return f"--cache {spec}"
+    return f"--cache {method_registry.spec_of_label(lab)}" if lab else ""
 
 
 def chunk_arg(wildcards):

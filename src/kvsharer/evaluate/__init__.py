@@ -19,9 +19,11 @@ import argparse
 def add_setting_arguments(parser: argparse.ArgumentParser, chunked: bool = True) -> None:
     """``--policy`` and ``--cache`` (and ``--chunk`` for the scoring stages), the same in every stage."""
     parser.add_argument("--policy", help="policy JSON file (default: no sharing)")
+    from ..method_registry import known_names
+
     parser.add_argument("--cache", default="none",
-                        help="cache method composed with the policy: none, h2o:0.5, pyramidinfer:0.5, kvmerger:0.5, "
-                             "int8, int4, int2, minicache:0.25 (see kvsharer.compose)")
+                        help=f"cache method composed with the policy: none, <method>:<budget>, int<bits> or "
+                             f"minicache:<rate> ({known_names()}; see kvsharer.method_registry)")
     if chunked:
         parser.add_argument("--chunk", type=int, default=32,
                             help="with a cache method: tokens per forward through one cache (default 32)")

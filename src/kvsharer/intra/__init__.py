@@ -13,9 +13,11 @@ One small class per method (kvpress style), attached through hooks — no forked
         model.generate(**batch, max_new_tokens=64)
     # same thing: with compress_kv(model, make_method("h2o", 0.5), policy=policy): ...
 
-Methods (``METHODS``): ``h2o`` (heavy hitters + recent window), ``pyramidinfer`` (budgets shrinking
-with depth, tokens chosen by the most recent queries' attention), ``kvmerger`` (Gaussian-kernel merging
-of similar adjacent keys). A budget is a fraction kept (float in (0, 1]) or a number of tokens (int).
+Methods (``METHODS``, the token-level entries of :mod:`kvsharer.method_registry`): ``h2o`` (heavy
+hitters + recent window), ``pyramidinfer`` (budgets shrinking with depth, tokens chosen by the most
+recent queries' attention), ``kvmerger`` (Gaussian-kernel merging of similar adjacent keys),
+``streamingllm`` (attention sinks + recent window), ``snapkv`` (per-head votes of an observation window,
+pooled). A budget is a fraction kept (float in (0, 1]) or a number of tokens (int).
 With KV sharing, a source layer and its sharers form one physical cache: it is scored by the attention
 of every layer of the group and keeps one set of tokens; shared layers store nothing.
 
@@ -27,6 +29,7 @@ one file per method.
 
 from __future__ import annotations
 
+from ..method_registry import ENTRIES, names
 from .attach import KVCompression, compress_kv, stored_tokens, wire_compressed
 from .attention import ATTENTION_NAME
 from .base import Budget, TokenMethod
@@ -34,8 +37,10 @@ from .cache import CompressedLayer
 from .h2o import H2O
 from .kvmerger import KVMerger
 from .pyramidinfer import PyramidInfer
+from .snapkv import SnapKV
+from .streaming_llm import StreamingLLM
 
-METHODS: dict[str, type[TokenMethod]] = {cls.name: cls for cls in (H2O, PyramidInfer, KVMerger)}
+METHODS: dict[str, type[TokenMethod]] = {name: ENTRIES[name].load() for name in names("intra")}
 
 
 def make_method(name: str, budget=0.5, **options) -> TokenMethod:
@@ -48,5 +53,5 @@ def make_method(name: str, budget=0.5, **options) -> TokenMethod:
 
 __all__ = [
     "ATTENTION_NAME", "Budget", "CompressedLayer", "H2O", "KVCompression", "KVMerger", "METHODS", "PyramidInfer",
-    "TokenMethod", "compress_kv", "make_method", "stored_tokens", "wire_compressed",
+    "SnapKV", "StreamingLLM", "TokenMethod", "compress_kv", "make_method", "stored_tokens", "wire_compressed",
 ]

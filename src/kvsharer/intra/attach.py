@@ -141,3 +141,10 @@ def compress_kv(model: nn.Module, method: TokenMethod, policy: SharingPolicy | N
         compression = KVCompression(model, method).attach()
         stack.callback(compression.detach)
         yield compression
+
+
+def attach_spec(model: nn.Module, spec) -> contextlib.AbstractContextManager:
+    """The registry's attach path for a token-level spec (``spec.name``, ``spec.value``: its budget)."""
+    from . import make_method
+
+    return compress_kv(model, make_method(spec.name, spec.value))

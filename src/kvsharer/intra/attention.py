@@ -10,8 +10,9 @@ function gets no mask at all). Per call it
    for a layer that shares another layer's KV, the source's cache);
 2. describes, per block of queries, the boolean mask over the keys it got: the model's mask is in
    *position* coordinates (``[B, 1, q, seen + q]``, or ``None`` for plain causal), so it gathers the
-   columns of the positions this cache stores (``positions [B, S]``); with no compressed cache it uses
-   the mask as given. A padding query is one that cannot see its own position;
+   columns of the positions this cache stores (``positions [B, S]``; ``[B, kv_heads, S]`` for a per-head
+   method, giving one mask per KV head); with no compressed cache it uses the mask as given. A padding
+   query is one that cannot see its own position;
 3. computes softmax(QKᵀ·scale) V in fp32 per KV-head group, one block of queries at a time
    (:mod:`kvsharer.intra.blockwise`: the [q, S] matrix of probabilities never exists), zeroing the rows
    of padding queries, and the attention each stored key received (plus the last rows the method asks
@@ -59,11 +60,13 @@ def _compressed_masks(module, layer: CompressedLayer, attention_mask, batch: int
             f"layer {module.layer_idx}: the compressed cache stores {None if layer.positions is None else layer.positions.shape[-1]} "
             f"positions for {stored} keys"
         )
-    positions = layer.positions  # [B, S]
+    positions = layer.positions  # [B, S], or [B, kv_heads, S] for a per-head method
+    # as a mask's [B, 1 | kv_heads, queries, S] (blockwise broadcasts a mask over the query heads of a KV head)
+    pos4 = positions[:, None, None, :] if positions.dim() == 2 else positions[:, :, None, :]
     q_pos = torch.arange(layer.seen - q_len, layer.seen, device=positions.device)  # [q]
     if attention_mask is None:  # plain causal, no padding
         def visible(start, stop):
-            return positions[:, None, None, :] <= q_pos[None, None, start:stop, None]
+            return pos4 <= q_pos[None, None, start:stop, None]
 
         return visible, torch.ones(batch, q_len, dtype=torch.bool, device=positions.device)
 
@@ -75,8 +78,8 @@ def _compressed_masks(module, layer: CompressedLayer, attention_mask, batch: int
     full = attention_mask.expand(batch, 1, q_len, layer.seen)  # a view: [B, 1, q, seen]
 
     def visible(start, stop):
-        columns = positions[:, None, None, :].expand(batch, 1, stop - start, stored)
-        return _as_bool(full[:, :, start:stop].gather(-1, columns))
+        columns = pos4.expand(batch, pos4.shape[1], stop - start, stored)
+        return _as_bool(full[:, :, start:stop].expand(batch, pos4.shape[1], stop - start, layer.seen).gather(-1, columns))
 
     # a token is padding iff it cannot see itself
     query_valid = _as_bool(full[:, 0, torch.arange(q_len, device=positions.device), q_pos])
@@ -120,6 +123,7 @@ def scoring_attention_forward(
         recent_rows=layer.method.recent_queries if layer is not None else 0,
         block=blockwise.query_block(batch, heads, stored),
         dropout=dropout if module.training else 0.0,
+        per_head=layer is not None and layer.method.per_head,
     )  # out [B, q, H, D]
     if layer is not None:
         layer.observe(module.layer_idx, scores, query_valid)

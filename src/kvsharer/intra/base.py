@@ -16,7 +16,9 @@ Methods are small classes (one file each, kvpress style) with two hooks that the
   probabilities of *one* layer of the group (padding queries contribute nothing): ``received [batch,
   stored tokens]``, summed over heads and queries, and ``recent [batch, r, stored tokens]``, the rows of
   the last ``r = min(recent_queries, queries)`` queries summed over heads (the full ``[queries, stored]``
-  matrix is never materialised); ``first`` is True for the source layer, which runs first;
+  matrix is never materialised) — or, for a ``per_head`` method, ``recent_heads [batch, kv_heads, r,
+  stored tokens]``, those rows summed over the query heads of each KV head; ``first`` is True for the
+  source layer, which runs first;
 * ``compress(layer, keep)`` once the last layer of the group has attended, when the cache holds more
   than ``keep`` tokens: it must leave exactly ``keep`` tokens in every batch row.
 
@@ -85,6 +87,7 @@ class TokenMethod:
 
     name = "base"
     recent_queries = 0  # rows of the last queries that observe() needs in ``scores.recent``
+    per_head = False  # True: one keep-set per KV head (``scores.recent_heads``, select([B, kv_heads, k]))
 
     def __init__(self, budget=0.5):
         self.budget = Budget.parse(budget)
@@ -128,11 +131,27 @@ def keep_top(priority: torch.Tensor, keep: int) -> torch.Tensor:
 
 
 def evict_by_score(layer: "CompressedLayer", score: torch.Tensor, keep: int, recent: int) -> None:
-    """Keep the last ``recent`` stored tokens plus the ``keep - recent`` others with the highest ``score``."""
+    """Keep the last ``recent`` stored tokens plus the ``keep - recent`` others with the highest ``score``
+    (``score [B, S]``, or ``[B, kv_heads, S]`` for a per-head method: one keep-set per head)."""
     priority = score.float().masked_fill(~layer.valid, PADDING)
     if recent > 0:
-        priority[:, -recent:] = KEEP_ALWAYS
+        priority[..., -recent:] = KEEP_ALWAYS
     layer.select(keep_top(priority, keep))
+
+
+def join_recent_rows(layer: "CompressedLayer", key: str, rows: torch.Tensor, first: bool, window: int, dim: int) -> None:
+    """Attention rows of this call's last queries (``rows``, queries along ``dim``) into ``layer.state[key]``:
+    the source layer (``first``) appends them and keeps the last ``window``; a layer sharing the cache adds
+    its attention to the same (most recent) rows."""
+    kept = layer.state.get(key)
+    if first or kept is None:
+        if kept is None:
+            kept = rows.narrow(dim, 0, 0)
+        joined = torch.cat([kept, rows], dim=dim)
+        layer.state[key] = joined.narrow(dim, max(0, joined.shape[dim] - window), min(window, joined.shape[dim]))
+    else:
+        n = rows.shape[dim]
+        kept.narrow(dim, kept.shape[dim] - n, n).add_(rows)
 
 
 def validate_ratio(name: str, value: float, low_open: bool = False) -> float:

@@ -4,7 +4,9 @@ receives, without ever holding the [q, S] matrix of probabilities.
 The token methods need two reductions of the fp32 attention probabilities ``P [B, H, q, S]``:
 
 * ``received [B, S]``   — P summed over heads and queries (H2O's and KVMerger's scores);
-* ``recent [B, r, S]``  — P summed over heads, for the last ``r`` queries (PyramidInfer's window).
+* ``recent [B, r, S]``  — P summed over heads, for the last ``r`` queries (PyramidInfer's window);
+* ``recent_heads [B, kvh, r, S]`` — the same rows summed over the query heads of each KV head only
+  (SnapKV's per-head observation window; computed only when asked for).
 
 Softmax runs over keys, so every query row is independent: a block of ``block`` queries yields exactly
 those rows of the full matrix, and the output rows and the reductions are accumulated block by block
@@ -32,6 +34,7 @@ class AttentionScores:
 
     received: torch.Tensor  # [B, S]: attention each stored key received, summed over heads and queries
     recent: torch.Tensor  # [B, r, S]: rows of the last r queries (r = min(requested, q)), summed over heads
+    recent_heads: torch.Tensor | None = None  # [B, kvh, r, S]: those rows per KV head (per-head methods only)
 
 
 def query_block(batch: int, heads: int, keys: int, budget_bytes: int | None = None) -> int:
@@ -58,6 +61,7 @@ def blockwise_scoring_attention(
     recent_rows: int = 0,
     block: int | None = None,
     dropout: float = 0.0,
+    per_head: bool = False,
 ) -> tuple[torch.Tensor, AttentionScores]:
     """Attention output ``[B, q, H, D]`` (query's dtype) and the scores of the stored keys.
 
@@ -67,7 +71,8 @@ def blockwise_scoring_attention(
     ``query_valid [B, q]``: rows of padding queries are zeroed; with ``None`` rows that see no key are
     zeroed (softmax over nothing is NaN, and NaN outputs would poison later layers through ``0 · NaN``).
     ``recent_rows``: how many of the last queries' rows ``scores.recent`` keeps. ``dropout`` (training
-    only) applies to the probabilities before they are used, as eager attention does.
+    only) applies to the probabilities before they are used, as eager attention does. ``per_head``:
+    also keep those rows per KV head (``scores.recent_heads``).
     """
     batch, heads, q_len, dim = query.shape
     kv_heads, stored = key.shape[1], key.shape[2]
@@ -81,6 +86,7 @@ def blockwise_scoring_attention(
     n_recent = min(recent_rows, q_len)
     first_recent = q_len - n_recent  # index of the first query whose row `recent` keeps
     recent = q32.new_zeros(batch, n_recent, stored)
+    recent_heads = q32.new_zeros(batch, kv_heads, n_recent, stored) if per_head else None
 
     for start in range(0, q_len, block):
         stop = min(start + block, q_len)
@@ -107,7 +113,9 @@ def blockwise_scoring_attention(
         lo = max(start, first_recent)
         if lo < stop:  # this block holds some of the last `n_recent` queries
             recent[:, lo - first_recent:stop - first_recent, :width] = weights[:, :, :, lo - start:].sum(dim=(1, 2))
+            if per_head:
+                recent_heads[:, :, lo - first_recent:stop - first_recent, :width] = weights[:, :, :, lo - start:].sum(dim=2)
         del weights
 
     out = out.reshape(batch, heads, q_len, dim).transpose(1, 2).contiguous().to(query.dtype)  # [B, q, H, D]
-    return out, AttentionScores(received, recent)
+    return out, AttentionScores(received, recent, recent_heads)

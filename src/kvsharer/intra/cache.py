@@ -8,6 +8,9 @@ source layer; its sharers keep their ``SharedLayer``, which reads this one). Bes
 * ``valid [B, S]`` — False for padding tokens,
 * ``state`` — the method's scores (tensors whose last axis is the token axis).
 
+A method that keeps a different set of tokens per KV head (``method.per_head``, e.g. SnapKV) gets
+``positions``/``valid`` of shape ``[B, kv_heads, S]`` instead, and ``select`` takes ``[B, kv_heads, k]``.
+
 Positions and masks after eviction:
 
 * ``get_seq_length()`` returns the number of tokens *seen* (not stored), so the next token's position
@@ -55,15 +58,19 @@ class CompressedLayer(DynamicLayer):
     # cache API ---------------------------------------------------------------------------------
     def lazy_initialization(self, key_states, value_states) -> None:
         super().lazy_initialization(key_states, value_states)
-        batch = key_states.shape[0]
-        self.positions = torch.zeros(batch, 0, dtype=torch.long, device=self.device)
-        self.valid = torch.zeros(batch, 0, dtype=torch.bool, device=self.device)
+        lead = self._lead(key_states)  # (B,) or (B, kv_heads) per head
+        self.positions = torch.zeros(*lead, 0, dtype=torch.long, device=self.device)
+        self.valid = torch.zeros(*lead, 0, dtype=torch.bool, device=self.device)
+
+    def _lead(self, key_states) -> tuple[int, ...]:
+        """Leading shape of ``positions``/``valid``: ``(B,)``, or ``(B, kv_heads)`` for a per-head method."""
+        return tuple(key_states.shape[:2]) if self.method.per_head else (key_states.shape[0],)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        batch, q = key_states.shape[0], key_states.shape[-2]
-        new_positions = torch.arange(self.seen, self.seen + q, device=self.device).expand(batch, q)
+        q = key_states.shape[-2]
+        new_positions = torch.arange(self.seen, self.seen + q, device=self.device).expand(*self._lead(key_states), q)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.positions = torch.cat([self.positions, new_positions], dim=-1)
@@ -95,6 +102,8 @@ class CompressedLayer(DynamicLayer):
         contributed nothing), ``query_valid [B, q]``: which of the queries were real tokens."""
         first = member == self.layer_idx
         if first:  # new tokens of this forward: they are the queries, so their validity is the query's
+            if self.valid.dim() == 3:  # per KV head: [B, q] -> [B, kv_heads, q]
+                query_valid = query_valid[:, None, :].expand(*self.valid.shape[:2], query_valid.shape[-1])
             self.valid = torch.cat([self.valid, query_valid], dim=-1)
             stored = self.keys.shape[-2]
             for name, tensor in self.state.items():
@@ -112,15 +121,17 @@ class CompressedLayer(DynamicLayer):
                 self.evicted += before - keep
 
     def select(self, idx: torch.Tensor) -> None:
-        """Keep, per row, the stored tokens at ``idx`` [B, k] (same k for every row)."""
+        """Keep, per row, the stored tokens at ``idx`` [B, k] (same k for every row), or per row and KV
+        head at ``idx [B, kv_heads, k]`` (a per-head method)."""
         b, heads, _, dim = self.keys.shape
-        kv_idx = idx[:, None, :, None].expand(b, heads, idx.shape[-1], dim)
+        kv_idx = (idx[:, None, :, None] if idx.dim() == 2 else idx[..., None]).expand(b, heads, idx.shape[-1], dim)
         self.keys = self.keys.gather(2, kv_idx)
         self.values = self.values.gather(2, kv_idx)
-        self.positions = self.positions.gather(1, idx)
-        self.valid = self.valid.gather(1, idx)
+        self.positions = self.positions.gather(-1, idx)
+        self.valid = self.valid.gather(-1, idx)
+        lead = idx.shape[:-1]  # (B,) or (B, kv_heads): the state's leading axes that idx indexes
         for name, tensor in self.state.items():
-            tidx = idx.view(b, *([1] * (tensor.dim() - 2)), -1).expand(*tensor.shape[:-1], idx.shape[-1])
+            tidx = idx.view(*lead, *([1] * (tensor.dim() - len(lead) - 1)), -1).expand(*tensor.shape[:-1], idx.shape[-1])
             self.state[name] = tensor.gather(-1, tidx)
 
     def state_nbytes(self) -> int:

@@ -19,9 +19,7 @@ Two ideas of the paper, as implemented here:
 
 from __future__ import annotations
 
-import torch
-
-from .base import TokenMethod, evict_by_score, validate_ratio
+from .base import TokenMethod, evict_by_score, join_recent_rows, validate_ratio
 
 
 class PyramidInfer(TokenMethod):
@@ -48,15 +46,8 @@ class PyramidInfer(TokenMethod):
         return self.window
 
     def observe(self, layer, scores, first):
-        rows = scores.recent  # [B, n, S]: per recent query (n = min(window, queries)), summed over heads
-        recent = layer.state.get("recent_rows")
-        if first or recent is None:
-            if recent is None:
-                recent = rows.new_zeros(rows.shape[0], 0, rows.shape[-1])
-            layer.state["recent_rows"] = torch.cat([recent, rows], dim=1)[:, -self.window:]
-        else:  # a layer sharing this cache: add its attention to the same (most recent) rows
-            n = rows.shape[1]
-            recent[:, -n:] += rows
+        # scores.recent [B, n, S]: per recent query (n = min(window, queries)), summed over heads
+        join_recent_rows(layer, "recent_rows", scores.recent, first, self.window, dim=1)
 
     def compress(self, layer, keep):
         score = layer.state["recent_rows"].sum(dim=1)

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from ..method_registry import CacheSpec
 from ..names import ORDERS  # display order; others (baselines) come after
 
 EVAL_STAGES = ("evaluate-ppl", "evaluate-harness", "evaluate-longctx")
@@ -411,11 +412,8 @@ def settings_frame(collection: Collection) -> pd.DataFrame:
 
 
 def _cache_value(spec: str) -> float | None:
-    if spec == NO_CACHE:
-        return None
-    if spec.startswith("int"):
-        return float(spec[3:])
-    return float(spec.split(":", 1)[1])
+    parsed = CacheSpec.parse(spec)  # None for NO_CACHE
+    return None if parsed is None else float(parsed.value)
 
 
 def task_columns(frame: pd.DataFrame) -> list[str]:
