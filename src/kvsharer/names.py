@@ -1,4 +1,5 @@
-"""Names of the search's pair orders, in one torch-free place (the search stage, the report and the rules read it).
+"""Names of the search's pair orders, the metrics, and the report's tables and figures, in one torch-free place
+(the search stage, the report and the rules read it).
 
 * ranked orders: the paper's loop walks the layer pairs ranked by K/V distance — ``dissimilar`` (the
   paper), ``similar``, or ``random`` (seeded);
@@ -10,6 +11,13 @@
 RANKED_ORDERS = ("dissimilar", "similar", "random")
 MEASURED_ORDERS = {"measured-kl": "kl", "measured-cosine": "cosine"}  # order -> objective
 ORDERS = RANKED_ORDERS + tuple(MEASURED_ORDERS)  # display order of the report
+METRICS = ("euclidean", "cosine", "cka")  # layer distance metrics (kvsharer.distance), in display order
+
+# the report: results/tables/<name>.{csv,md} and results/figures/<name>.{png,pdf}
+TABLES = ("table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank", "search_cost",
+          "table2_compose", "quantization", "minicache", "search_procedures")
+FIGURES = ("ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation", "passkey",
+           "search_scaling", "profile_memory", "profile_throughput", "compose", "quantization", "minicache", "niah")
 
 
 def check_order(order: str) -> None:

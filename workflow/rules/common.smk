@@ -3,7 +3,7 @@ import json
 import os
 from itertools import product
 
-from kvsharer import jobs, method_registry
+from kvsharer import jobs, method_registry, names
 
 
 def fmt(x):
@@ -203,10 +203,7 @@ def scaling_arg(wildcards, input):
     return f"--scaling {input.scaling}" if input.get("scaling") else ""
 
 
-TABLES = ["table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank", "search_cost",
-          "table2_compose", "quantization", "minicache", "search_procedures"]
-FIGURES = ["ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation", "passkey",
-           "search_scaling", "profile_memory", "profile_throughput", "compose", "quantization", "minicache", "niah"]
+TABLES, FIGURES = names.TABLES, names.FIGURES
 
 
 def corpus_eval_files():
@@ -234,7 +231,7 @@ wildcard_constraints:
     rate=r"[0-9.e-]+",
     threshold=r"-?[0-9.e-]+",
     seed=r"\d+",
-    order="dissimilar|similar|random|measured-kl|measured-cosine",
+    order="|".join(names.ORDERS),
     corpus=r"[a-z0-9_]+",
-    metric="euclidean|cosine|cka",
+    metric="|".join(names.METRICS),
     policy=r"(plain|r[^/+]+)(\+[a-z0-9.-]+)?",

@@ -31,10 +31,9 @@ import numpy as np
 import pandas as pd
 
 from ..method_registry import CacheSpec
-from ..names import ORDERS  # display order; others (baselines) come after
+from ..names import METRICS, ORDERS  # display order; others (baselines) come after
 
 EVAL_STAGES = ("evaluate-ppl", "evaluate-harness", "evaluate-longctx")
-METRICS = ("euclidean", "cosine", "cka")
 PLAIN = "plain"
 
 # columns of policies_frame / results_frame, in this order (metric columns follow in results_frame)

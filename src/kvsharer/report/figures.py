@@ -47,6 +47,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from ..atomic import atomic_path  # noqa: E402
+from ..names import FIGURES  # noqa: E402
 from .collect import (METRICS, NO_CACHE, Collection, Distances, collect, load_distances, order_rank,  # noqa: E402
                       passkey_cells_frame, plain, results_frame, select, settings_frame, traces_frame)
 from .tables import (DEFAULT_METRIC, DEFAULT_RANK_BIN, DEFAULT_THRESHOLD, acceptance_by_rank,  # noqa: E402
@@ -55,8 +56,6 @@ from .tables import (DEFAULT_METRIC, DEFAULT_RANK_BIN, DEFAULT_THRESHOLD, accept
 
 log = logging.getLogger("kvsharer")
 
-FIGURES = ("ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation", "passkey",
-           "search_scaling", "profile_memory", "profile_throughput", "compose", "quantization", "minicache", "niah")
 FORMATS = ("png", "pdf")
 DEFAULT_MAIN_RATE = 0.25
 PANEL = (5.6, 3.6)  # inches per panel (about 1 inch of it for a legend outside the axes)

@@ -50,14 +50,12 @@ import numpy as np
 import pandas as pd
 
 from ..atomic import atomic_path, atomic_write_text
-from ..names import ORDERS, RANKED_ORDERS
+from ..names import ORDERS, RANKED_ORDERS, TABLES
 from .collect import (METRICS, NO_CACHE, Collection, collect, order_rank, plain, policies_frame, results_frame, select,
                       settings_frame, task_columns, traces_frame)
 
 log = logging.getLogger("kvsharer")
 
-TABLES = ("table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank", "search_cost",
-          "table2_compose", "quantization", "minicache", "search_procedures")
 DEFAULT_METRIC = "euclidean"
 DEFAULT_THRESHOLD = 0.5
 DEFAULT_RANK_BIN = 10
