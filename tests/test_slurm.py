@@ -70,6 +70,7 @@ def test_profile_requests_the_models_gpus_for_the_model_rules_only(tmp_path):
     model_dir = save_tiny_model(tmp_path / "tiny-model", n_layers=8)  # the config check reads its config.json
     config = tiny_config(model_dir)
     config["models"]["tiny"]["gpus"] = 2
+    config["evaluation"]["ruler"] = {"tasks": ["niah_single_1"], "lengths": [256]}  # evaluate_ruler jobs too
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
            "--configfile", str(tmp_path / "config.yaml"), "--profile", str(REPO / "slurm"), "-n", "--cores", "4"]
@@ -77,8 +78,8 @@ def test_profile_requests_the_models_gpus_for_the_model_rules_only(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     jobs = [j for j in _jobs(out) if not j["local"]]
-    assert GPU_RULES | {"prepare_model", "search_scaling", "prepare_text", "make_tasks", "distances", "tables",
-                        "figures"} <= {j["rule"] for j in jobs}
+    assert GPU_RULES | {"prepare_model", "search_scaling", "prepare_text", "make_tasks", "distances", "table",
+                        "figure"} <= {j["rule"] for j in jobs}
     for job in jobs:
         res, rule = job["resources"], job["rule"]
         assert res.get("gpu", "0") == ("2" if rule in GPU_RULES else "0"), job
@@ -241,7 +242,7 @@ def test_tiny_dag_runs_through_slurm(slurm_run, capsys):
     assert len(calls) == len(submitted) == len(remote), log[-3000:]
     rules = [re.search(r"--comment '?rule_(\w+?)(?:_wildcards_|'| )", c).group(1) for c in calls]
     assert sorted(rules) == sorted(j["rule"] for j in remote)
-    assert {"prepare_model", "prepare_text", "calibrate", "distances", "search", "tables", "figures"} <= set(rules)
+    assert {"prepare_model", "prepare_text", "calibrate", "distances", "search", "table", "figure"} <= set(rules)
     assert rules.count("evaluate_ppl") == 2
     slurm_logs = workdir / ".snakemake" / "slurm_logs"
     assert {p.name for p in slurm_logs.iterdir()} == {f"rule_{r}" for r in rules}
@@ -256,7 +257,7 @@ def test_tiny_dag_runs_through_slurm(slurm_run, capsys):
         assert ("--gpus=1" in call) == (slurm_run["gpu"] and rule in GPU_RULES), call
     search_call = calls[rules.index("search")]  # the profile's runtime, the config's mem_mb
     assert f" -t {PROFILE['set-resources']['search']['runtime']} " in search_call and f" --mem {MODEL_MEM_MB} " in search_call
-    assert " -t 10 " in calls[rules.index("tables")]  # the test's default runtime for a CPU rule
+    assert " -t 10 " in calls[rules.index("table")]  # the test's default runtime for a CPU rule
 
 
 @pytest.mark.slurm

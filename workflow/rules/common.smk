@@ -4,6 +4,7 @@ import os
 from itertools import product
 
 from kvsharer import jobs, method_registry, names
+from kvsharer.report.code_version import code_version
 
 
 def fmt(x):
@@ -234,4 +235,6 @@ wildcard_constraints:
     order="|".join(names.ORDERS),
     corpus=r"[a-z0-9_]+",
     metric="|".join(names.METRICS),
+    table="|".join(names.TABLES),
+    figure="|".join(names.FIGURES),
     policy=r"(plain|r[^/+]+)(\+[a-z0-9.-]+)?",

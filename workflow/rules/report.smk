@@ -1,29 +1,30 @@
-# Tables, figures and the HTML report (`snakemake --report report.html`), from every stage's results.
+# Tables, figures and the HTML report (`snakemake --report report.html`), from every stage's results: one job
+# per table and per figure, whose `code` param is the version of the code that builds it
+# (kvsharer.report.code_version), so that changing one figure's code reruns that figure's job only.
 
-rule tables:
+
+rule table:
     input:
         policies=policy_files(),
         evals=all_evals(),
         profile=profile_files(),
     output:
-        csv=[
-            report(f"results/tables/{t}.csv", caption=f"../report/table_{t}.rst", category="Tables")
-            for t in TABLES
-        ],
-        md=[f"results/tables/{t}.md" for t in TABLES],
+        csv=report("results/tables/{table}.csv", caption="../report/table.rst", category="Tables"),
+        md="results/tables/{table}.md",
     params:
         main=f"--main-metric {MAIN_METRIC} --main-threshold {MAIN_T}",
         profile=profile_arg,
+        code=lambda w: code_version("table", w.table),
     log:
-        "logs/tables.log",
+        "logs/tables/{table}.log",
     conda:
         "../../envs/kvsharer.yaml"
     shell:
-        "python -m kvsharer tables --policies {input.policies} --evals {input.evals} {params.main} {params.profile}"
-        " --out-dir results/tables > {log} 2>&1"
+        "python -m kvsharer tables --only {wildcards.table} --policies {input.policies} --evals {input.evals}"
+        " {params.main} {params.profile} --out-dir results/tables > {log} 2>&1"
 
 
-rule figures:
+rule figure:
     input:
         policies=policy_files(),
         evals=all_evals(),
@@ -31,22 +32,21 @@ rule figures:
         scaling=scaling_files(),
         profile=profile_files(),
     output:
-        png=[
-            report(f"results/figures/{f}.png", caption=f"../report/figure_{f}.rst", category="Figures")
-            for f in FIGURES
-        ],
-        pdf=[f"results/figures/{f}.pdf" for f in FIGURES],
+        png=report("results/figures/{figure}.png", caption="../report/figure.rst", category="Figures"),
+        pdf="results/figures/{figure}.pdf",
     params:
         main=f"--main-metric {MAIN_METRIC} --main-threshold {MAIN_T}",
         scaling=scaling_arg,
         profile=profile_arg,
+        code=lambda w: code_version("figure", w.figure),
     log:
-        "logs/figures.log",
+        "logs/figures/{figure}.log",
     conda:
         "../../envs/kvsharer.yaml"
     shell:
-        "python -m kvsharer figures --policies {input.policies} --evals {input.evals} --distances {input.distances}"
-        " {params.main} {params.scaling} {params.profile} --out-dir results/figures > {log} 2>&1"
+        "python -m kvsharer figures --only {wildcards.figure} --policies {input.policies} --evals {input.evals}"
+        " --distances {input.distances} {params.main} {params.scaling} {params.profile} --out-dir results/figures"
+        " > {log} 2>&1"
 
 
 rule run_meta:

@@ -51,8 +51,8 @@ from ..names import FIGURES  # noqa: E402
 from .collect import (METRICS, NO_CACHE, Collection, Distances, collect, load_distances, order_rank,  # noqa: E402
                       passkey_cells_frame, plain, results_frame, select, settings_frame, traces_frame)
 from .tables import (DEFAULT_METRIC, DEFAULT_RANK_BIN, DEFAULT_THRESHOLD, acceptance_by_rank,  # noqa: E402
-                     add_common_arguments, check_common_arguments, metric_long, minicache, quantization, rate_pct,
-                     read_profiles, table2_compose, threshold_ablation, warn_if_no_main)
+                     add_common_arguments, add_only_argument, check_common_arguments, metric_long, minicache,
+                     quantization, rate_pct, read_profiles, table2_compose, threshold_ablation, warn_if_no_main)
 
 log = logging.getLogger("kvsharer")
 
@@ -541,6 +541,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the heatmap marks the main dissimilar policy with the largest rate <= this")
     parser.add_argument("--out-dir", required=True, type=Path,
                         help=f"writes <name>.png and <name>.pdf for {', '.join(FIGURES)}")
+    add_only_argument(parser, FIGURES, "figures")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -558,7 +559,7 @@ def main(args: argparse.Namespace) -> int:
     profile = read_profiles(args.profile)
     makers = build_figures(collection, distances, args.main_metric, args.main_threshold, args.rank_bin, args.main_rate,
                            scaling, profile)
-    for name in FIGURES:
+    for name in args.only:
         fig = makers[name]()
         empty = ["no data" in t.get_text() for ax in fig.axes if ax.get_visible() for t in ax.texts]
         note = " (no data: drawn empty)" if empty and all(empty) else " (no data in some panels)" if any(empty) else ""

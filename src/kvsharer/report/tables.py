@@ -380,20 +380,21 @@ def search_procedures(settings: pd.DataFrame, policies: pd.DataFrame, metric: st
 
 
 def build_tables(collection: Collection, metric: str = DEFAULT_METRIC, threshold: float = DEFAULT_THRESHOLD,
-                 rank_bin: int = DEFAULT_RANK_BIN, profile: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+                 rank_bin: int = DEFAULT_RANK_BIN, profile: pd.DataFrame | None = None):
+    """``{name: function building that table}`` for every name in ``TABLES``."""
     results = results_frame(collection)
     settings = settings_frame(collection)
     return {
-        "table2_compose": table2_compose(settings, profile, metric, threshold),
-        "quantization": quantization(settings, metric, threshold),
-        "minicache": minicache(settings, metric, threshold),
-        "table1": table1(results, metric, threshold),
-        "order_ablation": order_ablation(results, metric, threshold),
-        "metric_ablation": metric_ablation(results, metric, threshold),
-        "threshold_ablation": threshold_ablation(results, metric, threshold),
-        "acceptance_by_rank": acceptance_by_rank(traces_frame(collection), rank_bin),
-        "search_cost": search_cost(policies_frame(collection)),
-        "search_procedures": search_procedures(settings, policies_frame(collection), metric, threshold),
+        "table2_compose": lambda: table2_compose(settings, profile, metric, threshold),
+        "quantization": lambda: quantization(settings, metric, threshold),
+        "minicache": lambda: minicache(settings, metric, threshold),
+        "table1": lambda: table1(results, metric, threshold),
+        "order_ablation": lambda: order_ablation(results, metric, threshold),
+        "metric_ablation": lambda: metric_ablation(results, metric, threshold),
+        "threshold_ablation": lambda: threshold_ablation(results, metric, threshold),
+        "acceptance_by_rank": lambda: acceptance_by_rank(traces_frame(collection), rank_bin),
+        "search_cost": lambda: search_cost(policies_frame(collection)),
+        "search_procedures": lambda: search_procedures(settings, policies_frame(collection), metric, threshold),
     }
 
 
@@ -464,6 +465,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", nargs="*", default=[], type=Path, metavar="FILE", help="profile CSVs (from `profile`)")
 
 
+def add_only_argument(parser: argparse.ArgumentParser, names: tuple[str, ...], what: str) -> None:
+    parser.add_argument("--only", nargs="+", choices=names, default=list(names), metavar="NAME",
+                        help=f"write only these {what} (default: all; the DAG runs one job per {what[:-1]})")
+
+
 def read_profiles(paths) -> pd.DataFrame | None:
     """The profile CSVs as one frame (None without any)."""
     if not paths:
@@ -493,6 +499,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
     parser.add_argument("--out-dir", required=True, type=Path,
                         help=f"writes <name>.csv and <name>.md for {', '.join(TABLES)}")
+    add_only_argument(parser, TABLES, "tables")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -500,8 +507,8 @@ def main(args: argparse.Namespace) -> int:
     collection = collect(args.policies, args.evals)
     warn_if_no_main(collection, args.main_metric, args.main_threshold)
     tables = build_tables(collection, args.main_metric, args.main_threshold, args.rank_bin, read_profiles(args.profile))
-    for name in TABLES:
-        frame = tables[name]
+    for name in args.only:
+        frame = tables[name]()
         write_table(frame, args.out_dir, name)
         log.info("table %s: %s -> %s", name, f"{len(frame)} rows" if len(frame) else "no inputs, header only",
                  args.out_dir / f"{name}.csv")
