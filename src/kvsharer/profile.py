@@ -237,9 +237,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", default="none,h2o:0.5",
                         help="cache methods, comma-separated: none, h2o:0.5, pyramidinfer:0.5, int4, minicache:0.25 ...")
     parser.add_argument("--batch-sizes", default="1,4")
-    parser.add_argument("--contexts", default="256,1024")
+    parser.add_argument("--contexts", default="512", help="comma-separated prompt lengths")
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--memory-gb", type=float, default=None, help="memory budget for the max-batch rows")
     parser.add_argument("--max-measured-batch", type=int, default=16)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))

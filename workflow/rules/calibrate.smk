@@ -9,17 +9,17 @@ rule calibrate:
         stats="results/{model}/calibration.safetensors",
         meta="results/{model}/calibration.safetensors.json",
     params:
-        samples=config["calibration"].get("samples", 30),
-        tokens=config["calibration"].get("tokens", 64),
-        dtype=lambda w: model_setting(w.model, "dtype", "float32"),
+        samples=setting("calibration/samples"),
+        tokens=setting("calibration/tokens"),
+        dtype=lambda w: model_setting(w.model, "dtype"),
         batch=batch_arg,
     log:
         "logs/{model}/calibrate.log",
     conda:
         "../../envs/kvsharer.yaml"
-    threads: lambda w: model_setting(w.model, "threads", 1)
+    threads: lambda w: model_setting(w.model, "threads")
     resources:
-        mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+        mem_mb=lambda w: model_setting(w.model, "mem_mb"),
         gpu=model_gpus,
         batch=retry_batch(),
     shell:

@@ -45,8 +45,16 @@ def table1_policies():
     return ["plain"] + main_policies("dissimilar") + measured
 
 
-def model_setting(model, key, default):
-    return config["models"][model].get(key, default)
+def setting(path, absent=None):
+    """A config value by its path ("evaluation/longctx/trials") as `validate` filled it in from
+    workflow/schemas/config.schema.yaml, which holds every default; `absent` only stands for an optional
+    section the config leaves out (whose rules then run no job)."""
+    return lookup(dpath=path, within=config, default=absent)
+
+
+def model_setting(model, key):
+    """models.<model>.<key>, its schema default filled in."""
+    return config["models"][model][key]
 
 
 def retry_batch(default_key=None):
@@ -54,7 +62,7 @@ def retry_batch(default_key=None):
     resubmitted by `retries:` with a smaller batch). 0 means "the stage's default" on the first attempt."""
 
     def batch(wildcards, attempt):
-        first = model_setting(wildcards.model, "batch_size", 8) if default_key else config["calibration"].get("samples", 30)
+        first = model_setting(wildcards.model, "batch_size") if default_key else setting("calibration/samples")
         if default_key is None and attempt == 1:
             return 0
         return max(1, first // 2 ** (attempt - 1))
@@ -95,7 +103,7 @@ def compose_bases():
 
 def model_methods(model, specs):
     """`specs` without the token-level methods for a model whose config says `token_methods: false`."""
-    if model_setting(model, "token_methods", True):
+    if model_setting(model, "token_methods"):
         return list(specs)
     return [s for s in specs if not method_registry.is_token_method(s)]
 
@@ -178,12 +186,12 @@ def cache_arg(wildcards):
 
 
 def chunk_arg(wildcards):
-    return f"{cache_arg(wildcards)} --chunk {C.get('chunk', 32)}" if "+" in wildcards.policy else ""
+    return f"{cache_arg(wildcards)} --chunk {setting('compose/chunk')}" if "+" in wildcards.policy else ""
 
 
 def harness_inputs(w):
     inputs = {"model": f"results/models/{w.model}", "policy": policy_input(w)}
-    if EVAL["harness"].get("local_tasks", False):
+    if setting("evaluation/harness/local_tasks"):
         inputs["tasks"] = "results/text/tasks/tasks.json"
     return inputs
 

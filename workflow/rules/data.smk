@@ -6,14 +6,14 @@ rule prepare_model:
         directory("results/models/{model}"),
     params:
         source=lambda w: config["models"][w.model]["source"],
-        dtype=lambda w: model_setting(w.model, "dtype", "float32"),
+        dtype=lambda w: model_setting(w.model, "dtype"),
     log:
         "logs/{model}/prepare_model.log",
     conda:
         "../../envs/kvsharer.yaml"
-    threads: lambda w: model_setting(w.model, "threads", 1)
+    threads: lambda w: model_setting(w.model, "threads")
     resources:
-        mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),  # one copy of the weights: converted on CPU
+        mem_mb=lambda w: model_setting(w.model, "mem_mb"),  # one copy of the weights: converted on CPU
         gpu=0,
     shell:
         "python -m kvsharer --threads {threads} prepare-model --source {params.source:q} --dtype {params.dtype}"
@@ -26,7 +26,7 @@ rule prepare_text:
         evaluation="results/text/evaluation.txt",
     params:
         source=config["calibration"]["text"],
-        eval_fraction=config["calibration"].get("eval_fraction", 0.5),
+        eval_fraction=setting("calibration/eval_fraction"),
     log:
         "logs/prepare_text.log",
     conda:
@@ -42,7 +42,7 @@ rule make_tasks:
     output:
         "results/text/tasks/tasks.json",
     params:
-        passage_words=",".join(str(n) for n in EVAL.get("harness", {}).get("passage_words", [220, 360])),
+        passage_words=",".join(str(n) for n in setting("evaluation/harness/passage_words", [])),
     log:
         "logs/make_tasks.log",
     conda:

@@ -11,16 +11,16 @@ rule evaluate_ppl:
     params:
         policy=policy_arg,
         cache=chunk_arg,
-        max_tokens=EVAL.get("ppl", {}).get("max_tokens", 4096),
-        window=EVAL.get("ppl", {}).get("window", 512),
-        dtype=lambda w: model_setting(w.model, "dtype", "float32"),
+        max_tokens=setting("evaluation/ppl/max_tokens"),
+        window=setting("evaluation/ppl/window"),
+        dtype=lambda w: model_setting(w.model, "dtype"),
     log:
         "logs/{model}/eval/{policy}/ppl.log",
     conda:
         "../../envs/kvsharer.yaml"
-    threads: lambda w: model_setting(w.model, "threads", 1)
+    threads: lambda w: model_setting(w.model, "threads")
     resources:
-        mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+        mem_mb=lambda w: model_setting(w.model, "mem_mb"),
         gpu=model_gpus,
         batch=retry_batch("batch_size"),
     shell:
@@ -37,19 +37,19 @@ rule evaluate_harness:
     params:
         policy=policy_arg,
         cache=chunk_arg,
-        tasks=",".join(EVAL.get("harness", {}).get("tasks", [])),
-        task_dir="--task-dir results/text/tasks" if EVAL.get("harness", {}).get("local_tasks") else "",
-        limit=lambda w: f"--limit {EVAL['harness']['limit']}" if EVAL["harness"].get("limit") else "",
-        fewshot=lambda w: (f"--num-fewshot {EVAL['harness']['num_fewshot']}"
-                           if EVAL["harness"].get("num_fewshot") is not None else ""),
-        dtype=lambda w: model_setting(w.model, "dtype", "float32"),
+        tasks=",".join(setting("evaluation/harness/tasks", [])),
+        task_dir="--task-dir results/text/tasks" if setting("evaluation/harness/local_tasks") else "",
+        limit=lambda w: f"--limit {setting('evaluation/harness/limit')}" if setting("evaluation/harness/limit") else "",
+        fewshot=lambda w: (f"--num-fewshot {setting('evaluation/harness/num_fewshot')}"
+                           if setting("evaluation/harness/num_fewshot") is not None else ""),
+        dtype=lambda w: model_setting(w.model, "dtype"),
     log:
         "logs/{model}/eval/{policy}/harness.log",
     conda:
         "../../envs/kvsharer.yaml"
-    threads: lambda w: model_setting(w.model, "threads", 1)
+    threads: lambda w: model_setting(w.model, "threads")
     resources:
-        mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+        mem_mb=lambda w: model_setting(w.model, "mem_mb"),
         gpu=model_gpus,
         batch=retry_batch("batch_size"),
     shell:
@@ -66,17 +66,17 @@ rule evaluate_ruler:
     params:
         policy=policy_arg,
         cache=chunk_arg,
-        tasks=",".join(EVAL.get("ruler", {}).get("tasks", [])),
+        tasks=",".join(setting("evaluation/ruler/tasks", [])),
         lengths=ruler_lengths,
-        limit=lambda w: f"--limit {EVAL['ruler']['limit']}" if EVAL["ruler"].get("limit") else "",
-        dtype=lambda w: model_setting(w.model, "dtype", "float32"),
+        limit=lambda w: f"--limit {setting('evaluation/ruler/limit')}" if setting("evaluation/ruler/limit") else "",
+        dtype=lambda w: model_setting(w.model, "dtype"),
     log:
         "logs/{model}/eval/{policy}/ruler.log",
     conda:
         "../../envs/kvsharer.yaml"
-    threads: lambda w: model_setting(w.model, "threads", 1)
+    threads: lambda w: model_setting(w.model, "threads")
     resources:
-        mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+        mem_mb=lambda w: model_setting(w.model, "mem_mb"),
         gpu=model_gpus,
         batch=retry_batch("batch_size"),
     shell:
@@ -95,18 +95,18 @@ rule evaluate_longctx:
         policy=policy_arg,
         cache=cache_arg,
         lengths=longctx_lengths,
-        answer_tokens=EVAL.get("longctx", {}).get("answer_tokens", jobs.ANSWER_TOKENS),
-        depths=",".join(str(x) for x in EVAL.get("longctx", {}).get("depths", [0.0, 0.5, 1.0])),
-        trials=EVAL.get("longctx", {}).get("trials", 2),
-        seed=EVAL.get("longctx", {}).get("seed", 0),
-        dtype=lambda w: model_setting(w.model, "dtype", "float32"),
+        answer_tokens=setting("evaluation/longctx/answer_tokens"),
+        depths=",".join(str(x) for x in setting("evaluation/longctx/depths", [])),
+        trials=setting("evaluation/longctx/trials"),
+        seed=setting("evaluation/longctx/seed"),
+        dtype=lambda w: model_setting(w.model, "dtype"),
     log:
         "logs/{model}/eval/{policy}/longctx.log",
     conda:
         "../../envs/kvsharer.yaml"
-    threads: lambda w: model_setting(w.model, "threads", 1)
+    threads: lambda w: model_setting(w.model, "threads")
     resources:
-        mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+        mem_mb=lambda w: model_setting(w.model, "mem_mb"),
         gpu=model_gpus,
     shell:
         "python -m kvsharer --threads {threads} --gpus {resources.gpu} evaluate-longctx --model {input.model} {params.policy} {params.cache}"
@@ -123,16 +123,16 @@ rule evaluate_ppl_corpus:
         policy=policy_arg,
         cache=chunk_arg,
         text=lambda w: EVAL["ppl"]["corpora"][w.corpus],
-        max_tokens=EVAL["ppl"].get("corpus_max_tokens") or EVAL["ppl"].get("max_tokens", 4096),
-        window=EVAL.get("ppl", {}).get("window", 512),
-        dtype=lambda w: model_setting(w.model, "dtype", "float32"),
+        max_tokens=setting("evaluation/ppl/corpus_max_tokens") or setting("evaluation/ppl/max_tokens"),
+        window=setting("evaluation/ppl/window"),
+        dtype=lambda w: model_setting(w.model, "dtype"),
     log:
         "logs/{model}/eval/{policy}/ppl_{corpus}.log",
     conda:
         "../../envs/kvsharer.yaml"
-    threads: lambda w: model_setting(w.model, "threads", 1)
+    threads: lambda w: model_setting(w.model, "threads")
     resources:
-        mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+        mem_mb=lambda w: model_setting(w.model, "mem_mb"),
         batch=retry_batch("batch_size"),
         gpu=model_gpus,
     shell:

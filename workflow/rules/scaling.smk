@@ -8,11 +8,11 @@ rule search_scaling:
     output:
         "results/scaling/search_scaling.json",
     params:
-        layers=",".join(str(x) for x in config.get("scaling", {}).get("layers", [8, 16, 32])),
-        hidden=",".join(str(x) for x in config.get("scaling", {}).get("hidden", [256, 512])),
-        samples=config.get("scaling", {}).get("samples", 30),
-        tokens=config.get("scaling", {}).get("tokens", 64),
-        rate=config.get("scaling", {}).get("rate", 0.25),
+        layers=",".join(str(x) for x in setting("scaling/layers", [])),
+        hidden=",".join(str(x) for x in setting("scaling/hidden", [])),
+        samples=setting("scaling/samples"),
+        tokens=setting("scaling/tokens"),
+        rate=setting("scaling/rate"),
     log:
         "logs/search_scaling.log",
     conda:

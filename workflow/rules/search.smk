@@ -11,25 +11,25 @@ rule search:
     output:
         "results/{model}/policies/r{rate}_{order}_{metric}_T{threshold}_s{seed}.json",
     params:
-        procedure=config["search"].get("procedure", "fast"),
+        procedure=setting("search/procedure"),
         # the candidate budget bounds the paper's loop at high T; a measured search measures ~3 x layers
         # candidates in its first step by design
         budget=lambda w: (f"--max-candidates {S['max_candidates']}"
-                          if S.get("max_candidates") and not w.order.startswith("measured") else ""),
-        measured=lambda w: (f"--sources {S.get('measured', {}).get('sources', 3)} --refresh {S.get('measured', {}).get('refresh', 8)}"
+                          if S["max_candidates"] and not w.order.startswith("measured") else ""),
+        measured=lambda w: (f"--sources {setting('search/measured/sources')} --refresh {setting('search/measured/refresh')}"
                             if w.order.startswith("measured") else ""),
-        samples=config["calibration"].get("samples", 30),
-        tokens=config["calibration"].get("tokens", 64),
-        dtype=lambda w: model_setting(w.model, "dtype", "float32"),
+        samples=setting("calibration/samples"),
+        tokens=setting("calibration/tokens"),
+        dtype=lambda w: model_setting(w.model, "dtype"),
         batch=batch_arg,
         after=after_arg,
     log:
         "logs/{model}/search/r{rate}_{order}_{metric}_T{threshold}_s{seed}.log",
     conda:
         "../../envs/kvsharer.yaml"
-    threads: lambda w: model_setting(w.model, "threads", 1)
+    threads: lambda w: model_setting(w.model, "threads")
     resources:
-        mem_mb=lambda w: model_setting(w.model, "mem_mb", 4000),
+        mem_mb=lambda w: model_setting(w.model, "mem_mb"),
         gpu=model_gpus,
         batch=retry_batch(),
     shell:

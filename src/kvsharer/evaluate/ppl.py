@@ -117,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: the main held-out text, reported as ppl")
     parser.add_argument("--window", type=int, default=512, help="tokens per independently scored window")
     parser.add_argument("--max-tokens", type=int, default=None, help="score the first N tokens of the text (default: all)")
-    parser.add_argument("--batch-size", type=int, default=4, help="windows per forward")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--device", default="auto")
