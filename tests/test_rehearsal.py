@@ -28,6 +28,11 @@ from kvsharer.standins import HEAD_DIM, standin_model, standin_shape, standin_to
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+# the DAG's tables and figures (workflow/rules/common.smk)
+TABLES = ["table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank", "search_cost",
+          "table2_compose", "quantization", "minicache", "search_procedures"]
+FIGURES = ["ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation", "passkey",
+           "search_scaling", "profile_memory", "profile_throughput", "compose", "quantization", "minicache", "niah"]
 PAPER_SOURCES = sorted({m["source"] for m in PAPER["models"].values()})
 # the kinds of the paper's benchmarks in lm-eval's registry (read once: the scan takes seconds)
 KINDS = {"hellaswag": "multiple_choice", "piqa": "multiple_choice", "wsc273": "multiple_choice",
@@ -93,7 +98,7 @@ def test_rehearsal_config_substitutes_models_tasks_and_text_only():
     config = rehearsal.rehearsal_config(PAPER, "paper", kinds=KINDS)
     for name, model in config["models"].items():
         assert model["source"] == "standin:" + PAPER["models"][name]["source"]
-        assert (model["dtype"], model["threads"], model["gpus"], model["batch_size"]) == ("float32", 1, 1, 1)
+        assert (model["dtype"], model["threads"], model["gpus"], model["batch_size"]) == ("float32", 1, 0, 1)
         assert 2000 < model["mem_mb"] <= 24000  # fits the local node
     harness = config["evaluation"]["harness"]
     assert harness["tasks"] == [f"standin_{t}" for t in PAPER["evaluation"]["harness"]["tasks"]]
@@ -125,12 +130,13 @@ def test_cuts_name_only_paper_models_and_config_keys():
 
 @pytest.mark.slurm
 def test_rehearsal_ci_cut_runs_through_slurm(tmp_path, capsys):
-    from test_slurm import _cluster_problem, _env, _failed, _partition_has_gpu, snakemake_slurm
+    from test_slurm import _cluster_problem, _env, _failed, snakemake_slurm
 
     problem = _cluster_problem()
     if problem:
         pytest.skip(problem)
-    config = rehearsal.rehearsal_config(PAPER, "ci", gpus=1 if _partition_has_gpu() else 0, kinds=KINDS)
+    # CPU jobs (gpus 0): the cluster's one dummy GPU would run the model jobs one at a time
+    config = rehearsal.rehearsal_config(PAPER, "ci", gpus=0, kinds=KINDS)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     start = time.monotonic()
     proc = snakemake_slurm(tmp_path, timeout=540)
@@ -139,16 +145,21 @@ def test_rehearsal_ci_cut_runs_through_slurm(tmp_path, capsys):
     if proc.returncode != 0:
         raise _failed(tmp_path, "the rehearsal (ci cut) through Slurm", proc.returncode, log)
     results = tmp_path / "results"
-    for table in ("table1", "order_ablation", "search_cost", "table2_compose", "quantization"):
-        assert (results / "tables" / f"{table}.csv").stat().st_size > 0, table
+    for table in TABLES:  # every table and figure of the DAG, as for the paper config
+        assert (results / "tables" / f"{table}.csv").exists() and (results / "tables" / f"{table}.md").exists(), table
+    for figure in FIGURES:
+        assert (results / "figures" / f"{figure}.png").exists() and (results / "figures" / f"{figure}.pdf").exists()
+    assert (results / "tables" / "table1.csv").stat().st_size > 0
     rows = list(csv.DictReader((results / "tables" / "table1.csv").open()))
     assert {r["model"] for r in rows} == set(config["models"])  # one block of rows per rehearsed model
-    harness = json.loads((results / "llama2-7b-chat" / "eval" / "plain" / "harness.json").read_text())
+    harness = json.loads((results / "qwen2.5-7b-instruct" / "eval" / "plain" / "harness.json").read_text())
     assert {n: s["kind"] for n, s in harness["scores"].items()} == {
         f"standin_{n}": "group" if k == "group" else "task" for n, k in KINDS.items()}
     assert harness["scores"]["standin_xsum"]["metric"] == "rougeL"
     for figure in ("ppl_vs_rate", "passkey", "profile_memory"):
         assert (results / "figures" / f"{figure}.png").stat().st_size > 0, figure
+    for stage in ("calibrate", "search", "evaluate_ppl", "evaluate_harness", "evaluate_longctx", "profile"):
+        assert f"rule_{stage}" in {p.name for p in (tmp_path / ".snakemake" / "slurm_logs").iterdir()}, stage
     report = subprocess.run(snakemake_report_cmd(tmp_path), capture_output=True, text=True, env=_env(),
                             cwd=tmp_path, timeout=180)
     assert report.returncode == 0, report.stderr[-3000:]
