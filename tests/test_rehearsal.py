@@ -65,6 +65,13 @@ def test_standin_has_the_models_architecture_at_cpu_width(hub_id):
         assert type(model).__name__ == real.architecture
 
 
+@pytest.mark.parametrize("hub_id", PAPER_SOURCES)
+def test_full_width_standin_has_the_checkpoints_parameter_count(hub_id):
+    """Heads 128 wide (benchmarks/gpu_rehearsal.sh): hidden and MLP sizes are the real ones, so the parameter
+    count is the published checkpoint's."""
+    assert standin_shape(f"standin:{hub_id}:128").param_count() == ARCHITECTURES[hub_id].params
+
+
 def test_standin_tokenizer_emits_ids_of_the_models_vocabulary():
     model, tokenizer = standin_model("standin:meta-llama/Llama-2-7b-chat-hf", torch.float32)
     text = "The passkey is 71432. Remember it. def f(x): return x ** 2  # ünïcode"
@@ -152,7 +159,7 @@ def test_rehearsal_ci_cut_runs_through_slurm(tmp_path, capsys):
     assert (results / "tables" / "table1.csv").stat().st_size > 0
     rows = list(csv.DictReader((results / "tables" / "table1.csv").open()))
     assert {r["model"] for r in rows} == set(config["models"])  # one block of rows per rehearsed model
-    harness = json.loads((results / "qwen2.5-7b-instruct" / "eval" / "plain" / "harness.json").read_text())
+    harness = json.loads((results / "mistral-7b-instruct" / "eval" / "plain" / "harness.json").read_text())
     assert {n: s["kind"] for n, s in harness["scores"].items()} == {
         f"standin_{n}": "group" if k == "group" else "task" for n, k in KINDS.items()}
     assert harness["scores"]["standin_xsum"]["metric"] == "rougeL"

@@ -35,7 +35,7 @@ import logging
 import math
 from pathlib import Path
 
-from .standins import STANDIN_PREFIX, hub_id_of, standin_shape
+from .standins import HEAD_DIM, STANDIN_PREFIX, hub_id_of, standin_shape
 
 log = logging.getLogger("kvsharer")
 
@@ -44,11 +44,14 @@ REHEARSAL_DTYPE = "float32"
 MEMORY_MARGIN = 1.5  # preflight's footprint is a lower bound: log-softmax and its copies need more
 
 # Cuts of the paper's grid for CPU time. Keys are config paths; each value replaces the paper's.
+# search.max_candidates: random weights put most candidates' output similarity just under the paper's
+# T = 0.5, so its unbudgeted loop walks hundreds of candidates (a Qwen2.5 stand-in: 236 in 4 minutes for
+# 5 of its 7 layers); the cuts give the ranked orders the demo's budget of 40 (measured orders have none)
 CUTS: dict[str, dict] = {
     "paper": {},
     # make rehearsal: every model, every table and figure, one rate of each kind, the short lengths
     "local": {
-        "search.rates": [0.25], "search.orders": ["dissimilar", "random", "measured-kl"], "search.seeds": [0],
+        "search.max_candidates": 40, "search.rates": [0.25], "search.orders": ["dissimilar", "random", "measured-kl"], "search.seeds": [0],
         "search.ablation_rates": [0.25], "search.metrics": ["euclidean", "cosine"], "search.thresholds": [0.5, 0.9],
         "compose.rates": [0.25], "compose.intra": ["h2o:0.5"], "compose.quant_bits": [4],
         "compose.minicache_rates": [0.25], "compose.niah": ["h2o:0.5"],
@@ -58,12 +61,13 @@ CUTS: dict[str, dict] = {
         "evaluation.harness.limit": 10,
         "evaluation.longctx.lengths": [256, 512], "evaluation.longctx.trials": 2,
     },
-    # the slurm-marked test (under 4 minutes on 2 cores): one model, Qwen2.5-7B (GQA 28/4 heads, QKV biases, the
-    # largest vocabulary: 152k), the paper's method at one rate, no compositions (a streamed harness job
-    # takes 90 s on CPU), a one-point profile, the shortest passkey grid
+    # the slurm-marked test (about 4 minutes on 2 cores): one model, Mistral-7B (GQA 32/8 heads, its own
+    # transformers class, a 32k vocabulary: Qwen2.5's 152k makes every forward's logits 5x dearer), the
+    # paper's method at one rate, no compositions (a streamed harness job takes 90 s on CPU), a one-point
+    # profile, the shortest passkey grid
     "ci": {
-        "models": ["qwen2.5-7b-instruct"],
-        "search.rates": [0.25], "search.orders": ["dissimilar"], "search.seeds": [0], "search.ablation_rates": [],
+        "models": ["mistral-7b-instruct"],
+        "search.max_candidates": 40, "search.rates": [0.25], "search.orders": ["dissimilar"], "search.seeds": [0], "search.ablation_rates": [],
         "search.metrics": [], "search.thresholds": [],
         "compose.rates": [], "compose.intra": [], "compose.quant_bits": [], "compose.minicache_rates": [],
         "compose.niah": [],
@@ -129,13 +133,21 @@ def job_mem_mb(config: dict, name: str) -> int:
     return int(math.ceil(need * MEMORY_MARGIN / 100) * 100)
 
 
-def rehearsal_config(paper: dict, cut: str = "local", gpus: int = 0, kinds: dict[str, str] | None = None) -> dict:
+def rehearsal_config(paper: dict, cut: str = "local", gpus: int = 0, kinds: dict[str, str] | None = None,
+                     head_dim: int = HEAD_DIM, dtype: str = REHEARSAL_DTYPE, models: list[str] | None = None) -> dict:
     """The rehearsal config of ``paper`` (see the module docstring). ``kinds``: the stand-in kind of each
-    harness task (default: read from lm-eval's registry)."""
+    harness task (default: read from lm-eval's registry). ``head_dim`` 128 and ``dtype`` float16 give
+    full-width stand-ins for a GPU (benchmarks/gpu_rehearsal.sh); ``models`` keeps only those models."""
     config = apply_cut(paper, cut)
+    if models:  # the paper config's models of these names, whatever the cut keeps
+        missing = [m for m in models if m not in paper["models"]]
+        if missing:
+            raise ValueError(f"--models names models the paper config lacks: {', '.join(missing)}")
+        config["models"] = {m: copy.deepcopy(paper["models"][m]) for m in models}
+    width = "" if head_dim == HEAD_DIM else f":{head_dim}"
     for name, model in config["models"].items():
         hub_id_of(model["source"])  # a clear error for a source without a stored architecture
-        model.update(source=STANDIN_PREFIX + model["source"], dtype=REHEARSAL_DTYPE, threads=1, gpus=gpus,
+        model.update(source=STANDIN_PREFIX + model["source"] + width, dtype=dtype, threads=1, gpus=gpus,
                      batch_size=1)
     config["calibration"]["text"] = REHEARSAL_TEXT
     if "scaling" in config:
@@ -160,6 +172,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cut", default="local", choices=sorted(CUTS), help="grid cut for CPU time (default local)")
     parser.add_argument("--gpus", type=int, default=0,
                         help="GPUs per model job (default 0: CPU jobs, two at a time on the 2-CPU test node)")
+    parser.add_argument("--head-dim", type=int, default=HEAD_DIM,
+                        help=f"width of each stand-in head (default {HEAD_DIM}; 128: the real models' width, for a GPU)")
+    parser.add_argument("--dtype", default=REHEARSAL_DTYPE, choices=["float32", "float16", "bfloat16"],
+                        help=f"dtype of every model (default {REHEARSAL_DTYPE}: CPU)")
+    parser.add_argument("--models", default="", help="comma-separated model names to keep (default: the cut's)")
     parser.add_argument("--out", type=Path, required=True, help="rehearsal config (YAML)")
 
 
@@ -169,7 +186,8 @@ def main(args: argparse.Namespace) -> int:
     from .atomic import atomic_write_text
 
     paper = yaml.safe_load(args.paper.read_text())
-    config = rehearsal_config(paper, args.cut, args.gpus)
+    models = [m for m in args.models.split(",") if m]
+    config = rehearsal_config(paper, args.cut, args.gpus, head_dim=args.head_dim, dtype=args.dtype, models=models)
     header = (f"# rehearsal of {args.paper} (python -m kvsharer rehearsal-config --cut {args.cut}): stand-in models "
               "and tasks, CPU overrides and the cut of kvsharer.rehearsal.CUTS; everything else is the paper's\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,18 @@ ROPE_SCALING = {
 }
 
 
+def parse_standin(source: str) -> tuple[str, int]:
+    """``standin:<hub id>[:<head width>]`` -> (hub id, head width; default ``HEAD_DIM``). A head width of
+    128 gives the real model's hidden and intermediate sizes (a full-width stand-in, for a GPU)."""
+    rest = source[len(STANDIN_PREFIX):] if source.startswith(STANDIN_PREFIX) else source
+    hub_id, _, width = rest.rpartition(":")
+    if not width.isdigit():
+        hub_id, width = rest, str(HEAD_DIM)
+    if int(width) < 2 or int(width) % 2:
+        raise ValueError(f"stand-in head width must be even and at least 2 (RoPE rotates pairs), got {width}")
+    return hub_id_of(hub_id), int(width)
+
+
 def hub_id_of(source: str) -> str:
     hub_id = source[len(STANDIN_PREFIX):] if source.startswith(STANDIN_PREFIX) else source
     if hub_id not in ARCHITECTURES:
@@ -50,16 +62,18 @@ def hub_id_of(source: str) -> str:
 
 
 def standin_shape(source: str) -> Shape:
-    """The real shape of ``standin:<hub id>`` with heads ``HEAD_DIM`` wide (no checkpoint: ``params`` None)."""
-    real = ARCHITECTURES[hub_id_of(source)]
-    hidden = real.heads * HEAD_DIM
+    """The real shape of ``standin:<hub id>[:<head width>]`` with heads that wide (default ``HEAD_DIM``; no
+    checkpoint: ``params`` None)."""
+    hub_id, head_dim = parse_standin(source)
+    real = ARCHITECTURES[hub_id]
+    hidden = real.heads * head_dim
     # the MLP's width keeps the real intermediate/hidden ratio (Llama-2-7B: 11008/4096 -> 688 for 256)
-    intermediate = max(HEAD_DIM, round(real.intermediate * hidden / real.hidden / HEAD_DIM) * HEAD_DIM)
+    intermediate = max(head_dim, round(real.intermediate * hidden / real.hidden / head_dim) * head_dim)
     built_as = BUILT_AS.get(real.family)
     if built_as is None:
-        raise ValueError(f"no stand-in for {hub_id_of(source)}: transformers model_type {real.family!r} has no "
+        raise ValueError(f"no stand-in for {hub_id}: transformers model_type {real.family!r} has no "
                          f"stand-in class (known: {', '.join(BUILT_AS)})")
-    return replace(real, hidden=hidden, intermediate=intermediate, head_dim=HEAD_DIM, params=None,
+    return replace(real, hidden=hidden, intermediate=intermediate, head_dim=head_dim, params=None,
                    family=built_as, fused_qkv=False, remote_code=False, packages=(), gated=False,
                    architecture={"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                                  "qwen2": "Qwen2ForCausalLM"}[built_as])
