@@ -12,11 +12,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp-installed
 CORES  ?= all
 
-# the rehearsal: its cut of the paper grid, its folder, the Slurm partition and GPUs per model job
+# the rehearsal: its cut of the paper grid, its folder, the Slurm partition, GPUs per model job and (MODELS=a,b)
+# the paper models to keep (default: the cut's)
 CUT        ?= local
 REHEARSAL  ?= results-rehearsal
 PARTITION  ?= debug
 GPUS       ?= 0
+MODELS     ?=
 # the local test cluster (.ci/start-slurm.sh) has no accounting: squeue reports job states; a command-line
 # --default-resources restates the profile's whole key (slurm/config.yaml)
 REHEARSAL_SLURM := --profile slurm --directory $(REHEARSAL) --configfile $(REHEARSAL)/config.yaml \
@@ -47,7 +49,7 @@ demo-full: $(STAMP)
 
 rehearsal: $(STAMP)
 	$(BIN)/python -m kvsharer rehearsal-config --paper config/paper.yaml --cut $(CUT) --gpus $(GPUS) \
-		--out $(REHEARSAL)/config.yaml
+		--models "$(MODELS)" --out $(REHEARSAL)/config.yaml
 	PATH="$(CURDIR)/$(BIN):$$PATH" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
 		$(BIN)/snakemake --snakefile $(CURDIR)/Snakefile $(REHEARSAL_SLURM)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --snakefile $(CURDIR)/Snakefile --directory $(REHEARSAL) \
