@@ -181,3 +181,16 @@ def snakemake_report_cmd(workdir: Path) -> list[str]:
 
     return [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
             "--configfile", str(workdir / "config.yaml"), "--report", str(workdir / "report.html")]
+
+
+def test_bad_standin_sources_and_models_are_refused_before_anything_loads():
+    from kvsharer.sources import ModelError, check_source
+
+    with pytest.raises(ModelError, match="no stand-in for 'org/unknown'"):
+        check_source("standin:org/unknown")
+    with pytest.raises(ModelError, match="head width must be even"):
+        check_source("standin:meta-llama/Llama-2-7b-chat-hf:7")
+    with pytest.raises(ValueError, match="lacks: gpt-5"):
+        rehearsal.rehearsal_config(PAPER, "ci", kinds=KINDS, models=["gpt-5"])
+    kept = rehearsal.rehearsal_config(PAPER, "ci", kinds=KINDS, models=["llama2-70b-chat"])
+    assert list(kept["models"]) == ["llama2-70b-chat"] and kept["models"]["llama2-70b-chat"]["gpus"] == 0
