@@ -2,6 +2,8 @@
 #   make demo   set up .venv (once) and run the embedded demo DAG end to end (+ its HTML report)
 #   make test   set up .venv (once) and run the whole test suite
 #   make demo-full   the demo's full grid (config/demo-full.yaml on top of config/config.yaml)
+#   make rehearsal   config/paper.yaml on CPU stand-ins of its models and tasks, through the local Slurm
+#                    (CUT=local|ci|paper, see src/kvsharer/rehearsal.py; results in results-rehearsal/)
 # Set-up is idempotent: the stamp is newer than pyproject.toml, so a second run installs nothing.
 
 PYTHON ?= python3.11
@@ -10,7 +12,20 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.stamp-installed
 CORES  ?= all
 
-.PHONY: setup demo demo-full test lint clean-results
+# the rehearsal: its cut of the paper grid, its folder, the Slurm partition, GPUs per model job and (MODELS=a,b)
+# the paper models to keep (default: the cut's)
+CUT        ?= local
+REHEARSAL  ?= results-rehearsal
+PARTITION  ?= debug
+GPUS       ?= 0
+MODELS     ?=
+# the local test cluster (.ci/start-slurm.sh) has no accounting: squeue reports job states; a command-line
+# --default-resources restates the profile's whole key (slurm/config.yaml)
+REHEARSAL_SLURM := --profile slurm --directory $(REHEARSAL) --configfile $(REHEARSAL)/config.yaml \
+	--default-resources slurm_partition=$(PARTITION) runtime=60 mem_mb=2000 cpus_per_task=threads \
+	--slurm-status-command squeue --slurm-init-seconds-before-status-checks 3 --jobs 4
+
+.PHONY: setup demo demo-full rehearsal test lint clean-results
 
 setup: $(STAMP)
 
@@ -34,6 +49,14 @@ demo-full: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(WARM) $(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml config/demo-full.yaml
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --report results/report-full.html \
 		--configfile config/config.yaml config/demo-full.yaml
+
+rehearsal: $(STAMP)
+	$(BIN)/python -m kvsharer rehearsal-config --paper config/paper.yaml --cut $(CUT) --gpus $(GPUS) \
+		--models "$(MODELS)" --out $(REHEARSAL)/config.yaml
+	PATH="$(CURDIR)/$(BIN):$$PATH" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+		$(BIN)/snakemake --snakefile $(CURDIR)/Snakefile $(REHEARSAL_SLURM)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --snakefile $(CURDIR)/Snakefile --directory $(REHEARSAL) \
+		--configfile $(REHEARSAL)/config.yaml --report report.html
 
 test: $(STAMP)
 	# pytest exits 5 when nothing was collected: not a failure of the code under test

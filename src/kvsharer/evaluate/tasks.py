@@ -169,6 +169,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passage-words", default=f"{PASSAGE_WORDS[0]},{PASSAGE_WORDS[1]}",
                         help="MIN,MAX words of a passage of the long-context tasks (default %(default)s: "
                              "about 330-640 SmolLM2 tokens)")
+    parser.add_argument("--standins", default="",
+                        help="NAME=KIND,...: also write stand-ins standin_NAME of lm-eval benchmarks, KIND one of "
+                             "multiple_choice, group, generation (kvsharer.evaluate.standin_tasks)")
 
 
 def parse_passage_words(text: str) -> tuple[int, int]:
@@ -188,6 +191,9 @@ def main(args: argparse.Namespace) -> int:
     if args.max_items < 1:
         raise ValueError(f"--max-items must be at least 1, got {args.max_items}")
     passage_words = parse_passage_words(args.passage_words)
+    from .standin_tasks import parse_standins, write_standins
+
+    standins = parse_standins(args.standins)
     text = load_corpus(args.text)
     out_dir = args.out_dir.resolve()
     manifest = {"stage": "make-tasks", "text": args.text, "text_sha256": sha256_text(text), "seed": args.seed,
@@ -206,5 +212,8 @@ def main(args: argparse.Namespace) -> int:
         manifest["tasks"][name] = {"items": len(items), "data": str(data_file), "config": str(config_file),
                                    "description": description}
         log.info("%s: %d items -> %s", name, len(items), config_file)
+    if standins:
+        manifest["standins"] = write_standins(standins, text, args.seed, args.max_items, out_dir)
+        log.info("stand-ins of %s -> %s", ", ".join(standins), out_dir)
     atomic_write_text(out_dir / "tasks.json", json.dumps(manifest, indent=2) + "\n")
     return 0
