@@ -114,9 +114,9 @@ def test_a_killed_job_takes_its_child_with_it(tmp_path):
     def gone():
         try:
             os.kill(child, 0)
-        except ProcessLookupError:
+            return Path(f"/proc/{child}/stat").read_text().split()[2] == "Z"  # a zombie until reaped
+        except (ProcessLookupError, FileNotFoundError):  # gone (reaped between the two calls)
             return True
-        return Path(f"/proc/{child}/stat").read_text().split()[2] == "Z"  # a zombie until reaped
 
     _wait_for(gone, timeout=15, what="the child to stop")
     _stop(server)
