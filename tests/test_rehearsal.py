@@ -22,17 +22,13 @@ import yaml
 from kvsharer import rehearsal
 from kvsharer.evaluate.lm_tasks import task_needs
 from kvsharer.evaluate.standin_tasks import kind_of, write_standins
+from kvsharer.names import FIGURES, TABLES  # the DAG's tables and figures
 from kvsharer.preflight import check_config
 from kvsharer.shapes import ARCHITECTURES
 from kvsharer.standins import HEAD_DIM, standin_model, standin_shape, standin_tokenizer, transformers_config
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
-# the DAG's tables and figures (workflow/rules/common.smk)
-TABLES = ["table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank", "search_cost",
-          "table2_compose", "quantization", "minicache", "search_procedures"]
-FIGURES = ["ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation", "passkey",
-           "search_scaling", "profile_memory", "profile_throughput", "compose", "quantization", "minicache", "niah"]
 PAPER_SOURCES = sorted({m["source"] for m in PAPER["models"].values()})
 # the kinds of the paper's benchmarks in lm-eval's registry (read once: the scan takes seconds)
 KINDS = {"hellaswag": "multiple_choice", "piqa": "multiple_choice", "wsc273": "multiple_choice",
