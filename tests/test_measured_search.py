@@ -140,6 +140,44 @@ def test_lazy_refresh_measures_fewer_and_a_journal_replays_it(tmp_path):
     assert again["candidates_resumed"] == 5 and again["candidates_evaluated"] == first["candidates_evaluated"] - 5
 
 
+def test_a_screened_loss_equals_the_slow_computation_on_those_samples():
+    model = make_tiny("qwen2")
+    stats = calibrate.collect(model, _input_ids())
+    candidate = [0, 1, 1, 3, 4, 3, 6, 7]
+    evaluator = FastEvaluator(model, stats["input_ids"], stats["reference_hidden"], batch_size=3)
+    hidden = evaluator.hidden(list(range(8)), candidate, keep=False, samples=5)
+    assert hidden.shape[0] == 5
+    got = OutputLoss(model, stats["reference_hidden"], chunk=3)(hidden)
+    kl, cosine = _slow_losses(model, stats["input_ids"][:5], candidate)
+    assert got["kl"] == pytest.approx(kl, rel=1e-4, abs=1e-6) and got["kl"] > 1e-3
+    assert got["cosine"] == pytest.approx(cosine, abs=1e-5)
+    with pytest.raises(ValueError, match="cannot be kept"):
+        evaluator.hidden(list(range(8)), candidate, keep=True, samples=5)
+
+
+def test_screening_scores_new_pairs_on_few_samples_and_decides_on_all(tmp_path):
+    model = _planted()
+    stats = calibrate.collect(model, _input_ids(n=10))
+    settings = SearchSettings(target=2, order="measured-kl", threshold=0.5, sources=None, refresh=2, screen=3)
+    journal = tmp_path / "j.jsonl"
+    found = run_search(model, stats, settings, journal, "x", progress=False)
+    assert SharingPolicy(found["map"]).shared_layers == [3, 6]  # the planted lossless policy, as unscreened
+    screened = [t for t in found["trace"] if t["samples"] == 3]
+    full = [t for t in found["trace"] if t["samples"] is None]
+    assert len(screened) == found["candidates_screened"] == 28  # step 1: every pair of 8 layers, on 3 samples
+    assert len(full) == 4 and all(t["accepted"] is False for t in screened)  # refresh=2 per step, on all samples
+    plain = run_search(model, stats, SearchSettings(target=2, order="measured-kl", threshold=0.5, sources=None,
+                                                    refresh=2), progress=False)
+    assert found["layers_computed"] < 0.6 * plain["layers_computed"]  # 3 of 10 samples for 28 of 32 candidates
+    # a killed screened search resumes from its journal to the same policy
+    journal.write_text("\n".join(journal.read_text().splitlines()[:11]) + "\n")
+    again = run_search(model, stats, settings, journal, "x", progress=False)
+    assert again["map"] == found["map"] and again["candidates_resumed"] == 10
+    # another screen size is another search: its journal is not replayed
+    other = run_search(model, stats, SearchSettings(**{**settings.__dict__, "screen": 4}), journal, "x", progress=False)
+    assert other["candidates_resumed"] == 0
+
+
 # ------------------------------------------------------------------------------------------------
 # CLI: a SIGKILLed measured search resumes to the same policy; bad input
 # ------------------------------------------------------------------------------------------------
@@ -194,6 +232,8 @@ def test_cli_measured_search_resumes_after_sigkill(calibrated, tmp_path):
         (["--order", "measured-kl", "--procedure", "official"], "measures candidates with the fast procedure only"),
         (["--order", "measured-l2"], "unknown pair order 'measured-l2'"),
         (["--order", "measured-cosine", "--sources", "-1"], "--sources must be >= 0"),
+        (["--order", "measured-kl", "--screen", "12"], "fewer samples than the calibration file's 12"),
+        (["--order", "similar", "--screen", "4"], "--screen 4 needs a measured order"),
     ],
 )
 def test_bad_measured_input_fails_before_loading_a_model(calibrated, tmp_path, monkeypatch, caplog, extra, message):

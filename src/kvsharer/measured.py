@@ -43,33 +43,57 @@ def check_objective(objective: str) -> None:
 
 
 class OutputLoss:
-    """Losses of a candidate's last hidden state [N, T, H] against the plain model's, on the same tokens."""
+    """Losses of a candidate's last hidden state [n, T, H] against the plain model's on the same tokens (the
+    first n calibration samples: a screening pass may score a prefix of them).
+
+    KL(p || q) per token is ``sum_v p_v log p_v - sum_v p_v z_v + logsumexp(z)`` for the candidate's logits
+    ``z = h W^T + b``; the first two sums need no candidate logits, since ``sum_v p_v z_v = h . (p W) + p . b``.
+    The plain model's part (``p log p``, ``p W``, ``p . b``) is computed once, so a candidate costs its LM-head
+    matmul and one logsumexp (no log-softmax, exp or product over the vocabulary). Logits in float32, the
+    plain model's part and the sums in float64, whatever the model's dtype."""
 
     def __init__(self, model, reference: torch.Tensor, chunk: int = 4):
-        self.head = model.get_output_embeddings()
+        head = model.get_output_embeddings()
+        self.weight = head.weight.detach().float()  # [V, H]
+        self.bias = None if getattr(head, "bias", None) is None else head.bias.detach().float()  # [V]
         self.reference, self.chunk = reference, chunk  # [N, T, H] after the final norm
-        self._ref_logp: list[torch.Tensor] | None = None  # per chunk of samples: [n, T, V] log-probs
+        self._plain: tuple[torch.Tensor, torch.Tensor] | None = None  # sum p log p [N] and p W [N, T, H], float64
 
     @torch.inference_mode()
-    def _log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.head(hidden.to(self.head.weight.device, self.head.weight.dtype))  # [n, T, V]
-        return F.log_softmax(logits.float(), dim=-1)
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden.to(self.weight.device, torch.float32), self.weight, self.bias)  # [n, T, V]
+
+    @torch.inference_mode()
+    def _plain_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._plain is None:
+            entropy, weighted = [], []
+            weight = self.weight.double()  # float64: p W sums V terms, and KL is a small difference of large sums
+            for s in range(0, self.reference.shape[0], self.chunk):
+                logp = F.log_softmax(self._logits(self.reference[s : s + self.chunk]).double(), dim=-1)  # [n, T, V]
+                p = logp.exp()
+                plogp = (p * logp).sum(dim=(1, 2))  # [n]
+                pw = p @ weight  # [n, T, H]
+                if self.bias is not None:  # the p . b part of sum p z does not depend on the candidate
+                    plogp = plogp - (p @ self.bias.double()).sum(dim=1)
+                entropy.append(plogp)
+                weighted.append(pw)
+            self._plain = torch.cat(entropy), torch.cat(weighted)
+        return self._plain
 
     @torch.inference_mode()
     def __call__(self, hidden: torch.Tensor) -> dict[str, float]:
-        a = hidden.reshape(hidden.shape[0], -1).double()  # [N, T*H]
-        b = self.reference.reshape(self.reference.shape[0], -1).double().to(a.device)
+        n = hidden.shape[0]
+        a = hidden.reshape(n, -1).double()  # [n, T*H]
+        b = self.reference[:n].reshape(n, -1).double().to(a.device)
         cosine = float(F.cosine_similarity(a, b, dim=1).mean())
-        if self._ref_logp is None:
-            self._ref_logp = [self._log_probs(self.reference[s : s + self.chunk])
-                              for s in range(0, self.reference.shape[0], self.chunk)]
-        kl_sum, tokens = 0.0, 0
-        for c, s in enumerate(range(0, hidden.shape[0], self.chunk)):
-            ref = self._ref_logp[c]  # [n, T, V]
-            cand = self._log_probs(hidden[s : s + self.chunk])
-            kl_sum += float((ref.exp() * (ref - cand)).sum(dtype=torch.float64))  # KL(plain || candidate)
-            tokens += ref.shape[0] * ref.shape[1]
-        return {"cosine": cosine, "kl": kl_sum / tokens}
+        plogp, pw = self._plain_terms()
+        kl_sum = float(plogp[:n].sum())
+        for s in range(0, n, self.chunk):
+            h = hidden[s : s + self.chunk]
+            lse = torch.logsumexp(self._logits(h), dim=-1)  # [n, T]
+            cross = (h.to(pw.device, torch.float64) * pw[s : s + h.shape[0]]).sum(-1)  # sum_v p_v h.W_v: [n, T]
+            kl_sum += float((lse.double() - cross).sum())  # KL(plain || candidate), summed over tokens
+        return {"cosine": cosine, "kl": kl_sum / (n * hidden.shape[1])}
 
 
 def loss_of(scores: dict[str, float], objective: str) -> float:
@@ -98,8 +122,13 @@ def measured_search(
     journal=None,
     progress: bool = True,
     max_candidates: int | None = None,
+    screen: int | None = None,
 ) -> dict:
     """Greedy over measured candidates; returns map, completeness, trace and counts like ``greedy_search``.
+
+    ``screen`` (with ``refresh``): a pair never measured is first scored on the first ``screen`` calibration
+    samples only; each step then measures on all samples the ``refresh`` pairs with the lowest loss known
+    (screened or measured) and takes the best of those.
 
     ``evaluator`` is a :class:`kvsharer.search.FastEvaluator`; ``journal`` a :class:`kvsharer.search.Journal`.
     """
@@ -108,25 +137,26 @@ def measured_search(
     entries = journal.entries if journal is not None else {}
     accepted = list(range(n_layers))
     measured: dict[tuple[int, int], float] = {}  # pair (i, j) -> loss at its latest measurement
-    trace, evaluated, resumed, count = [], 0, 0, 0
+    trace, evaluated, resumed, screened, count = [], 0, 0, 0, 0
     stopped = "target reached"
     bar = tqdm(total=target, desc="measured search", unit="layer", disable=not progress, leave=False)
 
-    def measure(i: int, j: int, candidate: list[int]) -> dict:
-        nonlocal evaluated, resumed, count
+    def measure(i: int, j: int, candidate: list[int], samples: int | None = None) -> dict:
+        nonlocal evaluated, resumed, screened, count
+        screened += samples is not None
         if count in entries:
             entry = entries[count]
-            if entry["pair"] != [i, j] or entry["map"] != candidate:
+            if entry["pair"] != [i, j] or entry["map"] != candidate or entry.get("samples") != samples:
                 raise RuntimeError(f"journal {journal.path} disagrees with this search at measurement {count}; "
                                    "delete it to start over")
             resumed += 1
         else:
             start, layers = time.perf_counter(), getattr(evaluator, "layers_run", 0)
-            scores = loss(evaluator.hidden(accepted, candidate, keep=False))
+            scores = loss(evaluator.hidden(accepted, candidate, keep=False, **({"samples": samples} if samples else {})))
             entry = {"rank": count, "pair": [i, j], "distance": float(dist[i, j]), "similarity": scores["cosine"],
                      "kl": scores["kl"], "loss": loss_of(scores, objective), "map": candidate,
                      "step": sum(1 for k, s in enumerate(accepted) if s != k), "seconds": time.perf_counter() - start,
-                     "layers": getattr(evaluator, "layers_run", 0) - layers}
+                     "layers": getattr(evaluator, "layers_run", 0) - layers, "samples": samples}
             if journal is not None:
                 journal.append(entry)
             evaluated += 1
@@ -139,15 +169,27 @@ def measured_search(
         if not pairs:
             stopped = "pairs exhausted"
             break
+        fresh = [p for p in pairs if p not in measured]
+        screening = bool(screen is not None and refresh is not None and fresh)
+        if screening:  # a cheap first score of the new pairs: which are worth measuring in full
+            planned = len(fresh) + refresh
+        elif refresh is None or not measured:
+            planned = len(pairs)
+        else:
+            planned = len(set(fresh) | set(sorted(pairs, key=lambda p: (measured.get(p, float("inf")), p))[:refresh]))
+        if max_candidates is not None and len(trace) + planned > max_candidates:
+            stopped = "budget"
+            break
+        for i, j in fresh if screening else ():
+            entry = measure(i, j, maps[(i, j)], samples=screen)
+            measured[(i, j)] = entry["loss"]
+            trace.append(_trace_entry(entry))
         stale = sorted(pairs, key=lambda p: (measured.get(p, float("inf")), p))
         fresh = [p for p in pairs if p not in measured]
         if refresh is None or not measured:
             todo = pairs
         else:
             todo = list(dict.fromkeys(stale[:refresh] + fresh))
-        if max_candidates is not None and len(trace) + len(todo) > max_candidates:
-            stopped = "budget"
-            break
         step, done = [], set()
         while todo:
             done.update(todo)
@@ -155,8 +197,7 @@ def measured_search(
                 entry = measure(i, j, maps[(i, j)])
                 measured[(i, j)] = entry["loss"]
                 step.append(entry)
-                trace.append({k: entry.get(k) for k in ("rank", "pair", "distance", "similarity", "kl", "loss", "seconds",
-                                                        "layers")} | {"accepted": False})
+                trace.append(_trace_entry(entry))
             passing = [s for s in range(len(step)) if step[s]["similarity"] > threshold]
             # none of the re-measured ones clears T: measure the rest before concluding that none does
             todo = [] if passing else [p for p in pairs if p not in done]
@@ -173,5 +214,11 @@ def measured_search(
     shared = sum(1 for k, s in enumerate(accepted) if s != k)
     return {"map": accepted, "complete": shared >= target, "num_shared": shared, "target": target,
             "stopped": "target reached" if shared >= target else stopped, "trace": trace,
-            "candidates_evaluated": evaluated, "candidates_resumed": resumed, "pairs_skipped": 0,
+            "candidates_evaluated": evaluated, "candidates_resumed": resumed, "candidates_screened": screened,
+            "pairs_skipped": 0,
             "pairs_total": len(trace)}
+
+
+def _trace_entry(entry: dict) -> dict:
+    return {k: entry.get(k) for k in ("rank", "pair", "distance", "similarity", "kl", "loss", "seconds", "layers",
+                                      "samples")} | {"accepted": False}

@@ -69,11 +69,12 @@ class SearchSettings:
     max_candidates: int | None = None  # evaluate at most this many candidates (None: no budget)
     sources: int | None = 3  # measured orders: nearest sources measured per storing layer (None: all)
     refresh: int | None = 8  # measured orders: best-so-far candidates re-measured per step (None: all)
+    screen: int | None = None  # measured orders: new pairs first scored on this many samples (None: off)
 
     def key(self) -> dict:
         """What a journal entry depends on (batch size: float rounding only; the budget and the target only
         say when to stop: a search to 4 layers evaluates exactly the first candidates of one to 8)."""
-        skip = ("batch_size", "max_candidates", "target") + (() if self.order in MEASURED_ORDERS else ("sources", "refresh"))
+        skip = ("batch_size", "max_candidates", "target") + (() if self.order in MEASURED_ORDERS else ("sources", "refresh", "screen"))
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -165,8 +166,10 @@ class FastEvaluator:
         self.tuple_outputs = False  # do the model's decoder layers return tuples (remote code)?
 
     @torch.inference_mode()
-    def _run(self, share_map: list[int], first: int, keep: bool):
-        """Forward of ``share_map`` from layer ``first`` on; returns (last hidden, outputs, kv) for layers >= first."""
+    def _run(self, share_map: list[int], first: int, keep: bool, samples: int | None = None):
+        """Forward of ``share_map`` from layer ``first`` on (over the first ``samples`` calibration samples, default
+        all); returns (last hidden, outputs, kv) for layers >= first."""
+        samples = self.input_ids.shape[0] if samples is None else samples
         n_layers, layers = self.parts.n_layers, self.parts.layers
         originals = list(layers)
         captured: dict[int, list[torch.Tensor]] = {k: [] for k in range(first, n_layers)}
@@ -178,8 +181,8 @@ class FastEvaluator:
         last = []
         try:
             with share_kv(self.model, SharingPolicy(share_map)):
-                for start in range(0, self.input_ids.shape[0], self.batch_size):
-                    rows = slice(start, start + self.batch_size)
+                for start in range(0, samples, self.batch_size):
+                    rows = slice(start, min(start + self.batch_size, samples))
                     for k in range(first):  # shortcut 3: replay the layers before the first change
                         layers[k] = _Replay(k, self.outputs[k][rows], (self.kv[k][0][rows], self.kv[k][1][rows]) if self.kv[k] else None,
                                             self.tuple_outputs)
@@ -193,7 +196,7 @@ class FastEvaluator:
                 layers[k] = originals[k]
             for h in hooks:
                 h.remove()
-        self.layers_run += (n_layers - first) * self.input_ids.shape[0]
+        self.layers_run += (n_layers - first) * samples
         outputs = {k: torch.cat(v) for k, v in captured.items()} if keep else {}
         kv_cat = {k: (torch.cat([a for a, _ in v]), torch.cat([b for _, b in v])) for k, v in kv.items()} if keep else {}
         return torch.cat(last), outputs, kv_cat
@@ -211,14 +214,18 @@ class FastEvaluator:
             self.kv[k] = kv.get(k)
         self.state_map = list(share_map)
 
-    def hidden(self, accepted: list[int], candidate: list[int], keep: bool = True) -> torch.Tensor:
+    def hidden(self, accepted: list[int], candidate: list[int], keep: bool = True,
+               samples: int | None = None) -> torch.Tensor:
         """Last hidden state [N, T, hidden] of ``candidate``, replaying the layers before its first change
-        from ``accepted``. ``keep``: hold its per-layer state so that ``accept(candidate)`` costs nothing."""
+        from ``accepted``. ``keep``: hold its per-layer state so that ``accept(candidate)`` costs nothing.
+        ``samples``: only the first ``samples`` calibration samples ([samples, T, hidden]; not kept)."""
+        if samples is not None and keep:
+            raise ValueError("a candidate measured on part of the samples cannot be kept")
         if self.state_map != accepted:  # first call, or after resuming from a journal: one full forward
             _, outputs, kv = self._run(accepted, 0, keep=True)
             self._commit(accepted, 0, outputs, kv)
         first = next(k for k in range(len(candidate)) if candidate[k] != accepted[k])
-        last, outputs, kv = self._run(candidate, first, keep=keep)
+        last, outputs, kv = self._run(candidate, first, keep=keep, samples=samples)
         self._pending = (list(candidate), first, outputs, kv) if keep else None
         return last
 
@@ -375,7 +382,7 @@ def run_search(model, stats: dict, settings: SearchSettings, journal_path: Path 
         result = measured_search(dist, settings.target, settings.threshold, evaluator,
                                  OutputLoss(model, stats["reference_hidden"]), MEASURED_ORDERS[settings.order],
                                  settings.sources, settings.refresh, Journal(journal_path, header, seed_journal), progress,
-                                 settings.max_candidates)
+                                 settings.max_candidates, settings.screen)
         return _costs(result, start, evaluator, dist.shape[0])
     ranked = rank_pairs(dist, settings.order, settings.seed)
     if settings.procedure == "official":
@@ -424,6 +431,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measured orders: nearest sources (by --metric) measured per storing layer; 0: all")
     parser.add_argument("--refresh", type=int, default=8,
                         help="measured orders: best-so-far candidates re-measured per step after the first; 0: all")
+    parser.add_argument("--screen", type=int, default=0,
+                        help="measured orders: score each new pair on the first N calibration samples, then measure "
+                             "the --refresh best on all of them (0: off, every candidate on all samples)")
     parser.add_argument("--batch-size", type=int, default=None, help="fast: samples per forward (default all)")
     parser.add_argument("--max-candidates", type=int, default=None,
                         help="evaluate at most this many candidates (a time budget; default: no limit)")
@@ -461,7 +471,7 @@ def main(args: argparse.Namespace) -> int:
     check_threshold(args.threshold)
     if args.order in MEASURED_ORDERS and args.procedure != "fast":
         raise ValueError(f"order {args.order!r} measures candidates with the fast procedure only, not {args.procedure!r}")
-    for name in ("sources", "refresh"):
+    for name in ("sources", "refresh", "screen"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name} must be >= 0 (0: all), got {getattr(args, name)}")
     if args.max_candidates is not None and args.max_candidates < 1:
@@ -470,10 +480,13 @@ def main(args: argparse.Namespace) -> int:
     n_layers = meta["n_layers"]
     target = target_layers(n_layers, args.rate, args.layers)
     check_calibration(meta, args.model, args.samples, args.tokens)
+    if args.screen and not (args.order in MEASURED_ORDERS and args.refresh and args.screen < meta["samples"]):
+        raise ValueError(f"--screen {args.screen} needs a measured order, --refresh > 0 and fewer samples than the "
+                         f"calibration file's {meta['samples']}")
     settings = SearchSettings(target=target, threshold=args.threshold, order=args.order, metric=args.metric,
                               seed=args.seed, procedure=args.procedure, batch_size=args.batch_size,
                               max_candidates=args.max_candidates, sources=args.sources or None,
-                              refresh=args.refresh or None)
+                              refresh=args.refresh or None, screen=args.screen or None)
 
     stats = calibrate.load(args.calibration)
     model, _ = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))

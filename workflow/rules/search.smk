@@ -17,6 +17,7 @@ rule search:
         budget=lambda w: (f"--max-candidates {S['max_candidates']}"
                           if S["max_candidates"] and not w.order.startswith("measured") else ""),
         measured=lambda w: (f"--sources {setting('search/measured/sources')} --refresh {setting('search/measured/refresh')}"
+                            + (f" --screen {setting('search/measured/screen')}" if setting("search/measured/screen") else "")
                             if w.order.startswith("measured") else ""),
         samples=setting("calibration/samples"),
         tokens=setting("calibration/tokens"),
