@@ -421,3 +421,27 @@ def test_harness_scores_a_group_by_its_aggregate_and_a_tag_by_its_tasks(tiny_mod
     tag = read(out2)["scores"]
     assert set(tag) == {"kvs_next_sentence", "kvs_cloze", "kvs_passage_word", "kvs_passage_sentence"}
     assert {s["kind"] for s in tag.values()} == {"subtask of kvsharer_demo"}
+
+
+def test_one_token_answers_follow_the_tokenizer(heldout, task_dir, tmp_path):
+    """--single-token-words: every kvs_passage_word choice is one token of that tokenizer (so lm-eval scores an
+    item's four choices from one forward); without it the same text yields multi-token choices too."""
+    from conftest import make_tokenizer
+
+    tokenizer = make_tokenizer(2000)
+    tokenizer.save_pretrained(tmp_path / "tok")
+    out = tmp_path / "one-token"
+    assert cli(["make-tasks", "--text", str(heldout), "--out-dir", str(out),
+                "--single-token-words", str(tmp_path / "tok")]) == 0
+
+    def tokens(word):
+        return len(tokenizer(" " + word, add_special_tokens=False)["input_ids"])
+
+    items = load_items(out, "kvs_passage_word")
+    assert len(items) >= 20 and all(tokens(c) == 1 for item in items for c in item["choices"])
+    assert any(tokens(c) > 1 for item in load_items(task_dir, "kvs_passage_word") for c in item["choices"])
+    assert read(out / "tasks.json")["single_token_words"] == str(tmp_path / "tok")
+    # the other tasks do not depend on the tokenizer
+    assert (out / "kvs_cloze.jsonl").read_text() == (task_dir / "kvs_cloze.jsonl").read_text()
+    assert cli(["make-tasks", "--text", str(heldout), "--out-dir", str(tmp_path / "x"),
+                "--single-token-words", str(tmp_path / "nowhere")]) == 2

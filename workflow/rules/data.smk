@@ -36,12 +36,19 @@ rule prepare_text:
         " --calibration-out {output.calibration} --evaluation-out {output.evaluation} > {log} 2>&1"
 
 
+# one-token answers follow the tokenizer of the config's first model (lm-eval then scores a question's
+# choices from one forward; for other tokenizers the items stay valid, just not cheaper)
+ONE_TOKEN_MODEL = next(iter(config["models"])) if setting("evaluation/harness/one_token_answers", False) else None
+
+
 rule make_tasks:
     input:
-        "results/text/evaluation.txt",
+        text="results/text/evaluation.txt",
+        tokenizer=[f"results/models/{ONE_TOKEN_MODEL}"] if ONE_TOKEN_MODEL else [],
     output:
         "results/text/tasks/tasks.json",
     params:
+        one_token=f"--single-token-words results/models/{ONE_TOKEN_MODEL}" if ONE_TOKEN_MODEL else "",
         passage_words=",".join(str(n) for n in setting("evaluation/harness/passage_words", [])),
         # stand-ins of lm-eval benchmarks (a rehearsal): name=kind,... (kvsharer.evaluate.standin_tasks)
         standins=lambda w: ",".join(f"{n}={k}" for n, k in setting("evaluation/harness/standins", {}).items()),
@@ -50,4 +57,4 @@ rule make_tasks:
     conda:
         "../../envs/kvsharer.yaml"
     shell:
-        "python -m kvsharer make-tasks --text {input} --passage-words {params.passage_words} --standins '{params.standins}' --out-dir results/text/tasks > {log} 2>&1"
+        "python -m kvsharer make-tasks --text {input.text} {params.one_token} --passage-words {params.passage_words} --standins '{params.standins}' --out-dir results/text/tasks > {log} 2>&1"

@@ -24,6 +24,7 @@ Items are shuffled, so ``--limit N`` takes a sample spread over the whole text.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import random
@@ -135,6 +136,9 @@ BUILDERS = {
 }
 
 
+ONE_TOKEN_ANSWERS = ("kvs_passage_word",)  # builders whose answers can be held to one token (--single-token-words)
+
+
 def task_config(name: str, data_file: Path) -> dict:
     """lm-eval config of a local multiple-choice task reading ``data_file`` (an absolute path)."""
     return {
@@ -169,9 +173,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passage-words", default=f"{PASSAGE_WORDS[0]},{PASSAGE_WORDS[1]}",
                         help="MIN,MAX words of a passage of the long-context tasks (default %(default)s: "
                              "about 330-640 SmolLM2 tokens)")
+    parser.add_argument("--single-token-words", default=None, metavar="TOKENIZER",
+                        help="a model folder: kvs_passage_word's answers and distractors are words this tokenizer "
+                             "writes as one token, so lm-eval scores an item's four choices from one forward")
     parser.add_argument("--standins", default="",
                         help="NAME=KIND,...: also write stand-ins standin_NAME of lm-eval benchmarks, KIND one of "
                              "multiple_choice, group, generation (kvsharer.evaluate.standin_tasks)")
+
+
+def one_token_words(model: str):
+    """``word -> whether the model's tokenizer writes " word" (after a space, as a choice follows its
+    question) as one token``."""
+    from transformers import AutoTokenizer
+
+    if not Path(model).is_dir():
+        raise ValueError(f"--single-token-words {model} is not a model folder (prepare-model writes one)")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+
+    @functools.lru_cache(maxsize=None)
+    def one_token(word: str) -> bool:
+        return len(tokenizer(" " + word, add_special_tokens=False)["input_ids"]) == 1
+
+    return one_token
 
 
 def parse_passage_words(text: str) -> tuple[int, int]:
@@ -194,13 +217,16 @@ def main(args: argparse.Namespace) -> int:
     from .standin_tasks import parse_standins, write_standins
 
     standins = parse_standins(args.standins)
+    single_token = one_token_words(args.single_token_words) if args.single_token_words else None
     text = load_corpus(args.text)
     out_dir = args.out_dir.resolve()
     manifest = {"stage": "make-tasks", "text": args.text, "text_sha256": sha256_text(text), "seed": args.seed,
-                "max_items": args.max_items, "passage_words": list(passage_words), "tag": TAG,
+                "max_items": args.max_items, "passage_words": list(passage_words),
+                "single_token_words": args.single_token_words, "tag": TAG,
                 "task_dir": str(out_dir), "tasks": {}}
     for name, (build, description, long) in BUILDERS.items():
-        items = (build(text, args.seed, passage_words) if long else build(text, args.seed))[: args.max_items]
+        options = {"single_token": single_token} if single_token and name in ONE_TOKEN_ANSWERS else {}
+        items = (build(text, args.seed, passage_words, **options) if long else build(text, args.seed))[: args.max_items]
         if not items:
             raise ValueError(f"the text {args.text} yields no {name} items (too little prose)")
         data_file = out_dir / f"{name}.jsonl"
