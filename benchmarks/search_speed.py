@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from kvsharer import calibrate
+from kvsharer.search import calibrate
 from kvsharer.atomic import atomic_write_text
 from kvsharer.cli import main as cli
-from kvsharer.models import load_model
-from kvsharer.search import SearchSettings, run_search, sha256_file, target_layers
+from kvsharer.models.loading import load_model
+from kvsharer.search.greedy import SearchSettings, run_search, sha256_file, target_layers
 
 
 def main(argv=None) -> int:

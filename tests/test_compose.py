@@ -9,11 +9,11 @@ import torch
 
 from kvsharer import SharingPolicy
 from kvsharer.cli import main as cli
-from kvsharer.compose import CacheMethod, apply_setting, split_setting
+from kvsharer.cache.compose import CacheMethod, apply_setting, split_setting
 from kvsharer.evaluate import harness, longctx, ppl
 from kvsharer.evaluate.ppl import perplexity
 from kvsharer.evaluate.streaming import streamed_logits
-from kvsharer.intra import stored_tokens
+from kvsharer.methods.intra import stored_tokens
 
 from conftest import make_tiny
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kvsharer import SharingPolicy, sharing
+from kvsharer import SharingPolicy
+from kvsharer.cache import sharing
 from kvsharer.cli import main as cli
 from kvsharer.data import load_corpus, split_corpus, token_chunks
 from kvsharer.evaluate import harness, longctx, ppl

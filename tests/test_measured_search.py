@@ -17,13 +17,14 @@ import torch
 import torch.nn.functional as F
 from conftest import make_tiny, save_tiny_model
 
-from kvsharer import calibrate, search
+from kvsharer.search import calibrate
+from kvsharer.search import greedy as search
 from kvsharer.cli import main as cli
-from kvsharer.distance import layer_distances
-from kvsharer.measured import OutputLoss, candidate_pairs, measured_search
-from kvsharer.policy import SharingPolicy, resolve_chains
-from kvsharer.search import FastEvaluator, Journal, SearchSettings, run_search
-from kvsharer.sharing import share_kv
+from kvsharer.search.distance import layer_distances
+from kvsharer.search.measured import OutputLoss, candidate_pairs, measured_search
+from kvsharer.cache.policy import SharingPolicy, resolve_chains
+from kvsharer.search.greedy import FastEvaluator, Journal, SearchSettings, run_search
+from kvsharer.cache.sharing import share_kv
 
 
 def _input_ids(n=8, t=16, seed=0, vocab=96):

@@ -18,15 +18,15 @@ from .warm_worker import IN_WORKER
 
 # subcommand -> (module, one-line help)
 STAGES = {
-    "prepare-model": ("kvsharer.prepare", "materialize a model (hub id, folder or embedded) as a safetensors folder"),
+    "prepare-model": ("kvsharer.stages.prepare_model", "materialize a model (hub id, folder or embedded) as a safetensors folder"),
     "prepare-text": ("kvsharer.data", "split a corpus into non-overlapping calibration and evaluation text"),
-    "calibrate": ("kvsharer.calibrate", "per-layer K/V statistics and reference outputs on N x T calibration tokens"),
-    "distances": ("kvsharer.distance", "pairwise layer distance matrix of the calibration KV caches"),
-    "search": ("kvsharer.search", "greedy KVSharer policy search (fast or the authors' official procedure)"),
-    "profile": ("kvsharer.profile", "KV bytes, peak memory, prefill and decode speed vs sharing rate and token methods"),
-    "search-scaling": ("kvsharer.scaling", "search cost vs depth and width, fitted and projected to 7B-400B"),
+    "calibrate": ("kvsharer.search.calibrate", "per-layer K/V statistics and reference outputs on N x T calibration tokens"),
+    "distances": ("kvsharer.search.distance", "pairwise layer distance matrix of the calibration KV caches"),
+    "search": ("kvsharer.search.greedy", "greedy KVSharer policy search (fast or the authors' official procedure)"),
+    "profile": ("kvsharer.measure.profile", "KV bytes, peak memory, prefill and decode speed vs sharing rate and token methods"),
+    "search-scaling": ("kvsharer.measure.scaling", "search cost vs depth and width, fitted and projected to 7B-400B"),
     "run-meta": ("kvsharer.provenance", "record commit, config hash, versions, host and GPU of a run"),
-    "generate": ("kvsharer.generate", "generate text with a sharing policy and report the KV-cache bytes"),
+    "generate": ("kvsharer.stages.generate", "generate text with a sharing policy and report the KV-cache bytes"),
     "make-tasks": ("kvsharer.evaluate.tasks", "build local multiple-choice lm-eval tasks from held-out text"),
     "evaluate-ppl": ("kvsharer.evaluate.ppl", "perplexity on held-out text under a sharing policy"),
     "evaluate-harness": ("kvsharer.evaluate.harness", "lm-eval harness accuracy under a sharing policy"),
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.gpus < 0:
             log.error("--gpus must be 0 or more, got %d", args.gpus)
             return 2
-        os.environ["KVSHARER_GPUS"] = str(args.gpus)  # read by kvsharer.models.load_model
+        os.environ["KVSHARER_GPUS"] = str(args.gpus)  # read by kvsharer.models.loading.load_model
     start = time.perf_counter()
     warm = os.environ.get(IN_WORKER)
     log.info("stage %s started%s", args.stage, f" (forked from the warm worker, pid {warm})" if warm else "")

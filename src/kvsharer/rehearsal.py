@@ -5,8 +5,8 @@ reads the paper config and writes one in which only these things differ:
 
 **Substitutions** (always):
 
-* every model's ``source`` becomes ``standin:<hub id>`` (:mod:`kvsharer.standins`): the model's own
-  architecture from ``kvsharer.shapes`` (layers, heads, KV heads, window, RoPE, vocabulary, biases) with
+* every model's ``source`` becomes ``standin:<hub id>`` (:mod:`kvsharer.models.standins`): the model's own
+  architecture from ``kvsharer.models.shapes`` (layers, heads, KV heads, window, RoPE, vocabulary, biases) with
   heads ``HEAD_DIM`` wide, random weights, a BPE tokenizer trained on the embedded corpus;
 * every lm-eval name of ``evaluation.harness.tasks`` becomes ``standin_<name>``, a local task of the same
   structure as the real one in lm-eval's registry (:mod:`kvsharer.evaluate.standin_tasks`: a group with an
@@ -35,7 +35,7 @@ import logging
 import math
 from pathlib import Path
 
-from .standins import HEAD_DIM, STANDIN_PREFIX, hub_id_of, standin_shape
+from .models.standins import HEAD_DIM, STANDIN_PREFIX, hub_id_of, standin_shape
 
 log = logging.getLogger("kvsharer")
 
@@ -121,7 +121,7 @@ def apply_cut(config: dict, cut: str) -> dict:
 def job_mem_mb(config: dict, name: str) -> int:
     """What preflight computes a CPU job of ``name`` needs (weights + K/V + activations of its largest
     forward + host overhead), with ``MEMORY_MARGIN``, in MB."""
-    from . import footprint
+    from .cache import footprint
     from .preflight import forwards
 
     shape = standin_shape(config["models"][name]["source"])

@@ -35,7 +35,7 @@ import contextlib
 from importlib import import_module
 from typing import Iterator
 
-from .method_registry import FAMILY_ATTACH, QUANT_BITS, CacheSpec, known_names  # noqa: F401 (re-exported)
+from ..method_registry import FAMILY_ATTACH, QUANT_BITS, CacheSpec, known_names  # noqa: F401 (re-exported)
 
 
 class CacheMethod(CacheSpec):

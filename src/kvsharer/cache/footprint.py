@@ -8,7 +8,7 @@ bounds with a stated margin, not measurements:
   plus ``HOST_OVERHEAD_MB`` (interpreter, torch, tokenizer, CUDA context);
 * GPU memory of a forward: weights + K/V of ``batch`` sequences of ``tokens`` tokens + activations
   (a few ``[tokens, hidden]`` tensors and the ``[tokens, vocab]`` logits per sequence, as
-  ``kvsharer.profile.max_batch`` counts them; generation keeps the last position's logits only), which
+  ``kvsharer.measure.profile.max_batch`` counts them; generation keeps the last position's logits only), which
   must fit ``gpus`` GPUs filled to ``GPU_USABLE``.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from .shapes import Shape
+from ..models.shapes import Shape
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 GPU_MEMORY_GB = 80.0  # per GPU, when the config names none (profile.memory_gb): A100/H100 80 GB

@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from .models import ModelParts, find_parts, text_config
+from ..models.loading import ModelParts, find_parts, text_config
 
 
 def prepare_layers(cache, n_layers: int, method: str, not_empty: str) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .atomic import atomic_write_text
+from ..atomic import atomic_write_text
 
 
 class PolicyError(ValueError):

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DummyLayer, DynamicCache
 
-from .models import ModelParts, find_parts, kv_shape, text_config
+from ..models.loading import ModelParts, find_parts, kv_shape, text_config
 from .policy import PolicyError, SharingPolicy
 
 

@@ -10,7 +10,7 @@
 * ``streaming``                          chunked forwards through one cache (how cache methods are seen)
 
 Every stage takes ``--policy`` (no policy: the plain model) and ``--cache`` (a cache method composed with
-it, see :mod:`kvsharer.compose`), and writes one JSON result atomically.
+it, see :mod:`kvsharer.cache.compose`), and writes one JSON result atomically.
 """
 
 import argparse
@@ -31,8 +31,8 @@ def add_setting_arguments(parser: argparse.ArgumentParser, chunked: bool = True)
 
 def parse_setting(args: argparse.Namespace):
     """``(policy or None, cache method or None)`` from the arguments, validated before any model loads."""
-    from ..compose import CacheMethod
-    from ..policy import SharingPolicy
+    from ..cache.compose import CacheMethod
+    from ..cache.policy import SharingPolicy
     from .streaming import check_chunk
 
     policy = SharingPolicy.from_json(args.policy) if args.policy else None
@@ -46,7 +46,7 @@ def parse_setting(args: argparse.Namespace):
 def result_header(stage: str, model: str, policy_path: str | None, policy, method=None, chunk=None) -> dict:
     """The fields every evaluation result starts with: what ran, on which model, under which policy and
     cache method (``cache``: its spec or None; ``chunk``: tokens per forward when it streamed)."""
-    from ..models import model_id
+    from ..models.loading import model_id
 
     source, weights = model_id(model)
     return {

@@ -31,9 +31,9 @@ from ..atomic import atomic_write_text
 from . import result_header
 from .lm_tasks import task_needs
 from .scores import flatten_metrics, requested_scores
-from ..models import DTYPES, check_source, find_parts, load_model, resolve_device, text_config
-from ..compose import apply_setting
-from ..policy import SharingPolicy
+from ..models.loading import DTYPES, check_source, find_parts, load_model, resolve_device, text_config
+from ..cache.compose import apply_setting
+from ..cache.policy import SharingPolicy
 from . import add_setting_arguments, parse_setting
 from .longctx import context_window
 from .ruler import check_window, parse_lengths, ruler_metadata, ruler_metrics, split_ruler

@@ -30,10 +30,10 @@ from tqdm import tqdm
 from ..atomic import atomic_write_text
 from . import result_header
 from ..data import check_text_source, load_corpus, sha256_text
-from ..models import (DTYPES, EMBEDDED_PREFIX, check_source, embedded_gguf, find_parts, load_model,
+from ..models.loading import (DTYPES, EMBEDDED_PREFIX, check_source, embedded_gguf, find_parts, load_model,
                       resolve_device, text_config)
-from ..compose import apply_setting
-from ..policy import SharingPolicy
+from ..cache.compose import apply_setting
+from ..cache.policy import SharingPolicy
 from . import add_setting_arguments, parse_setting
 
 log = logging.getLogger("kvsharer")

@@ -25,9 +25,9 @@ from tqdm import tqdm
 from ..atomic import atomic_write_text
 from . import result_header
 from ..data import check_text_source, load_corpus, sha256_text
-from ..models import DTYPES, check_source, find_parts, load_model, resolve_device, text_config
-from ..compose import apply_setting
-from ..policy import SharingPolicy
+from ..models.loading import DTYPES, check_source, find_parts, load_model, resolve_device, text_config
+from ..cache.compose import apply_setting
+from ..cache.policy import SharingPolicy
 from . import add_setting_arguments, parse_setting
 from .streaming import chunk_logits
 
@@ -91,7 +91,7 @@ def kv_footprint(model, window_ids: torch.Tensor, chunk: int | None) -> dict:
     ``kv_fraction``. Call it inside the setting it measures."""
     from transformers.cache_utils import DynamicCache
 
-    from ..sharing import cache_nbytes, expected_kv_nbytes
+    from ..cache.sharing import cache_nbytes, expected_kv_nbytes
 
     ids = window_ids.to(model.device)
     cache = DynamicCache(config=model.config)

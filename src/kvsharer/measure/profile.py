@@ -2,14 +2,14 @@
 
 For every sharing rate (a spread policy: the cost depends on how many layers share, not which), every
 cache method (``none``, a token method ``h2o:0.5``, quantization ``int4``, the ``minicache:0.25`` baseline
-at rate 0 only; see :mod:`kvsharer.compose`), batch size and context length:
+at rate 0 only; see :mod:`kvsharer.cache.compose`), batch size and context length:
 
 * ``kv_bytes``      K/V bytes the cache really holds after prefill + decoding (``cache_nbytes``)
 * ``expected_kv_bytes`` the same from the model shape: 2 × stored layers × batch × kv_heads × tokens × head_dim × bytes
                     (times the budget for a token method; codes + scales for quantization; empty for
                     MiniCache, whose retained tokens depend on the data) — the answer to "why memory saved exceeds the
                     rate": the K/V part falls exactly by the rate, the total by rate × (KV share of memory)
-* ``peak_bytes``    peak memory of one prefill + decoding run, measured (:mod:`kvsharer.peakmem`), the largest
+* ``peak_bytes``    peak memory of one prefill + decoding run, measured (:mod:`kvsharer.measure.peakmem`), the largest
                     over ``--repeats``: GPU: ``torch.cuda.max_memory_allocated`` over the run (everything
                     allocated, weights included), summed over the GPUs a model spread with ``--gpus N`` holds;
                     CPU: weights + the growth of the process' resident set at its peak within the run over
@@ -35,7 +35,7 @@ import statistics
 import time
 from pathlib import Path
 
-from .atomic import atomic_write_text
+from ..atomic import atomic_write_text
 from .peakmem import PeakMemory
 
 log = logging.getLogger("kvsharer")
@@ -46,8 +46,8 @@ COLUMNS = ["model", "rate", "intra", "budget", "batch", "context", "kv_bytes", "
 
 
 def parse_methods(text: str) -> list:
-    """``none,h2o:0.5,int4,minicache:0.25`` -> [None, CacheMethod(h2o 0.5), ...] (see kvsharer.compose)."""
-    from .compose import CacheMethod
+    """``none,h2o:0.5,int4,minicache:0.25`` -> [None, CacheMethod(h2o 0.5), ...] (see kvsharer.cache.compose)."""
+    from ..cache.compose import CacheMethod
 
     items = [x.strip() for x in text.split(",") if x.strip()]
     if not items:
@@ -89,8 +89,8 @@ def run_once(model, policy, method, batch: int, context: int, new_tokens: int, s
     import torch
     from transformers import DynamicCache
 
-    from .compose import apply_setting
-    from .sharing import cache_nbytes
+    from ..cache.compose import apply_setting
+    from ..cache.sharing import cache_nbytes
 
     device = model.device
     gpus = gpus_of(model)
@@ -125,11 +125,11 @@ def run_once(model, policy, method, batch: int, context: int, new_tokens: int, s
 def expected_bytes(model, policy, method, batch: int, tokens: int) -> int | None:
     """K/V bytes from the model shape alone (None where a method's size depends on the data: MiniCache's
     retained tokens)."""
-    from .sharing import expected_kv_nbytes
+    from ..cache.sharing import expected_kv_nbytes
 
     element = model.dtype.itemsize
     if method is not None and method.family == "quant":
-        from .quant import expected_quant_nbytes, quant_group_size
+        from ..methods.quant import expected_quant_nbytes, quant_group_size
 
         return expected_quant_nbytes(model, policy, batch, tokens, bits=int(method.value),
                                      group_size=quant_group_size(model), dtype_bytes=element)
@@ -159,8 +159,8 @@ def profile(model, name: str, rates: list[float], methods, batches: list[int], c
     import torch
     from tqdm import tqdm
 
-    from .models import find_parts
-    from .policy import SharingPolicy
+    from ..models.loading import find_parts
+    from ..cache.policy import SharingPolicy
 
     n_layers = find_parts(model).n_layers
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -229,7 +229,7 @@ def _numbers(text: str, kind=float) -> list:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .models import DTYPES
+    from ..models.loading import DTYPES
 
     parser.add_argument("--model", required=True, help="model folder, hub id or embedded:<name>")
     parser.add_argument("--name", help="model name in the CSV (default: the folder name)")
@@ -248,7 +248,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .models import check_source, load_model, resolve_device, text_config
+    from ..models.loading import check_source, load_model, resolve_device, text_config
 
     rates = _numbers(args.rates)
     if any(not 0 <= r < 1 for r in rates):

@@ -28,8 +28,8 @@ import math
 import time
 from pathlib import Path
 
-from .atomic import atomic_write_text
-from .shapes import SHAPES
+from ..atomic import atomic_write_text
+from ..models.shapes import SHAPES
 
 log = logging.getLogger("kvsharer")
 
@@ -106,8 +106,8 @@ def measure(layers: list[int], hiddens: list[int], samples: int, tokens: int, ra
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .calibrate import collect  # its forward also warms up the kernels before the search is timed
-    from .search import SearchSettings, run_search, target_layers
+    from ..search.calibrate import collect  # its forward also warms up the kernels before the search is timed
+    from ..search.greedy import SearchSettings, run_search, target_layers
 
     rows = []
     for n_layers in layers:

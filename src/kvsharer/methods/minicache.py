@@ -77,8 +77,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import CacheLayerMixin, DynamicCache
 
-from .cache_hooks import DecoderHooks, prepare_layers
-from .models import kv_shape
+from ..cache.hooks import DecoderHooks, prepare_layers
+from ..models.loading import kv_shape
 
 PAPER_T = 0.6  # interpolation parameter, the paper's default
 PAPER_GAMMA = 0.05  # retention threshold, the paper's default

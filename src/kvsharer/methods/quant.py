@@ -76,10 +76,10 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from .cache_hooks import DecoderHooks, prepare_layers, repoint_sharers
+from ..cache.hooks import DecoderHooks, prepare_layers, repoint_sharers
 from .intra.attach import share_map_of
-from .models import kv_shape
-from .policy import SharingPolicy
+from ..models.loading import kv_shape
+from ..cache.policy import SharingPolicy
 
 BITS = (2, 4, 8)
 
@@ -383,7 +383,7 @@ def quantize_kv(model: nn.Module, bits: int, *, group_size: int = 32, residual: 
     most recent tokens kept in full precision. ``policy``: optional KV-sharing policy, attached for the
     duration too (same as nesting ``share_kv``).
     """
-    from .sharing import share_kv
+    from ..cache.sharing import share_kv
 
     quantization = KVQuantization(model, bits, group_size=group_size, residual=residual)  # validate first
     with contextlib.ExitStack() as stack:

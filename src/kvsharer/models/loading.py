@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# model sources (hub id, folder, embedded:<name>, random:<shape>) are checked torch-free in kvsharer.sources
+# model sources (hub id, folder, embedded:<name>, random:<shape>) are checked torch-free in kvsharer.models.sources
 from .sources import (DEFAULT_MODEL, EMBEDDED_MODELS, EMBEDDED_PREFIX, ModelError, check_source,  # noqa: E402,F401
                       embedded_gguf)
 
@@ -157,7 +157,7 @@ class ModelParts:
     @property
     def native_attention(self) -> bool:
         """Whether attention is transformers' own code (and so dispatches through its attention-function
-        registry, which the token-level methods of ``kvsharer.intra`` plug into); False for remote code."""
+        registry, which the token-level methods of ``kvsharer.methods.intra`` plug into); False for remote code."""
         return all(type(a).__module__.startswith("transformers.") for a in self.attentions)
 
 
@@ -220,7 +220,7 @@ def _find_attention(model: nn.Module, layer: nn.Module, idx: int, adapter: Fused
             raise UnsupportedArchitecture(
                 f"{cls}: layer {idx} computes Q, K and V with one fused projection '{fused[0]}' "
                 f"({type(module).__name__}); KV sharing needs separate k_proj/v_proj or a fused-QKV adapter, "
-                f"and no adapter is registered for {cls} in kvsharer.models.FUSED_QKV_ADAPTERS"
+                f"and no adapter is registered for {cls} in kvsharer.models.loading.FUSED_QKV_ADAPTERS"
             )
     raise UnsupportedArchitecture(
         f"{cls}: layer {idx} ({type(layer).__name__}) has no attention module with k_proj/v_proj projections"
@@ -301,8 +301,8 @@ def load_model(
     gpus: int | None = None,
 ):
     """Load ``(model, tokenizer)`` from a local folder, a hub id, or ``embedded:<name>``; ``random:<shape>``
-    builds a random-initialised model of a real shape on ``device`` (tokenizer None; see kvsharer.shapes);
-    ``standin:<hub id>`` a random CPU-width stand-in of a hub model with its BPE tokenizer (kvsharer.standins).
+    builds a random-initialised model of a real shape on ``device`` (tokenizer None; see kvsharer.models.shapes);
+    ``standin:<hub id>`` a random CPU-width stand-in of a hub model with its BPE tokenizer (kvsharer.models.standins).
 
     ``gpus`` (default: :func:`requested_gpus`): more than one loads a folder or hub model across that many
     GPUs (:func:`placement`); 0 keeps it on the CPU. Remote-code models are loaded only for the

@@ -33,7 +33,7 @@ class Shape:
     rope_theta: float = 10000.0
     rope_scaling: str | None = None  # e.g. "llama3 x8 from 8192", "dynamic x2"; None: plain RoPE
     head_dim: int | None = None  # None: hidden // heads
-    fused_qkv: bool = False  # Q, K and V from one projection (needs a FusedQKVAdapter in kvsharer.models)
+    fused_qkv: bool = False  # Q, K and V from one projection (needs a FusedQKVAdapter in kvsharer.models.loading)
     qkv_bias: bool = False
     tied_embeddings: bool = False
     params: int | None = None  # parameters of the checkpoint (None: not a published checkpoint)
@@ -95,7 +95,7 @@ ARCHITECTURES: dict[str, Shape] = {
     "HuggingFaceTB/SmolLM2-135M-Instruct": Shape(30, 576, 1536, 9, 3, 49152, 8192, rope_theta=100000.0,
                                                  tied_embeddings=True, params=134_515_008),
 }
-# embedded:<name> -> the hub id of the checkpoint it ships (kvsharer.models.EMBEDDED_MODELS)
+# embedded:<name> -> the hub id of the checkpoint it ships (kvsharer.models.loading.EMBEDDED_MODELS)
 EMBEDDED = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 # random:<name> shapes: the published models above by short name, and a CPU smoke size
@@ -115,7 +115,7 @@ def architecture_of(source: str) -> Shape | None:
     """The shape of a hub id (or ``random:<name>``, ``standin:<hub id>``, ``embedded:<name>``) from the table; None for anything else."""
     if source.startswith(RANDOM_PREFIX):
         return SHAPES.get(source[len(RANDOM_PREFIX):])
-    if source.startswith("standin:"):  # a hub model's architecture at CPU width (kvsharer.standins)
+    if source.startswith("standin:"):  # a hub model's architecture at CPU width (kvsharer.models.standins)
         from .standins import standin_shape
 
         try:

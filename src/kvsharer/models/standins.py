@@ -1,7 +1,7 @@
 """Stand-ins of the paper's models for a rehearsal on CPU: ``standin:<hub id>``.
 
 A stand-in is a random-initialised model of the hub model's own architecture, from the table of
-``kvsharer.shapes.ARCHITECTURES``: the same transformers class (Llama, Mistral, Qwen2), number of layers,
+``kvsharer.models.shapes.ARCHITECTURES``: the same transformers class (Llama, Mistral, Qwen2), number of layers,
 attention heads and KV heads (so the same GQA grouping), window (``max_position_embeddings``), RoPE base
 and scaling, vocabulary size, QKV biases and embedding tying. Only the width is shrunk, so that every
 stage runs on a CPU: each head is ``HEAD_DIM`` wide instead of 128, ``hidden = heads x HEAD_DIM``, and the
@@ -56,7 +56,7 @@ def parse_standin(source: str) -> tuple[str, int]:
 def hub_id_of(source: str) -> str:
     hub_id = source[len(STANDIN_PREFIX):] if source.startswith(STANDIN_PREFIX) else source
     if hub_id not in ARCHITECTURES:
-        raise ValueError(f"no stand-in for {hub_id!r}: not in kvsharer.shapes.ARCHITECTURES (known: "
+        raise ValueError(f"no stand-in for {hub_id!r}: not in kvsharer.models.shapes.ARCHITECTURES (known: "
                          f"{', '.join(ARCHITECTURES)})")
     return hub_id
 
@@ -114,7 +114,7 @@ def standin_tokenizer(vocab: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from .data import load_corpus
+    from ..data import load_corpus
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -23,10 +23,10 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers.cache_utils import DynamicCache
 
-from .atomic import atomic_path, atomic_write_text
-from .data import check_text_source, load_corpus, sha256_text, token_chunks
-from .models import DTYPES, check_source, find_parts, load_model, model_id, resolve_device
-from .provenance import code_commit, versions
+from ..atomic import atomic_path, atomic_write_text
+from ..data import check_text_source, load_corpus, sha256_text, token_chunks
+from ..models.loading import DTYPES, check_source, find_parts, load_model, model_id, resolve_device
+from ..provenance import code_commit, versions
 
 log = logging.getLogger("kvsharer")
 

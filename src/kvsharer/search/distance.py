@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from .names import RANKED_ORDERS
+from ..names import RANKED_ORDERS
 
 Metric = Callable[[torch.Tensor], torch.Tensor]  # [L, H, T, D] -> [L, L]
 
@@ -99,7 +99,7 @@ def main(args) -> int:
     import logging
 
     from . import calibrate
-    from .atomic import atomic_write_text
+    from ..atomic import atomic_write_text
 
     check_metric(args.metric)
     meta = calibrate.read_meta(args.calibration)

@@ -45,13 +45,13 @@ from torch import nn
 from tqdm import tqdm
 
 from . import calibrate
-from .atomic import atomic_write_text
+from ..atomic import atomic_write_text
 from .distance import check_metric, layer_distances, rank_pairs
 from .measured import OutputLoss, measured_search
-from .names import MEASURED_ORDERS, ORDERS, check_order
-from .models import DTYPES, check_source, find_parts, load_model, model_id, resolve_device
-from .policy import SharingPolicy, resolve_chains
-from .sharing import share_kv
+from ..names import MEASURED_ORDERS, ORDERS, check_order
+from ..models.loading import DTYPES, check_source, find_parts, load_model, model_id, resolve_device
+from ..cache.policy import SharingPolicy, resolve_chains
+from ..cache.sharing import share_kv
 
 log = logging.getLogger("kvsharer")
 PROCEDURES = ("fast", "official")

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .policy import resolve_chains
+from ..cache.policy import resolve_chains
 
 OBJECTIVES = ("kl", "cosine")
 
@@ -101,7 +101,7 @@ def measured_search(
 ) -> dict:
     """Greedy over measured candidates; returns map, completeness, trace and counts like ``greedy_search``.
 
-    ``evaluator`` is a :class:`kvsharer.search.FastEvaluator`; ``journal`` a :class:`kvsharer.search.Journal`.
+    ``evaluator`` is a :class:`kvsharer.search.greedy.FastEvaluator`; ``journal`` a :class:`kvsharer.search.greedy.Journal`.
     """
     check_objective(objective)
     n_layers = dist.shape[0]

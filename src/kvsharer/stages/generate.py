@@ -9,9 +9,9 @@ import logging
 import torch
 from transformers import DynamicCache
 
-from .models import DEFAULT_MODEL, DTYPES, check_source, find_parts, load_model, resolve_device
-from .policy import SharingPolicy
-from .sharing import cache_nbytes, expected_kv_nbytes, share_kv
+from ..models.loading import DEFAULT_MODEL, DTYPES, check_source, find_parts, load_model, resolve_device
+from ..cache.policy import SharingPolicy
+from ..cache.sharing import cache_nbytes, expected_kv_nbytes, share_kv
 
 log = logging.getLogger("kvsharer")
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from .models import DEFAULT_MODEL, DTYPES, check_source, prepare_model
+from ..models.loading import DEFAULT_MODEL, DTYPES, check_source, prepare_model
 
 log = logging.getLogger("kvsharer")
 

@@ -3,7 +3,7 @@
 One small class per method (kvpress style), attached through hooks — no forked modeling file::
 
     from kvsharer import SharingPolicy, share_kv
-    from kvsharer.intra import compress_kv, make_method
+    from kvsharer.methods.intra import compress_kv, make_method
 
     with compress_kv(model, make_method("h2o", 0.5)):             # keep 50 % of the tokens per layer
         model.generate(**batch, max_new_tokens=64)
@@ -29,7 +29,7 @@ one file per method.
 
 from __future__ import annotations
 
-from ..method_registry import ENTRIES, names
+from ...method_registry import ENTRIES, names
 from .attach import KVCompression, compress_kv, stored_tokens, wire_compressed
 from .attention import ATTENTION_NAME
 from .base import Budget, TokenMethod

@@ -30,8 +30,8 @@ from typing import Iterator
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from ..cache_hooks import DecoderHooks, prepare_layers, repoint_sharers
-from ..policy import SharingPolicy
+from ...cache.hooks import DecoderHooks, prepare_layers, repoint_sharers
+from ...cache.policy import SharingPolicy
 from .attention import ATTENTION_NAME
 from .base import TokenMethod
 from .cache import CompressedLayer
@@ -133,7 +133,7 @@ def compress_kv(model: nn.Module, method: TokenMethod, policy: SharingPolicy | N
     ``method``: a method instance, e.g. ``H2O(0.5)`` or ``make_method("h2o", 0.5)``.
     ``policy``: optional KV-sharing policy, attached for the duration too (same as nesting ``share_kv``).
     """
-    from ..sharing import share_kv
+    from ...cache.sharing import share_kv
 
     with contextlib.ExitStack() as stack:
         if policy is not None:

@@ -14,7 +14,7 @@ function gets no mask at all). Per call it
    method, giving one mask per KV head); with no compressed cache it uses the mask as given. A padding
    query is one that cannot see its own position;
 3. computes softmax(QKᵀ·scale) V in fp32 per KV-head group, one block of queries at a time
-   (:mod:`kvsharer.intra.blockwise`: the [q, S] matrix of probabilities never exists), zeroing the rows
+   (:mod:`kvsharer.methods.intra.blockwise`: the [q, S] matrix of probabilities never exists), zeroing the rows
    of padding queries, and the attention each stored key received (plus the last rows the method asks
    for, ``method.recent_queries``);
 4. hands those scores to the cache (``observe``), which accumulates the method's scores and, after the
@@ -108,7 +108,7 @@ def scoring_attention_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
-        raise NotImplementedError("kvsharer.intra attention supports neither logit soft-capping nor attention sinks")
+        raise NotImplementedError("kvsharer.methods.intra attention supports neither logit soft-capping nor attention sinks")
     batch, heads, q_len, dim = query.shape
     stored = key.shape[2]
     scaling = dim**-0.5 if scaling is None else scaling

@@ -19,7 +19,7 @@ Positions and masks after eviction:
   in *position* coordinates (its padding columns are those of the 2D ``attention_mask``, which also has
   ``seen + q`` columns). Layers keep different tokens (different budgets, different keep-sets per
   row), so a mask in stored coordinates could only be right for one layer; instead the attention
-  function (:mod:`kvsharer.intra.attention`) gathers, per layer and row, the mask columns of the
+  function (:mod:`kvsharer.methods.intra.attention`) gathers, per layer and row, the mask columns of the
   positions this layer stores. The gathered mask has ``stored + q`` columns — the keys it is applied to.
 
 Every row keeps the same NUMBER of tokens (per-row keep-sets are gathered with index tensors), so
