@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from conftest import make_tiny, save_tiny_model
 
 from kvsharer.search import calibrate
-from kvsharer.search import greedy as search
+from kvsharer.stages import search
+from kvsharer.stages.search import run_journaled
 from kvsharer.cli import main as cli
 from kvsharer.search.distance import layer_distances
 from kvsharer.search.measured import OutputLoss, candidate_pairs, measured_search
@@ -129,14 +130,14 @@ def test_lazy_refresh_measures_fewer_and_a_journal_replays_it(tmp_path):
     stats = calibrate.collect(model, _input_ids())
     settings = SearchSettings(target=4, order="measured-kl", threshold=-0.99, sources=2, refresh=3)
     journal = tmp_path / "j.jsonl"
-    first = run_search(model, stats, settings, journal, calibration_hash="x", progress=False)
+    first = run_journaled(model, stats, settings, journal, calibration_hash="x", progress=False)
     full = run_search(model, stats, SearchSettings(target=4, order="measured-kl", threshold=-0.99, sources=2,
                                                    refresh=None), progress=False)
     assert first["candidates_evaluated"] < full["candidates_evaluated"]
     # a search killed after 5 measurements (its last line cut mid-write) resumes to the same policy
     lines = journal.read_text().splitlines()
     journal.write_text("\n".join(lines[:6]) + "\n" + lines[6][:20])
-    again = run_search(model, stats, settings, journal, calibration_hash="x", progress=False)
+    again = run_journaled(model, stats, settings, journal, calibration_hash="x", progress=False)
     assert again["map"] == first["map"]
     assert again["candidates_resumed"] == 5 and again["candidates_evaluated"] == first["candidates_evaluated"] - 5
 
@@ -239,10 +240,10 @@ def test_a_larger_target_starts_from_the_smaller_targets_journal(order, tmp_path
     model = make_tiny("llama", n_layers=8)
     stats = calibrate.collect(model, _input_ids())
     settings = dict(order=order, threshold=-0.99, sources=2, refresh=2)
-    small = run_search(model, stats, SearchSettings(target=2, **settings), tmp_path / "small.jsonl", "x", progress=False)
-    fresh = run_search(model, stats, SearchSettings(target=4, **settings), None, "x", progress=False)
-    chained = run_search(model, stats, SearchSettings(target=4, **settings), tmp_path / "big.jsonl", "x",
-                         progress=False, seed_journal=tmp_path / "small.jsonl")
+    small = run_journaled(model, stats, SearchSettings(target=2, **settings), tmp_path / "small.jsonl", "x", progress=False)
+    fresh = run_journaled(model, stats, SearchSettings(target=4, **settings), None, "x", progress=False)
+    chained = run_journaled(model, stats, SearchSettings(target=4, **settings), tmp_path / "big.jsonl", "x",
+                            progress=False, seed_journal=tmp_path / "small.jsonl")
     assert chained["map"] == fresh["map"] and [t["pair"] for t in chained["trace"]] == [t["pair"] for t in fresh["trace"]]
     assert chained["candidates_resumed"] == len(small["trace"]) > 0
     assert chained["candidates_evaluated"] == len(fresh["trace"]) - len(small["trace"])
@@ -252,12 +253,12 @@ def test_a_larger_target_starts_from_the_smaller_targets_journal(order, tmp_path
     assert chained["forwards"] < fresh["forwards"]
     # this target's own journal, cut short (a kill before its first candidate), does not hide the longer seed
     (tmp_path / "big2.jsonl").write_text((tmp_path / "big.jsonl").read_text().splitlines()[0] + "\n")
-    again = run_search(model, stats, SearchSettings(target=4, **settings), tmp_path / "big2.jsonl", "x",
-                       progress=False, seed_journal=tmp_path / "small.jsonl")
+    again = run_journaled(model, stats, SearchSettings(target=4, **settings), tmp_path / "big2.jsonl", "x",
+                          progress=False, seed_journal=tmp_path / "small.jsonl")
     assert again["candidates_resumed"] == len(small["trace"]) and again["map"] == fresh["map"]
     # a journal of other settings is not taken
-    other = run_search(model, stats, SearchSettings(target=4, **{**settings, "threshold": 0.9}), tmp_path / "o.jsonl",
-                       "x", progress=False, seed_journal=tmp_path / "small.jsonl")
+    other = run_journaled(model, stats, SearchSettings(target=4, **{**settings, "threshold": 0.9}), tmp_path / "o.jsonl",
+                          "x", progress=False, seed_journal=tmp_path / "small.jsonl")
     assert other["candidates_resumed"] == 0
 
 

@@ -15,7 +15,7 @@ import torch
 from conftest import make_tiny, save_tiny_model
 
 from kvsharer.search import calibrate
-from kvsharer.search import greedy as search
+from kvsharer.stages import search
 from kvsharer.cli import main as cli
 from kvsharer.search.distance import layer_distances, rank_pairs
 from kvsharer.search.greedy import FastEvaluator, Journal, OfficialEvaluator, SearchSettings, greedy_search, run_search

@@ -1,4 +1,4 @@
-"""Stage ``calibrate``: per-layer K/V statistics and reference outputs, computed once per (model, text).
+"""Calibration: per-layer K/V statistics and reference outputs, computed once per (model, text).
 
 One batched forward of the plain model over N samples of exactly T tokens (paper: 30 × 64). Written as
 one safetensors file:
@@ -8,27 +8,21 @@ one safetensors file:
 * ``reference_hidden`` [N, T, hidden]            last hidden state after the final norm (the search's yardstick)
 
 and a JSON sidecar (``<file>.json``) with provenance: model and weights hash, text sha256, N, T, dtype,
-package versions, code commit. Every later stage (distances, all searches) reuses this file.
+package versions, code commit (the stage ``calibrate``, :mod:`kvsharer.stages.calibrate`, writes them).
+Every later stage (distances, all searches) reuses this file.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers.cache_utils import DynamicCache
 
-from ..atomic import atomic_path, atomic_write_text
-from ..data import check_text_source, load_corpus, sha256_text, token_chunks
-from ..models.loading import DTYPES, check_source, find_parts, load_model, model_id, resolve_device
-from ..provenance import code_commit, versions
-
-log = logging.getLogger("kvsharer")
+from ..models.loading import find_parts
 
 
 @torch.inference_mode()
@@ -69,51 +63,3 @@ def read_meta(path: str | Path) -> dict:
 
 def load(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
-
-
-# ------------------------------------------------------------------------------------------------
-# stage calibrate
-# ------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model folder, hub id or embedded:<name>")
-    parser.add_argument("--text", default="embedded:pydoc", help="calibration text: a file, embedded:pydoc, or hf:<dataset>...")
-    parser.add_argument("--samples", type=int, default=30, help="N samples (paper: 30)")
-    parser.add_argument("--tokens", type=int, default=64, help="T tokens per sample (paper: 64)")
-    parser.add_argument("--batch-size", type=int, default=None, help="samples per forward (default: all N at once)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", required=True, type=Path, help="output .safetensors (sidecar: <out>.json)")
-
-
-def main(args: argparse.Namespace) -> int:
-    check_source(args.model)
-    check_text_source(args.text)
-    if args.samples < 1 or args.tokens < 2:
-        raise ValueError(f"need --samples >= 1 and --tokens >= 2, got {args.samples} and {args.tokens}")
-    text = load_corpus(args.text)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))
-    input_ids = token_chunks(tokenizer, text, args.samples, args.tokens)
-    tensors = collect(model, input_ids, args.batch_size)
-    source, weights = model_id(args.model)
-    meta = {
-        "model": args.model,
-        "model_source": source,
-        "weights_sha256": weights,
-        "model_class": type(model).__name__,
-        "n_layers": tensors["keys"].shape[0],
-        "text": args.text,
-        "text_sha256": sha256_text(text),
-        "samples": args.samples,
-        "tokens": args.tokens,
-        "dtype": args.dtype,
-        "device": str(model.device),
-        "versions": versions(),
-        "commit": code_commit(),
-    }
-    with atomic_path(args.out) as tmp:
-        save_file(tensors, str(tmp), metadata={"kvsharer": json.dumps(meta)})
-        atomic_write_text(f"{args.out}.json", json.dumps(meta, indent=2) + "\n")
-    log.info("calibration (%d x %d tokens, %d layers) written to %s", args.samples, args.tokens, meta["n_layers"], args.out)
-    return 0
