@@ -1,7 +1,7 @@
 """The KVSharer greedy policy search, in the authors' way and in a fast, exact way (its stage: ``search``,
 :mod:`kvsharer.stages.search`).
 
-The loop (DESIGN.md, after the authors' notebook): start from the identity map; walk the ranked layer
+The loop (docs/architecture.md, after the authors' notebook): start from the identity map; walk the ranked layer
 pairs (i, j), i > j; skip a pair whose layer i already shares; the candidate is the accepted map with
 i → j, chains resolved in layer order; run the candidate on the calibration samples; per sample take the
 cosine similarity of the *flattened* last hidden state with the reference; accept when the mean over
