@@ -16,7 +16,7 @@ the first to the last call of a logits processor (i.e. it excludes the prefill);
 really holds at the end of generation (``kvsharer.cache_nbytes``). Ratios are arm / plain. Writes JSON.
 
 Note: compressed arms compute attention with a blockwise fp32 function that also scores tokens (SDPA
-returns no attention weights; :mod:`kvsharer.intra.blockwise`), so their speed includes that scoring cost.
+returns no attention weights; :mod:`kvsharer.methods.intra.blockwise`), so their speed includes that scoring cost.
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from sharing_cost import spread_policy  # noqa: E402
 
 from kvsharer import cache_nbytes, share_kv  # noqa: E402
 from kvsharer.atomic import atomic_write_text  # noqa: E402
-from kvsharer.intra import compress_kv, make_method  # noqa: E402
-from kvsharer.models import find_parts, load_model  # noqa: E402
+from kvsharer.methods.intra import compress_kv, make_method  # noqa: E402
+from kvsharer.models.loading import find_parts, load_model  # noqa: E402
 
 ARMS = ("plain", "sharing", "h2o", "both")
 
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="results/models/smollm2-135m")
     parser.add_argument("--rate", type=float, default=0.25, help="fraction of layers that share (spread policy)")
-    parser.add_argument("--method", default="h2o", help="token-level method (kvsharer.intra.METHODS)")
+    parser.add_argument("--method", default="h2o", help="token-level method (kvsharer.methods.intra.METHODS)")
     parser.add_argument("--budget", type=float, default=0.5, help="fraction of tokens each cache keeps")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt-tokens", type=int, default=512)

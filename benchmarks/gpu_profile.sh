@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Memory and speed vs sharing rate (and cache methods) on a lent GPU, with random-initialised models of
-# real shapes in fp16 (kvsharer.shapes: weights do not change the cost, so nothing is downloaded).
+# real shapes in fp16 (kvsharer.models.shapes: weights do not change the cost, so nothing is downloaded).
 #
 #   bash benchmarks/gpu_profile.sh [OUT_DIR]           # on a CUDA GPU (default OUT_DIR results/gpu_profile)
 #   MODELS="llama-2-7b mistral-7b" bash benchmarks/gpu_profile.sh

@@ -6,9 +6,9 @@
 One attention call of one layer of the demo model (SmolLM2-135M: 9 heads, 3 KV heads, head dim 64) over a
 prefill of T tokens into a compressed (H2O, budget 1.0) cache, the path every token method takes: the
 reference is the old implementation, which materialises the fp32 [B, H, T, T] probabilities
-(tests/scoring_reference.py); the new one is ``kvsharer.intra.attention.scoring_attention_forward``.
+(tests/scoring_reference.py); the new one is ``kvsharer.methods.intra.attention.scoring_attention_forward``.
 Both arms get the same random inputs (same seed). Each arm runs in a fresh process, so that its peak
-memory (``kvsharer.peakmem``: CUDA allocator peak or peak RSS, over what the inputs already hold) is its
+memory (``kvsharer.measure.peakmem``: CUDA allocator peak or peak RSS, over what the inputs already hold) is its
 own. Prints the ratios blockwise / reference and writes them, with the outputs' largest difference, to JSON.
 """
 
@@ -44,7 +44,7 @@ def _module(key, value):
 
     import torch
 
-    from kvsharer.intra import H2O, CompressedLayer
+    from kvsharer.methods.intra import H2O, CompressedLayer
 
     layer = CompressedLayer(H2O(1.0), 0, [0], 0, 1)
     layer.update(key, value)
@@ -61,8 +61,8 @@ def run_arm(arm: str, shape: dict, tokens: int, repeats: int, device: str, threa
     sys.path.insert(0, str(REPO / "tests"))
     from scoring_reference import reference_forward
 
-    from kvsharer.intra.attention import scoring_attention_forward
-    from kvsharer.peakmem import PeakMemory
+    from kvsharer.methods.intra.attention import scoring_attention_forward
+    from kvsharer.measure.peakmem import PeakMemory
 
     torch.set_num_threads(threads)
     forward = reference_forward if arm == "reference" else scoring_attention_forward
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     import torch
 
     from kvsharer.atomic import atomic_write_text
-    from kvsharer.intra import blockwise
+    from kvsharer.methods.intra import blockwise
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     tokens = [64, 100] if args.smoke else [int(t) for t in args.tokens.split(",") if t.strip()]

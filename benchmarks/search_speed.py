@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from kvsharer import calibrate
+from kvsharer.search import calibrate
 from kvsharer.atomic import atomic_write_text
 from kvsharer.cli import main as cli
-from kvsharer.models import load_model
-from kvsharer.search import SearchSettings, run_search, sha256_file, target_layers
+from kvsharer.models.loading import load_model
+from kvsharer.search.greedy import SearchSettings, target_layers
+from kvsharer.stages.search import run_journaled, sha256_file
 
 
 def main(argv=None) -> int:
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
     runs = {}
     for procedure in ("official", "fast"):
         settings = SearchSettings(target=target, threshold=args.threshold, procedure=procedure)
-        runs[procedure] = run_search(model, stats, settings, calibration_hash=digest)
+        runs[procedure] = run_journaled(model, stats, settings, calibration_hash=digest)
         r = runs[procedure]
         print(f"{procedure:>8}: {r['seconds']:7.1f} s, {r['candidates_evaluated']} candidates, "
               f"{r['seconds_per_candidate']:.2f} s/candidate, map {r['map']}")

@@ -21,7 +21,7 @@ import torch
 
 from kvsharer import SharingPolicy, cache_nbytes, expected_kv_nbytes, share_kv
 from kvsharer.atomic import atomic_write_text
-from kvsharer.models import find_parts, load_model
+from kvsharer.models.loading import find_parts, load_model
 
 
 def spread_policy(n_layers: int, rate: float) -> SharingPolicy:

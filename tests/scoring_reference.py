@@ -1,7 +1,7 @@
 """The scoring attention as it was before it went blockwise: the full fp32 [B, H, q, S] matrix of
 probabilities, kept (in the tests, not in src) as the slow reference that the blockwise version must equal.
 
-``reference_scoring_attention`` is the old ``kvsharer.intra.attention.scoring_attention_forward`` line
+``reference_scoring_attention`` is the old ``kvsharer.methods.intra.attention.scoring_attention_forward`` line
 for line, except that it returns ``(out, weights, query_valid)`` instead of handing ``weights`` to the
 cache. ``reference_scores`` reduces ``weights`` the way the methods used to (H2O/KVMerger: sum over heads
 and queries; PyramidInfer: per recent query, summed over heads). Used by tests/test_intra.py and by
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from kvsharer.intra.attention import _as_bool, compressed_layer_for
-from kvsharer.intra.blockwise import AttentionScores
+from kvsharer.methods.intra.attention import _as_bool, compressed_layer_for
+from kvsharer.methods.intra.blockwise import AttentionScores
 
 
 def reference_scoring_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

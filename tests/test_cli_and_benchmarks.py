@@ -84,13 +84,13 @@ def test_gpu_profile_script_smoke_runs_the_real_pipeline_on_a_random_shape(tmp_p
 
 
 def test_random_shapes_are_the_published_ones():
-    from kvsharer.models import ModelError, check_source, load_model
-    from kvsharer.sharing import expected_kv_nbytes
+    from kvsharer.models.loading import ModelError, check_source, load_model
+    from kvsharer.cache.sharing import expected_kv_nbytes
 
     model, tokenizer = load_model("random:tiny-llama")
     assert tokenizer is None and model.config.num_hidden_layers == 8 and model.config.num_key_value_heads == 2
     # Llama-2-7B's KV per token in fp16: 2 x 32 layers x 32 heads x 128 dims x 2 bytes = 512 KiB
-    from kvsharer.shapes import SHAPES
+    from kvsharer.models.shapes import SHAPES
 
     s = SHAPES["llama-2-7b"]
     assert 2 * s.layers * s.kv_heads * (s.hidden // s.heads) * 2 == 512 * 1024

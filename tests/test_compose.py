@@ -9,11 +9,11 @@ import torch
 
 from kvsharer import SharingPolicy
 from kvsharer.cli import main as cli
-from kvsharer.compose import CacheMethod, apply_setting, split_setting
-from kvsharer.evaluate import harness, longctx, ppl
+from kvsharer.cache.compose import CacheMethod, apply_setting, split_setting
+from kvsharer.stages import evaluate_harness, evaluate_longctx, evaluate_ppl
 from kvsharer.evaluate.ppl import perplexity
 from kvsharer.evaluate.streaming import streamed_logits
-from kvsharer.intra import stored_tokens
+from kvsharer.methods.intra import stored_tokens
 
 from conftest import make_tiny
 
@@ -145,7 +145,7 @@ def test_ppl_stage_streams_with_a_cache_method(tiny_model_dir, heldout, tmp_path
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    for module in (ppl, harness, longctx):
+    for module in (evaluate_ppl, evaluate_harness, evaluate_longctx):
         monkeypatch.setattr(module, "load_model", lambda *a, **k: pytest.fail("model loaded"))
 
 

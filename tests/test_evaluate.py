@@ -15,10 +15,11 @@ import torch.nn.functional as F
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kvsharer import SharingPolicy, sharing
+from kvsharer import SharingPolicy
+from kvsharer.cache import sharing
 from kvsharer.cli import main as cli
 from kvsharer.data import load_corpus, split_corpus, token_chunks
-from kvsharer.evaluate import harness, longctx, ppl
+from kvsharer.stages import evaluate_harness, evaluate_longctx, evaluate_ppl
 from kvsharer.evaluate.longctx import INSTRUCTION, NEEDLE, QUESTION, passkey_prompt, sentence_ends
 from kvsharer.evaluate.passages import PASSAGE_WORDS, SENTENCE_QUESTION, WORD_QUESTION, followers, passages
 from kvsharer.evaluate.ruler import OFFLINE
@@ -54,7 +55,7 @@ def task_dir(tmp_path_factory, heldout):
 def no_model_load(monkeypatch):
     """Fails a test whose stage loads a model: bad input must be refused before that."""
     calls = []
-    for module in (ppl, harness, longctx):
+    for module in (evaluate_ppl, evaluate_harness, evaluate_longctx):
         monkeypatch.setattr(module, "load_model", lambda *a, **k: calls.append(a) or pytest.fail("model loaded"))
     return calls
 

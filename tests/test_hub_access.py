@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-from kvsharer import hub_access
+from kvsharer.models import hub_access
 
 
 def hub_error(cls, message):

@@ -1,4 +1,4 @@
-"""KV sharing for InternLM2's fused `wqkv` (kvsharer.models.InternLM2Adapter), without remote code.
+"""KV sharing for InternLM2's fused `wqkv` (kvsharer.models.loading.InternLM2Adapter), without remote code.
 
 The model below is a small stand-in for `modeling_internlm2.py` (InternLM's remote code), faithful where
 sharing touches it: one Linear `attention.wqkv` whose output is laid out `[kv_heads, groups + 2, head_dim]`
@@ -17,8 +17,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, Pretrai
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from kvsharer import SharingPolicy, attach, cache_nbytes, detach, expected_kv_nbytes, share_kv
-from kvsharer.models import GroupedQOnlyProjection, InternLM2Adapter, UnsupportedArchitecture, find_parts
-from kvsharer.sharing import SharedLayer
+from kvsharer.models.loading import GroupedQOnlyProjection, InternLM2Adapter, UnsupportedArchitecture, find_parts
+from kvsharer.cache.sharing import SharedLayer
 
 VOCAB = 96
 POLICY = [0, 1, 2, 1, 4, 4, 2, 0]  # layers 3, 5, 6, 7 read layers 1, 4, 2, 0
@@ -307,7 +307,7 @@ def test_preflight_runs_token_methods_only_where_the_config_allows(tmp_path):
 def test_fast_search_replays_remote_code_layers(model):
     """The fast search replays unchanged layers with stand-ins that answer like InternLM2's layers
     (``past_key_value=``, tuple outputs): its similarity equals a full forward's under the candidate."""
-    from kvsharer.search import FastEvaluator, mean_similarity
+    from kvsharer.search.greedy import FastEvaluator, mean_similarity
 
     ids = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -325,7 +325,7 @@ def test_fast_search_replays_remote_code_layers(model):
 def test_calibration_passes_its_own_cache_to_remote_code(model):
     """InternLM2's remote code builds a missing cache with the legacy API transformers 5 removed;
     calibration hands it a DynamicCache, and reads the mean K/V of every layer from it."""
-    from kvsharer.calibrate import collect
+    from kvsharer.search.calibrate import collect
 
     ids = torch.randint(3, VOCAB, (3, 10), generator=torch.Generator().manual_seed(4))
     stats = collect(model, ids, batch_size=2)

@@ -15,14 +15,14 @@ from conftest import VOCAB, make_tiny
 from transformers import AttentionInterface, DynamicCache
 
 from kvsharer import SharingPolicy, cache_nbytes, share_kv
-from kvsharer.intra import (
+from kvsharer.methods.intra import (
     ATTENTION_NAME, H2O, METHODS, Budget, CompressedLayer, KVMerger, PyramidInfer, TokenMethod, compress_kv, make_method,
 )
-from kvsharer.intra import attention, blockwise
-from kvsharer.intra.attention import scoring_attention_forward
-from kvsharer.intra.blockwise import AttentionScores, blockwise_scoring_attention
-from kvsharer.models import kv_shape
-from kvsharer.sharing import SharedLayer
+from kvsharer.methods.intra import attention, blockwise
+from kvsharer.methods.intra.attention import scoring_attention_forward
+from kvsharer.methods.intra.blockwise import AttentionScores, blockwise_scoring_attention
+from kvsharer.models.loading import kv_shape
+from kvsharer.cache.sharing import SharedLayer
 from masked_reference import reference_new_logits
 from scoring_reference import reference_forward, reference_scores, reference_scoring_attention
 

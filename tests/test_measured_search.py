@@ -17,13 +17,15 @@ import torch
 import torch.nn.functional as F
 from conftest import make_tiny, save_tiny_model
 
-from kvsharer import calibrate, search
+from kvsharer.search import calibrate
+from kvsharer.stages import search
+from kvsharer.stages.search import run_journaled
 from kvsharer.cli import main as cli
-from kvsharer.distance import layer_distances
-from kvsharer.measured import OutputLoss, candidate_pairs, measured_search
-from kvsharer.policy import SharingPolicy, resolve_chains
-from kvsharer.search import FastEvaluator, Journal, SearchSettings, run_search
-from kvsharer.sharing import share_kv
+from kvsharer.search.distance import layer_distances
+from kvsharer.search.measured import OutputLoss, candidate_pairs, measured_search
+from kvsharer.cache.policy import SharingPolicy, resolve_chains
+from kvsharer.search.greedy import FastEvaluator, Journal, SearchSettings, run_search
+from kvsharer.cache.sharing import share_kv
 
 
 def _input_ids(n=8, t=16, seed=0, vocab=96):
@@ -128,14 +130,14 @@ def test_lazy_refresh_measures_fewer_and_a_journal_replays_it(tmp_path):
     stats = calibrate.collect(model, _input_ids())
     settings = SearchSettings(target=4, order="measured-kl", threshold=-0.99, sources=2, refresh=3)
     journal = tmp_path / "j.jsonl"
-    first = run_search(model, stats, settings, journal, calibration_hash="x", progress=False)
+    first = run_journaled(model, stats, settings, journal, calibration_hash="x", progress=False)
     full = run_search(model, stats, SearchSettings(target=4, order="measured-kl", threshold=-0.99, sources=2,
                                                    refresh=None), progress=False)
     assert first["candidates_evaluated"] < full["candidates_evaluated"]
     # a search killed after 5 measurements (its last line cut mid-write) resumes to the same policy
     lines = journal.read_text().splitlines()
     journal.write_text("\n".join(lines[:6]) + "\n" + lines[6][:20])
-    again = run_search(model, stats, settings, journal, calibration_hash="x", progress=False)
+    again = run_journaled(model, stats, settings, journal, calibration_hash="x", progress=False)
     assert again["map"] == first["map"]
     assert again["candidates_resumed"] == 5 and again["candidates_evaluated"] == first["candidates_evaluated"] - 5
 
@@ -160,7 +162,7 @@ def test_screening_scores_new_pairs_on_few_samples_and_decides_on_all(tmp_path):
     stats = calibrate.collect(model, _input_ids(n=10))
     settings = SearchSettings(target=2, order="measured-kl", threshold=0.5, sources=None, refresh=2, screen=3)
     journal = tmp_path / "j.jsonl"
-    found = run_search(model, stats, settings, journal, "x", progress=False)
+    found = run_journaled(model, stats, settings, journal, "x", progress=False)
     assert SharingPolicy(found["map"]).shared_layers == [3, 6]  # the planted lossless policy, as unscreened
     screened = [t for t in found["trace"] if t["samples"] == 3]
     full = [t for t in found["trace"] if t["samples"] is None]
@@ -171,10 +173,10 @@ def test_screening_scores_new_pairs_on_few_samples_and_decides_on_all(tmp_path):
     assert found["layers_computed"] < 0.6 * plain["layers_computed"]  # 3 of 10 samples for 28 of 32 candidates
     # a killed screened search resumes from its journal to the same policy
     journal.write_text("\n".join(journal.read_text().splitlines()[:11]) + "\n")
-    again = run_search(model, stats, settings, journal, "x", progress=False)
+    again = run_journaled(model, stats, settings, journal, "x", progress=False)
     assert again["map"] == found["map"] and again["candidates_resumed"] == 10
     # another screen size is another search: its journal is not replayed
-    other = run_search(model, stats, SearchSettings(**{**settings.__dict__, "screen": 4}), journal, "x", progress=False)
+    other = run_journaled(model, stats, SearchSettings(**{**settings.__dict__, "screen": 4}), journal, "x", progress=False)
     assert other["candidates_resumed"] == 0
 
 
@@ -278,10 +280,10 @@ def test_a_larger_target_starts_from_the_smaller_targets_journal(order, tmp_path
     model = make_tiny("llama", n_layers=8)
     stats = calibrate.collect(model, _input_ids())
     settings = dict(order=order, threshold=-0.99, sources=2, refresh=2)
-    small = run_search(model, stats, SearchSettings(target=2, **settings), tmp_path / "small.jsonl", "x", progress=False)
-    fresh = run_search(model, stats, SearchSettings(target=4, **settings), None, "x", progress=False)
-    chained = run_search(model, stats, SearchSettings(target=4, **settings), tmp_path / "big.jsonl", "x",
-                         progress=False, seed_journal=tmp_path / "small.jsonl")
+    small = run_journaled(model, stats, SearchSettings(target=2, **settings), tmp_path / "small.jsonl", "x", progress=False)
+    fresh = run_journaled(model, stats, SearchSettings(target=4, **settings), None, "x", progress=False)
+    chained = run_journaled(model, stats, SearchSettings(target=4, **settings), tmp_path / "big.jsonl", "x",
+                            progress=False, seed_journal=tmp_path / "small.jsonl")
     assert chained["map"] == fresh["map"] and [t["pair"] for t in chained["trace"]] == [t["pair"] for t in fresh["trace"]]
     assert chained["candidates_resumed"] == len(small["trace"]) > 0
     assert chained["candidates_evaluated"] == len(fresh["trace"]) - len(small["trace"])
@@ -291,12 +293,12 @@ def test_a_larger_target_starts_from_the_smaller_targets_journal(order, tmp_path
     assert chained["forwards"] < fresh["forwards"]
     # this target's own journal, cut short (a kill before its first candidate), does not hide the longer seed
     (tmp_path / "big2.jsonl").write_text((tmp_path / "big.jsonl").read_text().splitlines()[0] + "\n")
-    again = run_search(model, stats, SearchSettings(target=4, **settings), tmp_path / "big2.jsonl", "x",
-                       progress=False, seed_journal=tmp_path / "small.jsonl")
+    again = run_journaled(model, stats, SearchSettings(target=4, **settings), tmp_path / "big2.jsonl", "x",
+                          progress=False, seed_journal=tmp_path / "small.jsonl")
     assert again["candidates_resumed"] == len(small["trace"]) and again["map"] == fresh["map"]
     # a journal of other settings is not taken
-    other = run_search(model, stats, SearchSettings(target=4, **{**settings, "threshold": 0.9}), tmp_path / "o.jsonl",
-                       "x", progress=False, seed_journal=tmp_path / "small.jsonl")
+    other = run_journaled(model, stats, SearchSettings(target=4, **{**settings, "threshold": 0.9}), tmp_path / "o.jsonl",
+                          "x", progress=False, seed_journal=tmp_path / "small.jsonl")
     assert other["candidates_resumed"] == 0
 
 

@@ -14,14 +14,14 @@ from kvsharer import method_registry as registry
 
 
 def test_the_registry_and_the_report_import_no_torch():
-    code = ("import sys, kvsharer.method_registry, kvsharer.report.collect, kvsharer.compose, kvsharer.preflight; "
+    code = ("import sys, kvsharer.method_registry, kvsharer.report.collect, kvsharer.cache.compose, kvsharer.preflight; "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_every_reader_sees_the_same_names():
     from kvsharer import preflight
-    from kvsharer.intra import METHODS
+    from kvsharer.methods.intra import METHODS
 
     assert tuple(METHODS) == registry.names("intra") == preflight.TOKEN_METHOD_NAMES
     for name in registry.names("intra"):

@@ -11,11 +11,11 @@ from conftest import VOCAB, make_tiny
 from transformers import DynamicCache
 
 from kvsharer import SharingPolicy, cache_nbytes, share_kv
-from kvsharer.intra import compress_kv, make_method
-from kvsharer.minicache import (
+from kvsharer.methods.intra import compress_kv, make_method
+from kvsharer.methods.minicache import (
     MiniCache, minicache, MiniCachePair, MiniCachePartner, expected_minicache_nbytes, pairs_for_rate, retained_count, slerp,
 )
-from kvsharer.models import kv_shape
+from kvsharer.models.loading import kv_shape
 
 GEN = dict(do_sample=False, pad_token_id=0)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import make_tiny, save_tiny_model
 
-from kvsharer import models
-from kvsharer.models import ModelError, placement
+from kvsharer.models import loading as models
+from kvsharer.models.loading import ModelError, placement
 
 
 def model_bytes(model) -> int:
@@ -89,7 +89,7 @@ def test_a_shared_layer_reads_its_source_on_its_own_device():
     (here: source on CPU, the reading layer's states on the meta device)."""
     from transformers.cache_utils import DynamicLayer
 
-    from kvsharer.sharing import SharedLayer
+    from kvsharer.cache.sharing import SharedLayer
 
     source = DynamicLayer()
     k, v = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)

@@ -1,6 +1,6 @@
 """Preflight on the paper config, offline: every problem the cluster run would hit, found before any job.
 
-No hub here: the models' architectures come from kvsharer.shapes, the lm-eval tasks from lm-eval's own index,
+No hub here: the models' architectures come from kvsharer.models.shapes, the lm-eval tasks from lm-eval's own index,
 and the Hugging Face cache is an empty folder. ``paper_before_fixes`` is config/paper.yaml as it was when
 the main job had never run (its lengths, and the Slurm profile's old requests as overrides): preflight must
 name each of its failures; on the current config and profile it must find no config problem.
@@ -39,7 +39,7 @@ def offline_empty_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf" / "token"))
-    from kvsharer import hub_access
+    from kvsharer.models import hub_access
 
     monkeypatch.setattr(hub_access, "hub_reachable", lambda *a, **k: pytest.fail("preflight probed the hub offline"))
 
@@ -154,7 +154,7 @@ def test_a_group_without_an_aggregate_is_refused():
 def test_remote_code_and_task_packages_are_pinned():
     """Every package a paper model's remote code or a paper task needs is pinned in pyproject.toml and envs/."""
     from kvsharer.evaluate.lm_tasks import FOLDER_PACKAGES
-    from kvsharer.shapes import architecture_of
+    from kvsharer.models.shapes import architecture_of
 
     needed = {p for m in PAPER["models"].values() for p in architecture_of(m["source"]).packages}
     needed |= {p for ps in FOLDER_PACKAGES.values() for p in ps}
@@ -212,7 +212,7 @@ def test_the_snakefile_checks_the_slurm_profiles_requests(tmp_path):
 
 
 def test_the_token_methods_preflight_knows_are_kvsharer_intras():
-    from kvsharer.intra import METHODS
+    from kvsharer.methods.intra import METHODS
 
     assert set(pf.TOKEN_METHOD_NAMES) == set(METHODS)
 
@@ -222,7 +222,7 @@ def test_a_cached_hub_model_outside_the_table_is_checked_from_its_config(tmp_pat
     meta device like a folder, its window and size checked."""
     from transformers import LlamaConfig
 
-    from kvsharer import hub_access
+    from kvsharer.models import hub_access
 
     repo = hub_access.hub_cache() / "models--someorg--tiny-llama"
     snapshot = repo / "snapshots" / ("0" * 40)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from kvsharer.cli import main as cli
-from kvsharer.models import load_model
-from kvsharer.policy import SharingPolicy
-from kvsharer.profile import COLUMNS, parse_methods, run_once
+from kvsharer.models.loading import load_model
+from kvsharer.cache.policy import SharingPolicy
+from kvsharer.measure.profile import COLUMNS, parse_methods, run_once
 
 
 def test_profile_rows_match_the_model_shape(tiny_model_dir, tmp_path):
@@ -77,8 +77,8 @@ def test_a_model_spread_over_gpus_is_profiled_on_all_of_them(monkeypatch):
     import torch
 
     from conftest import make_tiny
-    from kvsharer.peakmem import PeakMemory
-    from kvsharer.profile import gpus_of
+    from kvsharer.measure.peakmem import PeakMemory
+    from kvsharer.measure.profile import gpus_of
 
     model = make_tiny("llama", n_layers=4)
     assert gpus_of(model) == []  # on CPU: no GPU to read

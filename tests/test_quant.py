@@ -1,4 +1,4 @@
-"""KV-cache quantization (kvsharer.quant) alone and composed with KV sharing, on tiny models."""
+"""KV-cache quantization (kvsharer.methods.quant) alone and composed with KV sharing, on tiny models."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from conftest import VOCAB, make_tiny
 from transformers import DynamicCache
 
 from kvsharer import SharingPolicy, cache_nbytes, expected_kv_nbytes, quantize_kv, share_kv
-from kvsharer.intra import compress_kv, make_method
-from kvsharer.quant import (
+from kvsharer.methods.intra import compress_kv, make_method
+from kvsharer.methods.quant import (
     KVQuantization, QuantizedKVLayer, dequantize, expected_quant_nbytes, pack, quantize, unpack,
 )
-from kvsharer.sharing import SharedLayer
+from kvsharer.cache.sharing import SharedLayer
 
 POLICY = [0, 1, 2, 1, 4, 5, 6, 5]  # layers 3 and 7 read layers 1 and 5
 GEN = dict(do_sample=False, pad_token_id=0)

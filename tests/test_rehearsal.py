@@ -1,5 +1,5 @@
 """The rehearsal of the paper run (kvsharer.rehearsal, `make rehearsal`): config/paper.yaml with stand-in
-models (kvsharer.standins) and stand-in tasks (kvsharer.evaluate.standin_tasks), through the local Slurm.
+models (kvsharer.models.standins) and stand-in tasks (kvsharer.evaluate.standin_tasks), through the local Slurm.
 
 The unit tests check the substitutions against the real architectures and lm-eval's registry; the
 slurm-marked test runs the `ci` cut of the rehearsal (two paper models, see kvsharer.rehearsal.CUTS)
@@ -24,8 +24,8 @@ from kvsharer.evaluate.lm_tasks import task_needs
 from kvsharer.evaluate.standin_tasks import kind_of, write_standins
 from kvsharer.names import FIGURES, TABLES  # the DAG's tables and figures
 from kvsharer.preflight import check_config
-from kvsharer.shapes import ARCHITECTURES
-from kvsharer.standins import HEAD_DIM, standin_model, standin_shape, standin_tokenizer, transformers_config
+from kvsharer.models.shapes import ARCHITECTURES
+from kvsharer.models.standins import HEAD_DIM, standin_model, standin_shape, standin_tokenizer, transformers_config
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
@@ -42,7 +42,7 @@ def test_standin_has_the_models_architecture_at_cpu_width(hub_id):
     heads, window, vocabulary, RoPE base and scaling, QKV biases; only the head width is HEAD_DIM."""
     from transformers import AutoModelForCausalLM
 
-    from kvsharer.models import find_parts
+    from kvsharer.models.loading import find_parts
 
     real, config = ARCHITECTURES[hub_id], transformers_config(standin_shape("standin:" + hub_id))
     assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads, config.vocab_size,
@@ -180,7 +180,7 @@ def snakemake_report_cmd(workdir: Path) -> list[str]:
 
 
 def test_bad_standin_sources_and_models_are_refused_before_anything_loads():
-    from kvsharer.sources import ModelError, check_source
+    from kvsharer.models.sources import ModelError, check_source
 
     with pytest.raises(ModelError, match="no stand-in for 'org/unknown'"):
         check_source("standin:org/unknown")

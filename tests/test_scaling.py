@@ -7,7 +7,7 @@ import json
 import pytest
 
 from kvsharer.cli import main as cli
-from kvsharer.scaling import PROJECTED, candidate_factors, fit, layer_params, project
+from kvsharer.measure.scaling import PROJECTED, candidate_factors, fit, layer_params, project
 
 
 def test_fit_recovers_a_known_cost_model():
@@ -66,7 +66,7 @@ def test_the_measurements_memory_and_time_follow_the_grid():
     import yaml
 
     from kvsharer.jobs import rule_resources
-    from kvsharer.scaling import measure_memory_bytes, measure_minutes, measured_shape
+    from kvsharer.measure.scaling import measure_memory_bytes, measure_minutes, measured_shape
 
     heads, inter = measured_shape(4096)
     model_bytes = 4 * (48 * layer_params(4096, inter, heads, heads) + 2 * 1024 * 4096)

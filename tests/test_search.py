@@ -14,10 +14,11 @@ import pytest
 import torch
 from conftest import make_tiny, save_tiny_model
 
-from kvsharer import calibrate, search
+from kvsharer.search import calibrate
+from kvsharer.stages import search
 from kvsharer.cli import main as cli
-from kvsharer.distance import layer_distances, rank_pairs
-from kvsharer.search import FastEvaluator, Journal, OfficialEvaluator, SearchSettings, greedy_search, run_search
+from kvsharer.search.distance import layer_distances, rank_pairs
+from kvsharer.search.greedy import FastEvaluator, Journal, OfficialEvaluator, SearchSettings, greedy_search, run_search
 
 
 def _input_ids(n=12, t=16, seed=0, vocab=96):

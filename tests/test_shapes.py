@@ -1,4 +1,4 @@
-"""The architecture table (kvsharer.shapes): every model of the paper config is in it, and its numbers agree."""
+"""The architecture table (kvsharer.models.shapes): every model of the paper config is in it, and its numbers agree."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvsharer.shapes import ARCHITECTURES, SHAPES, architecture_of
+from kvsharer.models.shapes import ARCHITECTURES, SHAPES, architecture_of
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
@@ -27,7 +27,7 @@ def test_parameter_counts_follow_from_the_shape(hub_id):
 def test_every_paper_model_is_in_the_table():
     sources = {m["source"] for m in PAPER["models"].values()}
     missing = [s for s in sources if architecture_of(s) is None]
-    assert not missing, f"add these to kvsharer.shapes.ARCHITECTURES: {missing}"
+    assert not missing, f"add these to kvsharer.models.shapes.ARCHITECTURES: {missing}"
 
 
 def test_llama2_70b_is_the_published_shape():
@@ -40,7 +40,7 @@ def test_llama2_70b_is_the_published_shape():
 
 
 def test_fused_qkv_models_have_an_adapter_and_name_their_packages():
-    from kvsharer.models import FUSED_QKV_ADAPTERS
+    from kvsharer.models.loading import FUSED_QKV_ADAPTERS
 
     fused = {k: s for k, s in ARCHITECTURES.items() if s.fused_qkv}
     assert fused  # InternLM2
@@ -56,14 +56,14 @@ def test_random_shapes_are_table_entries():
 
 
 def test_the_table_imports_no_torch():
-    code = "import sys, kvsharer.shapes; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, kvsharer.models.shapes; assert 'torch' not in sys.modules, 'torch imported'"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={"PYTHONPATH": str(REPO / "src")})
     assert proc.returncode == 0, proc.stderr
 
 
 def test_embedded_models_are_in_the_table():
-    from kvsharer.models import EMBEDDED_MODELS
+    from kvsharer.models.loading import EMBEDDED_MODELS
 
     for name in EMBEDDED_MODELS:
         shape = architecture_of(f"embedded:{name}")
@@ -72,7 +72,7 @@ def test_embedded_models_are_in_the_table():
 
 def test_embedded_entry_matches_the_shipped_checkpoint():
     """The one checkpoint on disk here: the table must say what its config says."""
-    from kvsharer.models import ModelError, embedded_gguf
+    from kvsharer.models.loading import ModelError, embedded_gguf
 
     try:
         gguf = embedded_gguf("smollm2-135m-instruct")

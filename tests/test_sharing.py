@@ -10,8 +10,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from kvsharer import PolicyError, SharingPolicy, attach, cache_nbytes, detach, expected_kv_nbytes, share_kv
-from kvsharer.models import UnsupportedArchitecture
-from kvsharer.sharing import SharedLayer, SkippedProjection
+from kvsharer.models.loading import UnsupportedArchitecture
+from kvsharer.cache.sharing import SharedLayer, SkippedProjection
 
 TWO_OF_EIGHT = {3: 1, 6: 2}  # layers 3 and 6 read layers 1 and 2
 

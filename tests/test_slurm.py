@@ -84,7 +84,7 @@ def test_profile_requests_the_models_gpus_for_the_model_rules_only(tmp_path):
         res, rule = job["resources"], job["rule"]
         assert res.get("gpu", "0") == ("2" if rule in GPU_RULES else "0"), job
         runtime = PROFILE["set-resources"].get(rule, PROFILE["default-resources"])["runtime"]
-        if rule == "search_scaling":  # memory and wall time from its grid (kvsharer.scaling), not the profile
+        if rule == "search_scaling":  # memory and wall time from its grid (kvsharer.measure.scaling), not the profile
             from kvsharer.jobs import rule_resources
 
             runtime = rule_resources(config, rule)["runtime"]

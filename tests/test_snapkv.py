@@ -11,9 +11,9 @@ from conftest import VOCAB, make_tiny
 from masked_reference import reference_new_logits
 
 from kvsharer import SharingPolicy, cache_nbytes, share_kv
-from kvsharer.intra import CompressedLayer, SnapKV, compress_kv
-from kvsharer.models import kv_shape
-from kvsharer.sharing import SharedLayer
+from kvsharer.methods.intra import CompressedLayer, SnapKV, compress_kv
+from kvsharer.models.loading import kv_shape
+from kvsharer.cache.sharing import SharedLayer
 
 SHARING_MAP = [0, 1, 2, 1, 4, 4, 2, 0]  # groups {0, 7}, {1, 3}, {2, 6}, {4, 5}
 N, WINDOW, KEEP = 24, 5, 11  # a 24-token prefill, 5 observing queries, 11 tokens kept (6 chosen + the window)

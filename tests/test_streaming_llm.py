@@ -13,9 +13,9 @@ from masked_reference import reference_new_logits
 
 from kvsharer import SharingPolicy, cache_nbytes, share_kv
 from kvsharer.cli import main as cli
-from kvsharer.intra import Budget, CompressedLayer, StreamingLLM, compress_kv
-from kvsharer.models import kv_shape
-from kvsharer.sharing import SharedLayer
+from kvsharer.methods.intra import Budget, CompressedLayer, StreamingLLM, compress_kv
+from kvsharer.models.loading import kv_shape
+from kvsharer.cache.sharing import SharedLayer
 
 SHARING_MAP = [0, 1, 2, 1, 4, 4, 2, 0]  # groups {0, 7}, {1, 3}, {2, 6}, {4, 5}
 CHUNKS = [7, 5, 1, 9, 1, 1, 6]  # a prefill, chunks and single decoding steps through one cache

@@ -15,16 +15,16 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "SharingPolicy": "policy",
-    "PolicyError": "policy",
-    "resolve_chains": "policy",
-    "share_kv": "sharing",
-    "attach": "sharing",
-    "detach": "sharing",
-    "KVSharing": "sharing",
-    "cache_nbytes": "sharing",
-    "expected_kv_nbytes": "sharing",
-    "quantize_kv": "quant",
+    "SharingPolicy": "cache.policy",
+    "PolicyError": "cache.policy",
+    "resolve_chains": "cache.policy",
+    "share_kv": "cache.sharing",
+    "attach": "cache.sharing",
+    "detach": "cache.sharing",
+    "KVSharing": "cache.sharing",
+    "cache_nbytes": "cache.sharing",
+    "expected_kv_nbytes": "cache.sharing",
+    "quantize_kv": "methods.quant",
 }
 __all__ = list(_EXPORTS)
 

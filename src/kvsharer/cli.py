@@ -1,7 +1,9 @@
 """``python -m kvsharer <stage>``: one subcommand per pipeline stage.
 
-Each stage module owns its subcommand through two functions, ``add_arguments(parser)`` and
-``main(args) -> int``; this file only lists them. Snakemake rules call these subcommands, so every stage
+Each stage module (:mod:`kvsharer.stages`) owns its subcommand through two functions,
+``add_arguments(parser)`` and ``main(args) -> int``: it parses, reads its inputs, calls the core's pure functions
+and writes its outputs; this file only lists them. ``warm-worker`` is the one subcommand that is no pipeline
+stage: it hosts the CLI itself (:mod:`kvsharer.warm_worker`). Snakemake rules call these subcommands, so every stage
 runs and is tested without Snakemake.
 """
 
@@ -18,22 +20,22 @@ from .warm_worker import IN_WORKER
 
 # subcommand -> (module, one-line help)
 STAGES = {
-    "prepare-model": ("kvsharer.prepare", "materialize a model (hub id, folder or embedded) as a safetensors folder"),
-    "prepare-text": ("kvsharer.data", "split a corpus into non-overlapping calibration and evaluation text"),
-    "calibrate": ("kvsharer.calibrate", "per-layer K/V statistics and reference outputs on N x T calibration tokens"),
-    "distances": ("kvsharer.distance", "pairwise layer distance matrix of the calibration KV caches"),
-    "search": ("kvsharer.search", "greedy KVSharer policy search (fast or the authors' official procedure)"),
-    "profile": ("kvsharer.profile", "KV bytes, peak memory, prefill and decode speed vs sharing rate and token methods"),
-    "search-scaling": ("kvsharer.scaling", "search cost vs depth and width, fitted and projected to 7B-400B"),
-    "run-meta": ("kvsharer.provenance", "record commit, config hash, versions, host and GPU of a run"),
-    "generate": ("kvsharer.generate", "generate text with a sharing policy and report the KV-cache bytes"),
-    "make-tasks": ("kvsharer.evaluate.tasks", "build local multiple-choice lm-eval tasks from held-out text"),
-    "evaluate-ppl": ("kvsharer.evaluate.ppl", "perplexity on held-out text under a sharing policy"),
-    "evaluate-harness": ("kvsharer.evaluate.harness", "lm-eval harness accuracy under a sharing policy"),
-    "evaluate-longctx": ("kvsharer.evaluate.longctx", "passkey retrieval over lengths x depths under a sharing policy"),
-    "rehearsal-config": ("kvsharer.rehearsal", "a rehearsal of a paper config: CPU stand-ins of its models and tasks, a stated cut"),
-    "tables": ("kvsharer.report.tables", "paper-style tables (CSV + Markdown) from policy and evaluation files"),
-    "figures": ("kvsharer.report.figures", "report figures (PNG + PDF) from policy, evaluation and distance files"),
+    "prepare-model": ("kvsharer.stages.prepare_model", "materialize a model (hub id, folder or embedded) as a safetensors folder"),
+    "prepare-text": ("kvsharer.stages.prepare_text", "split a corpus into non-overlapping calibration and evaluation text"),
+    "calibrate": ("kvsharer.stages.calibrate", "per-layer K/V statistics and reference outputs on N x T calibration tokens"),
+    "distances": ("kvsharer.stages.distances", "pairwise layer distance matrix of the calibration KV caches"),
+    "search": ("kvsharer.stages.search", "greedy KVSharer policy search (fast or the authors' official procedure)"),
+    "profile": ("kvsharer.stages.profile", "KV bytes, peak memory, prefill and decode speed vs sharing rate and token methods"),
+    "search-scaling": ("kvsharer.stages.search_scaling", "search cost vs depth and width, fitted and projected to 7B-400B"),
+    "run-meta": ("kvsharer.stages.run_meta", "record commit, config hash, versions, host and GPU of a run"),
+    "generate": ("kvsharer.stages.generate", "generate text with a sharing policy and report the KV-cache bytes"),
+    "make-tasks": ("kvsharer.stages.make_tasks", "build local multiple-choice lm-eval tasks from held-out text"),
+    "evaluate-ppl": ("kvsharer.stages.evaluate_ppl", "perplexity on held-out text under a sharing policy"),
+    "evaluate-harness": ("kvsharer.stages.evaluate_harness", "lm-eval harness accuracy under a sharing policy"),
+    "evaluate-longctx": ("kvsharer.stages.evaluate_longctx", "passkey retrieval over lengths x depths under a sharing policy"),
+    "rehearsal-config": ("kvsharer.stages.rehearsal_config", "a rehearsal of a paper config: CPU stand-ins of its models and tasks, a stated cut"),
+    "tables": ("kvsharer.stages.tables", "paper-style tables (CSV + Markdown) from policy and evaluation files"),
+    "figures": ("kvsharer.stages.figures", "report figures (PNG + PDF) from policy, evaluation and distance files"),
     "warm-worker": ("kvsharer.warm_worker", "run a command (e.g. snakemake) whose kvsharer jobs fork from one warm "
                                             "process instead of each importing torch anew"),
 }
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.gpus < 0:
             log.error("--gpus must be 0 or more, got %d", args.gpus)
             return 2
-        os.environ["KVSHARER_GPUS"] = str(args.gpus)  # read by kvsharer.models.load_model
+        os.environ["KVSHARER_GPUS"] = str(args.gpus)  # read by kvsharer.models.loading.load_model
     start = time.perf_counter()
     warm = os.environ.get(IN_WORKER)
     log.info("stage %s started%s", args.stage, f" (forked from the warm worker, pid {warm})" if warm else "")

@@ -6,14 +6,8 @@ into a calibration part (the head) and a held-out evaluation part (the tail).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import logging
 from pathlib import Path
-
-from .atomic import atomic_write_text
-
-log = logging.getLogger("kvsharer")
 
 EMBEDDED_CORPORA = ("embedded:pydoc", "embedded:docstrings")
 
@@ -110,27 +104,3 @@ def token_chunks(tokenizer, text: str, n: int, t: int):
     if len(ids) < n * t:
         raise ValueError(f"the text has {len(ids)} tokens; {n} samples x {t} tokens need {n * t}")
     return torch.tensor(ids[: n * t], dtype=torch.long).view(n, t)
-
-
-# ------------------------------------------------------------------------------------------------
-# stage prepare-text
-# ------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--source", default="embedded:pydoc", help="embedded:pydoc, a text file, or hf:<dataset>[:<config>][:<split>]")
-    parser.add_argument("--eval-fraction", type=float, default=0.5, help="share of the corpus held out for evaluation")
-    parser.add_argument("--calibration-out", required=True, type=Path)
-    parser.add_argument("--evaluation-out", required=True, type=Path)
-
-
-def main(args: argparse.Namespace) -> int:
-    check_text_source(args.source)
-    calibration, evaluation = split_corpus(load_corpus(args.source), args.eval_fraction)
-    atomic_write_text(args.calibration_out, calibration)
-    atomic_write_text(args.evaluation_out, evaluation)
-    log.info(
-        "text %s: %d chars calibration -> %s, %d chars evaluation -> %s",
-        args.source, len(calibration), args.calibration_out, len(evaluation), args.evaluation_out,
-    )
-    return 0

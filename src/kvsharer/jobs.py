@@ -5,9 +5,9 @@ numbers (after the Slurm profile's per-rule overrides) against what the models n
 disagree.
 
 * model rules (``MODEL_RULES``): ``mem_mb`` and ``gpu`` from ``models.<m>.mem_mb`` / ``models.<m>.gpus``:
-  ``gpus > 1`` loads the model across that many GPUs (``device_map="auto"``, kvsharer.models.load_model);
+  ``gpus > 1`` loads the model across that many GPUs (``device_map="auto"``, kvsharer.models.loading.load_model);
 * ``prepare_model`` converts the weights on CPU: the model's ``mem_mb``, no GPU;
-* ``search_scaling``: memory and wall time from its grid (kvsharer.scaling), ``scaling.threads`` CPUs.
+* ``search_scaling``: memory and wall time from its grid (kvsharer.measure.scaling), ``scaling.threads`` CPUs.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def rule_resources(config: dict, rule: str, model: str | None = None) -> dict:
         return {"mem_mb": model_mem_mb(config, model), "gpu": model_gpus(config, model)}
     if rule == "search_scaling":
         s = scaling_settings(config)
-        from .scaling import measure_memory_bytes, measure_minutes
+        from .measure.scaling import measure_memory_bytes, measure_minutes
 
         return {"mem_mb": int(measure_memory_bytes(s["layers"], s["hidden"], s["samples"], s["tokens"]) // 1e6) + 1,
                 "runtime": measure_minutes(s["layers"], s["hidden"], s["samples"], s["tokens"], s["rate"],

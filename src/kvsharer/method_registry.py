@@ -25,9 +25,9 @@ from importlib import import_module
 
 QUANT_BITS = (2, 4, 8)
 FAMILY_ATTACH = {  # family -> "module:function" returning a context manager (model, spec) (imported on use)
-    "intra": "kvsharer.intra.attach:attach_spec",
-    "quant": "kvsharer.quant:attach_spec",
-    "minicache": "kvsharer.minicache:attach_spec",
+    "intra": "kvsharer.methods.intra.attach:attach_spec",
+    "quant": "kvsharer.methods.quant:attach_spec",
+    "minicache": "kvsharer.methods.minicache:attach_spec",
 }
 
 
@@ -49,17 +49,17 @@ class Entry:
 
 
 ENTRIES: dict[str, Entry] = {entry.name: entry for entry in (
-    Entry("h2o", "intra", "budget", True, "kvsharer.intra.h2o:H2O", "heavy hitters + recent window"),
-    Entry("pyramidinfer", "intra", "budget", True, "kvsharer.intra.pyramidinfer:PyramidInfer",
+    Entry("h2o", "intra", "budget", True, "kvsharer.methods.intra.h2o:H2O", "heavy hitters + recent window"),
+    Entry("pyramidinfer", "intra", "budget", True, "kvsharer.methods.intra.pyramidinfer:PyramidInfer",
           "budgets shrinking with depth, tokens chosen by the recent queries"),
-    Entry("kvmerger", "intra", "budget", True, "kvsharer.intra.kvmerger:KVMerger",
+    Entry("kvmerger", "intra", "budget", True, "kvsharer.methods.intra.kvmerger:KVMerger",
           "Gaussian-kernel merging of similar adjacent keys"),
-    Entry("streamingllm", "intra", "budget", True, "kvsharer.intra.streaming_llm:StreamingLLM",
+    Entry("streamingllm", "intra", "budget", True, "kvsharer.methods.intra.streaming_llm:StreamingLLM",
           "attention sinks (first 4 tokens) + recent window"),
-    Entry("snapkv", "intra", "budget", True, "kvsharer.intra.snapkv:SnapKV",
+    Entry("snapkv", "intra", "budget", True, "kvsharer.methods.intra.snapkv:SnapKV",
           "per-head votes of the last 32 queries, max-pooled over 7 tokens"),
-    Entry("int", "quant", "bits", True, "kvsharer.quant:QuantizedKVLayer", "KV quantization (int2, int4, int8)"),
-    Entry("minicache", "minicache", "rate", False, "kvsharer.minicache:MiniCache",
+    Entry("int", "quant", "bits", True, "kvsharer.methods.quant:QuantizedKVLayer", "KV quantization (int2, int4, int8)"),
+    Entry("minicache", "minicache", "rate", False, "kvsharer.methods.minicache:MiniCache",
           "baseline: adjacent deep layers merged (a rival of sharing)"),
 )}
 

@@ -4,14 +4,14 @@
 * ranked orders: the paper's loop walks the layer pairs ranked by K/V distance — ``dissimilar`` (the
   paper), ``similar``, or ``random`` (seeded);
 * measured orders: ``measured-<objective>`` — every step measures candidate pairs on the model's output
-  and takes the best (:mod:`kvsharer.measured`); ``kl`` scores the next-token distributions, ``cosine`` the
+  and takes the best (:mod:`kvsharer.search.measured`); ``kl`` scores the next-token distributions, ``cosine`` the
   paper's last-hidden cosine.
 """
 
 RANKED_ORDERS = ("dissimilar", "similar", "random")
 MEASURED_ORDERS = {"measured-kl": "kl", "measured-cosine": "cosine"}  # order -> objective
 ORDERS = RANKED_ORDERS + tuple(MEASURED_ORDERS)  # display order of the report
-METRICS = ("euclidean", "cosine", "cka")  # layer distance metrics (kvsharer.distance), in display order
+METRICS = ("euclidean", "cosine", "cka")  # layer distance metrics (kvsharer.search.distance), in display order
 
 # the report: results/tables/<name>.{csv,md} and results/figures/<name>.{png,pdf}
 TABLES = ("table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank", "search_cost",

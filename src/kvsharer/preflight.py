@@ -8,7 +8,7 @@ raises one ``PreflightError`` listing them all, in two groups:
 
 * a model source that is neither a folder, a hub id nor an embedded model; an architecture the sharing
   mechanism cannot handle; a sharing rate no policy can reach for the model's depth; a MiniCache rate that
-  needs more adjacent layer pairs than the model has; a token-level method (kvsharer.intra) for a model
+  needs more adjacent layer pairs than the model has; a token-level method (kvsharer.methods.intra) for a model
   whose attention is remote code (it would compress nothing);
 * every length a stage runs against the model's window: passkey lengths (up to ``models.<m>.max_length``)
   plus the answer tokens, profile contexts plus the new tokens, the perplexity window, the calibration
@@ -20,7 +20,7 @@ raises one ``PreflightError`` listing them all, in two groups:
 * lm-eval task names unknown to lm-eval, and groups/tags without an aggregate metric (the paper reports
   one number per benchmark).
 
-Architectures come from ``kvsharer.shapes.ARCHITECTURES`` (every paper model, offline, without torch),
+Architectures come from ``kvsharer.models.shapes.ARCHITECTURES`` (every paper model, offline, without torch),
 from a folder's config.json, or from a cached hub config (built on the ``meta`` device: no weights).
 
 **Environment problems** (this host): Python packages a model's remote code or a task needs; models and
@@ -39,13 +39,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import footprint, jobs, method_registry
-from .shapes import Shape, architecture_of, shape_from_config
-from .sources import EMBEDDED_PREFIX, ModelError, check_source
+from . import jobs, method_registry
+from .cache import footprint
+from .models.shapes import Shape, architecture_of, shape_from_config
+from .models.sources import EMBEDDED_PREFIX, ModelError, check_source
 
 log = logging.getLogger("kvsharer")
 
-TOKEN_METHOD_NAMES = method_registry.names("intra")  # kvsharer.intra.METHODS, without importing torch
+TOKEN_METHOD_NAMES = method_registry.names("intra")  # kvsharer.methods.intra.METHODS, without importing torch
 
 
 class PreflightError(ValueError):
@@ -98,13 +99,13 @@ def _build(name: str, source: str, info: ModelInfo) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .models import UnsupportedArchitecture, find_parts, text_config, trusts_remote_code
+    from .models.loading import UnsupportedArchitecture, find_parts, text_config, trusts_remote_code
 
     remote = trusts_remote_code(source, local_files_only=True)
     config = _model_config(source, remote)
     if config is None:
         info.environment.append(f"model {name!r}: {source} is not in the table of known architectures "
-                                "(kvsharer.shapes) and its config is not available here: not checked")
+                                "(kvsharer.models.shapes) and its config is not available here: not checked")
         return
     try:
         with torch.device("meta"):
@@ -192,7 +193,7 @@ def check_depth(name: str, n_layers: int, rates, minicache_rates=()) -> list[str
         if rate > (n_layers - 1) / n_layers or math.floor(rate * n_layers + 0.5) > n_layers - 1:
             problems.append(f"model {name!r}: sharing rate {rate} is impossible for its {n_layers} layers")
     if minicache_rates:
-        from .minicache import pairs_for_rate
+        from .methods.minicache import pairs_for_rate
 
         for rate in minicache_rates:
             try:
@@ -401,7 +402,7 @@ def _nltk_has(resource: str) -> bool:
 def check_scaling(config: dict, overrides: dict) -> list[str]:
     if "scaling" not in config:
         return []
-    from .scaling import measure_memory_bytes
+    from .measure.scaling import measure_memory_bytes
 
     s = jobs.scaling_settings(config)
     need = math.ceil(measure_memory_bytes(s["layers"], s["hidden"], s["samples"], s["tokens"]) / 1e6)
@@ -409,12 +410,12 @@ def check_scaling(config: dict, overrides: dict) -> list[str]:
     if asked < need:
         return [f"rule search_scaling asks for {asked} MB but its grid (layers {max(s['layers'])} x hidden "
                 f"{max(s['hidden'])}, random fp32 models, {s['samples']} x {s['tokens']} tokens) needs {need} MB "
-                "(kvsharer.scaling.measure_memory_bytes): drop its mem_mb override or shrink scaling.layers/hidden"]
+                "(kvsharer.measure.scaling.measure_memory_bytes): drop its mem_mb override or shrink scaling.layers/hidden"]
     return []
 
 
 def hub_problems(config: dict, infos: dict[str, ModelInfo], datasets: dict[str, set[str]]) -> list[str]:
-    from .hub_access import access_problems
+    from .models.hub_access import access_problems
 
     repos = {}
     for name, info in infos.items():

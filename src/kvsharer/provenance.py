@@ -1,17 +1,14 @@
-"""Stage ``run-meta``: what produced a result directory (commit, config hash, versions, host, GPU)."""
+"""Provenance: the code commit, package versions, GPU and config hash a result was made with (the stage
+``run-meta``, :mod:`kvsharer.stages.run_meta`, writes them next to a result directory)."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import platform
-import socket
 import subprocess
 from importlib import metadata
 from pathlib import Path
-
-from .atomic import atomic_write_text
 
 PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "lm_eval", "datasets", "snakemake",
             "pandas", "seaborn", "kvsharer-pipeline")
@@ -51,20 +48,3 @@ def gpu_name() -> str | None:
 
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config-json", required=True, help="the pipeline config as JSON (Snakemake passes it)")
-    parser.add_argument("--model", help="model name this directory belongs to")
-    parser.add_argument("--out", required=True, type=Path)
-
-
-def main(args: argparse.Namespace) -> int:
-    config = json.loads(args.config_json)
-    meta = {
-        "model": args.model, "commit": code_commit(), "config_sha256": config_hash(config),
-        "host": socket.gethostname(), "platform": platform.platform(), "gpu": gpu_name(),
-        "versions": versions(), "config": config,
-    }
-    atomic_write_text(args.out, json.dumps(meta, indent=2) + "\n")
-    return 0

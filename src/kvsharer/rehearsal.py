@@ -1,12 +1,13 @@
-"""Stage ``rehearsal-config``: the paper config as a rehearsal that runs on CPUs through a small Slurm.
+"""The paper config as a rehearsal that runs on CPUs through a small Slurm (stage ``rehearsal-config``,
+:mod:`kvsharer.stages.rehearsal_config`).
 
 ``python -m kvsharer rehearsal-config --paper config/paper.yaml --cut local --out <dir>/config.yaml``
 reads the paper config and writes one in which only these things differ:
 
 **Substitutions** (always):
 
-* every model's ``source`` becomes ``standin:<hub id>`` (:mod:`kvsharer.standins`): the model's own
-  architecture from ``kvsharer.shapes`` (layers, heads, KV heads, window, RoPE, vocabulary, biases) with
+* every model's ``source`` becomes ``standin:<hub id>`` (:mod:`kvsharer.models.standins`): the model's own
+  architecture from ``kvsharer.models.shapes`` (layers, heads, KV heads, window, RoPE, vocabulary, biases) with
   heads ``HEAD_DIM`` wide, random weights, a BPE tokenizer trained on the embedded corpus;
 * every lm-eval name of ``evaluation.harness.tasks`` becomes ``standin_<name>``, a local task of the same
   structure as the real one in lm-eval's registry (:mod:`kvsharer.evaluate.standin_tasks`: a group with an
@@ -29,15 +30,11 @@ settings, calibration sizes, retries and wall times of the Slurm profile — is 
 
 from __future__ import annotations
 
-import argparse
 import copy
-import logging
 import math
-from pathlib import Path
 
-from .standins import HEAD_DIM, STANDIN_PREFIX, hub_id_of, standin_shape
+from .models.standins import HEAD_DIM, STANDIN_PREFIX, hub_id_of, standin_shape
 
-log = logging.getLogger("kvsharer")
 
 REHEARSAL_TEXT = "embedded:pydoc"
 REHEARSAL_DTYPE = "float32"
@@ -121,7 +118,7 @@ def apply_cut(config: dict, cut: str) -> dict:
 def job_mem_mb(config: dict, name: str) -> int:
     """What preflight computes a CPU job of ``name`` needs (weights + K/V + activations of its largest
     forward + host overhead), with ``MEMORY_MARGIN``, in MB."""
-    from . import footprint
+    from .cache import footprint
     from .preflight import forwards
 
     shape = standin_shape(config["models"][name]["source"])
@@ -161,37 +158,3 @@ def rehearsal_config(paper: dict, cut: str = "local", gpus: int = 0, kinds: dict
     for name, model in config["models"].items():
         model["mem_mb"] = job_mem_mb(config, name)
     return config
-
-
-# ------------------------------------------------------------------------------------------------
-# stage rehearsal-config
-# ------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--paper", type=Path, default=Path("config/paper.yaml"), help="the config to rehearse")
-    parser.add_argument("--cut", default="local", choices=sorted(CUTS), help="grid cut for CPU time (default local)")
-    parser.add_argument("--gpus", type=int, default=0,
-                        help="GPUs per model job (default 0: CPU jobs, two at a time on the 2-CPU test node)")
-    parser.add_argument("--head-dim", type=int, default=HEAD_DIM,
-                        help=f"width of each stand-in head (default {HEAD_DIM}; 128: the real models' width, for a GPU)")
-    parser.add_argument("--dtype", default=REHEARSAL_DTYPE, choices=["float32", "float16", "bfloat16"],
-                        help=f"dtype of every model (default {REHEARSAL_DTYPE}: CPU)")
-    parser.add_argument("--models", default="", help="comma-separated model names to keep (default: the cut's)")
-    parser.add_argument("--out", type=Path, required=True, help="rehearsal config (YAML)")
-
-
-def main(args: argparse.Namespace) -> int:
-    import yaml
-
-    from .atomic import atomic_write_text
-
-    paper = yaml.safe_load(args.paper.read_text())
-    models = [m for m in args.models.split(",") if m]
-    config = rehearsal_config(paper, args.cut, args.gpus, head_dim=args.head_dim, dtype=args.dtype, models=models)
-    header = (f"# rehearsal of {args.paper} (python -m kvsharer rehearsal-config --cut {args.cut}): stand-in models "
-              "and tasks, CPU overrides and the cut of kvsharer.rehearsal.CUTS; everything else is the paper's\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, header + yaml.safe_dump(config, sort_keys=False))
-    log.info("rehearsal config (%s cut, %d models) -> %s", args.cut, len(config["models"]), args.out)
-    return 0

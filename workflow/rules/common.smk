@@ -89,7 +89,7 @@ def longctx_lengths(wildcards):
     return ",".join(str(x) for x in jobs.longctx_lengths(config, wildcards.model))
 
 
-# Compositions: "<policy>+<label>" settings (kvsharer.compose), evaluated by the same stages.
+# Compositions: "<policy>+<label>" settings (kvsharer.cache.compose), evaluated by the same stages.
 C = config.get("compose", {})
 
 

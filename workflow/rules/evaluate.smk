@@ -1,5 +1,5 @@
 # Every policy (and the plain model, policy "plain") through the evaluation stages. A setting
-# '<policy>+<label>' composes it with a cache method (kvsharer.compose): '--cache <spec>', streamed in chunks.
+# '<policy>+<label>' composes it with a cache method (kvsharer.cache.compose): '--cache <spec>', streamed in chunks.
 
 
 rule evaluate_ppl:

@@ -19,7 +19,7 @@ rule search_scaling:
         "../../envs/kvsharer.yaml"
     threads: jobs.scaling_settings(config)["threads"]
     resources:
-        # a CPU measurement: memory of its largest random fp32 model and wall time from its FLOPs (kvsharer.scaling)
+        # a CPU measurement: memory of its largest random fp32 model and wall time from its FLOPs (kvsharer.measure.scaling)
         mem_mb=jobs.rule_resources(config, "search_scaling")["mem_mb"] if "scaling" in config else 2000,
         runtime=jobs.rule_resources(config, "search_scaling")["runtime"] if "scaling" in config else 30,
         gpu=0,

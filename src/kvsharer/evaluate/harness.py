@@ -1,4 +1,5 @@
-"""Stage ``evaluate-harness``: lm-eval harness accuracy under a sharing policy.
+"""lm-eval harness accuracy under a sharing policy (stage ``evaluate-harness``,
+:mod:`kvsharer.stages.evaluate_harness`).
 
 The lm-evaluation-harness does all the scoring: ``simple_evaluate`` runs on an ``HFLM`` that wraps the
 already loaded model, inside ``share_kv(model, policy)``. Nothing here re-implements it. With a cache
@@ -19,33 +20,12 @@ and per length. RULER tasks that download their data are refused before the mode
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
-from ..atomic import atomic_write_text
-from . import result_header
 from .lm_tasks import task_needs
 from .scores import flatten_metrics, requested_scores
-from ..models import DTYPES, check_source, find_parts, load_model, resolve_device, text_config
-from ..compose import apply_setting
-from ..policy import SharingPolicy
-from . import add_setting_arguments, parse_setting
-from .longctx import context_window
-from .ruler import check_window, parse_lengths, ruler_metadata, ruler_metrics, split_ruler
-
-log = logging.getLogger("kvsharer")
-
-
-def parse_tasks(text: str) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
-        raise ValueError("--tasks names no task (give a comma-separated list, e.g. kvs_next_sentence,kvs_cloze)")
-    return names
+from .ruler import ruler_metadata, ruler_metrics
 
 
 def task_manager_for(names: list[str], task_dir: Path | None):
@@ -118,103 +98,39 @@ def streaming_lm(hflm_class, chunk: int | None):
     return StreamingHFLM
 
 
-# ------------------------------------------------------------------------------------------------
-# stage evaluate-harness
-# ------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model folder, hub id or embedded:<name>")
-    add_setting_arguments(parser)
-    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task, group or tag names")
-    parser.add_argument("--task-dir", type=Path, help="folder of local task YAMLs (from make-tasks)")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="examples per task at most (RULER tasks: per length; default: all)")
-    parser.add_argument("--max-seq-lengths", default=None,
-                        help="RULER tasks only: comma-separated sequence lengths in tokens (default 4096)")
-    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", required=True, type=Path, help="result JSON")
-
-
-def main(args: argparse.Namespace) -> int:
-    names = parse_tasks(args.tasks)
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {args.limit}")
-    if args.num_fewshot is not None and args.num_fewshot < 0:
-        raise ValueError(f"--num-fewshot must be at least 0, got {args.num_fewshot}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.task_dir is not None and not args.task_dir.is_dir():
-        raise ValueError(f"--task-dir {args.task_dir} is not a folder (build one with make-tasks)")
-    check_source(args.model)
-    ruler_names, other_names = split_ruler(names)
-    lengths = parse_lengths(args.max_seq_lengths, ruler_names)
-    check_window(lengths, context_window(args.model))
-    policy, method = parse_setting(args)
-    chunk = args.chunk if method is not None else None
-    task_dir = args.task_dir.resolve() if args.task_dir is not None else None
-    # RULER names are lm-eval's own (checked by split_ruler); each length gets its own TaskManager below
-    task_manager, local = task_manager_for(other_names, task_dir) if other_names else (None, False)
-    if local:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
-    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn,
-                                  device=resolve_device(args.device))
-    check_window(lengths, getattr(text_config(model), "max_position_embeddings", None))
-    policy = policy or SharingPolicy.identity(find_parts(model).n_layers)
-
-    import lm_eval
+def evaluate_tasks(lm, tokenizer, source: str, other_names: list[str], task_manager, ruler_names: list[str],
+                   lengths: list[int], limit: int | None, num_fewshot: int | None, scratch: Path
+                   ) -> tuple[dict, dict, dict]:
+    """``(tasks, scores, seconds by RULER length)`` of lm-eval model ``lm`` on ``other_names`` (known to
+    ``task_manager``) and on the RULER tasks ``ruler_names`` at every length of ``lengths`` (``source``: the
+    model, whose tokenizer RULER's generators load; ``scratch``: a folder for a saved copy). Run it inside
+    the setting it evaluates."""
     from lm_eval.evaluator import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = streaming_lm(HFLM, chunk)(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
-
     def evaluate(task_names: list[str], manager) -> dict:
-        return simple_evaluate(model=lm, tasks=task_names, limit=args.limit, num_fewshot=args.num_fewshot,
+        return simple_evaluate(model=lm, tasks=task_names, limit=limit, num_fewshot=num_fewshot,
                                task_manager=manager, log_samples=False)
 
     tasks: dict = {}
     scores: dict = {}
     seconds_by_length = {}
-    start = time.perf_counter()
-    with apply_setting(model, policy, method), tempfile.TemporaryDirectory() as scratch:
-        if other_names:
-            out = evaluate(other_names, task_manager)
-            tasks.update(task_results(out))
-            # one score per requested name (a group's aggregate, a generation task's own metric): the tables' columns
-            needs = task_needs(other_names, task_manager)
-            scores.update(requested_scores(out, other_names, {name: n.metric for name, n in needs.items()},
-                                           metric_label(task_manager), {name: n.leaves for name, n in needs.items()}))
-        runs: dict = {name: {} for name in ruler_names}
-        for length in lengths:
-            t0 = time.perf_counter()
-            metadata = ruler_metadata(length, tokenizer_folder(args.model, tokenizer, Path(scratch)))
-            for name, metrics in task_results(evaluate(ruler_names, TaskManager(metadata=metadata))).items():
-                runs[name][length] = (metrics, metrics["samples"])
-            seconds_by_length[str(length)] = time.perf_counter() - t0
-        tasks.update({name: ruler_metrics(by_length) for name, by_length in runs.items()})
+    if other_names:
+        out = evaluate(other_names, task_manager)
+        tasks.update(task_results(out))
+        # one score per requested name (a group's aggregate, a generation task's own metric): the tables' columns
+        needs = task_needs(other_names, task_manager)
+        scores.update(requested_scores(out, other_names, {name: n.metric for name, n in needs.items()},
+                                       metric_label(task_manager), {name: n.leaves for name, n in needs.items()}))
+    runs: dict = {name: {} for name in ruler_names}
+    for length in lengths:
+        t0 = time.perf_counter()
+        metadata = ruler_metadata(length, tokenizer_folder(source, tokenizer, scratch))
+        for name, metrics in task_results(evaluate(ruler_names, TaskManager(metadata=metadata))).items():
+            runs[name][length] = (metrics, metrics["samples"])
+        seconds_by_length[str(length)] = time.perf_counter() - t0
+    tasks.update({name: ruler_metrics(by_length) for name, by_length in runs.items()})
     for name in ruler_names:  # a RULER task's score: its own metric, sample-weighted over the lengths
         scores[name] = {"metric": tasks[name]["metric"], "label": tasks[name]["metric"], "value": tasks[name]["score"],
                         "stderr": None, "kind": "task", "subtasks": 0}
-    seconds = time.perf_counter() - start
-
-    summary = {
-        **result_header("evaluate-harness", args.model, args.policy, policy, method, chunk),
-        "tasks": tasks, "scores": scores,
-        "requested": names, "task_dir": str(task_dir) if task_dir else None,
-        "limit": args.limit, "num_fewshot": args.num_fewshot, "batch_size": args.batch_size,
-        "max_seq_lengths": lengths or None, "ruler_seconds_by_length": seconds_by_length or None,
-        "dtype": args.dtype, "device": str(model.device), "lm_eval_version": lm_eval.__version__,
-        "seconds": seconds,
-    }
-    atomic_write_text(args.out, json.dumps(summary, indent=2) + "\n")
-    for name, score in scores.items():
-        log.info("%s (%s): %s %s", name, score["kind"], score["label"], score["value"])
-    log.info("harness (%d/%d layers shared) in %.1f s -> %s", policy.num_shared, policy.n_layers, seconds, args.out)
-    return 0
+    return tasks, scores, seconds_by_length

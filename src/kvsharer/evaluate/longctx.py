@@ -1,4 +1,5 @@
-"""Stage ``evaluate-longctx``: passkey retrieval (a needle in a haystack) under a sharing policy.
+"""Passkey retrieval (a needle in a haystack) under a sharing policy (stage ``evaluate-longctx``,
+:mod:`kvsharer.stages.evaluate_longctx`).
 
 A prompt of exactly ``length`` tokens is: the tokenizer's special prefix (e.g. BOS), a one-line
 instruction, filler (held-out text from a random sentence start, wrapping around at the end), the needle
@@ -17,24 +18,13 @@ needle-in-a-haystack grid of a compressed cache.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import random
-import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from ..atomic import atomic_write_text
-from . import result_header
-from ..data import check_text_source, load_corpus, sha256_text
-from ..models import (DTYPES, EMBEDDED_PREFIX, check_source, embedded_gguf, find_parts, load_model,
-                      resolve_device, text_config)
-from ..compose import apply_setting
-from ..policy import SharingPolicy
-from . import add_setting_arguments, parse_setting
+from ..models.loading import EMBEDDED_PREFIX, embedded_gguf, text_config
 
 log = logging.getLogger("kvsharer")
 
@@ -93,19 +83,38 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     return answers
 
 
+def passkey_cells(model, tokenizer, haystack: list[int], ends: list[bool], lengths: list[int], depths: list[float],
+                  trials: int, seed: int, max_new_tokens: int, batch_size: int | None = None) -> list[dict]:
+    """The passkey grid: per (length, depth) cell, ``trials`` prompts of ``length`` tokens of ``haystack`` (cut
+    at sentence ends, ``ends``: :func:`sentence_ends`) with a random 5-digit key at ``depth``, answered
+    greedily (``batch_size`` prompts per generate call, default a whole cell); one dict per cell with its
+    accuracy and outputs. Run it inside the setting it evaluates."""
+    starts = [0] + [i + 1 for i, end in enumerate(ends[:-1]) if end]
+    cells = []
+    grid = [(length, depth) for length in lengths for depth in depths]
+    for length, depth in tqdm(grid, desc="passkey", unit="cell"):
+        rng = random.Random(f"{seed}:{length}:{depth}")
+        keys, prompts, needle_at = [], [], []
+        for _ in range(trials):
+            key, start = rng.randint(10000, 99999), rng.choice(starts)
+            ids, at = passkey_prompt(tokenizer, haystack, ends, start, length, depth, key)
+            keys.append(key)
+            prompts.append(ids)
+            needle_at.append(at)
+        answers = greedy_answers(model, tokenizer, prompts, max_new_tokens, batch_size or trials)
+        correct = sum(str(key) in answer for key, answer in zip(keys, answers))
+        cells.append({
+            "length": length, "depth": depth, "trials": trials, "correct": correct,
+            "accuracy": correct / trials,
+            "outputs": [{"key": k, "answer": a, "needle_at": p} for k, a, p in zip(keys, answers, needle_at)],
+        })
+        log.debug("length %d depth %.2f: %d/%d", length, depth, correct, trials)
+    return cells
+
+
 # ------------------------------------------------------------------------------------------------
 # checks before loading
 # ------------------------------------------------------------------------------------------------
-
-
-def parse_list(text: str, kind, what: str) -> list:
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--{what} must be a comma-separated list of {kind.__name__}s, got {text!r}") from None
-    if not values:
-        raise ValueError(f"--{what} is empty")
-    return values
 
 
 def context_window(source: str) -> int | None:
@@ -130,92 +139,3 @@ def check_lengths(lengths: list[int], max_new_tokens: int, window: int | None) -
             f"context length(s) {', '.join(map(str, too_long))} plus {max_new_tokens} answer tokens exceed the "
             f"model's window of {window} tokens (max_position_embeddings)"
         )
-
-
-# ------------------------------------------------------------------------------------------------
-# stage evaluate-longctx
-# ------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model folder, hub id or embedded:<name>")
-    add_setting_arguments(parser, chunked=False)
-    parser.add_argument("--text", required=True, help="held-out text for the filler: a file (or embedded:pydoc, hf:...)")
-    parser.add_argument("--lengths", default="1024,2048,4096", help="comma-separated context lengths in tokens")
-    parser.add_argument("--depths", default="0,0.5,1", help="comma-separated needle depths in [0, 1]")
-    parser.add_argument("--trials", type=int, default=2, help="trials per (length, depth) cell")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=8, help="answer tokens generated greedily")
-    parser.add_argument("--batch-size", type=int, default=None, help="trials per generate call (default: a whole cell)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", required=True, type=Path, help="result JSON")
-
-
-def main(args: argparse.Namespace) -> int:
-    lengths = parse_list(args.lengths, int, "lengths")
-    depths = parse_list(args.depths, float, "depths")
-    if min(lengths) < 1:
-        raise ValueError(f"--lengths must be positive, got {args.lengths}")
-    if not all(0.0 <= d <= 1.0 for d in depths):
-        raise ValueError(f"--depths must lie in [0, 1], got {args.depths}")
-    if args.trials < 1 or args.max_new_tokens < 1:
-        raise ValueError(f"--trials and --max-new-tokens must be at least 1, got {args.trials}, {args.max_new_tokens}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    check_source(args.model)
-    check_text_source(args.text)
-    check_lengths(lengths, args.max_new_tokens, context_window(args.model))
-    policy, method = parse_setting(args)
-    text = load_corpus(args.text)
-
-    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn,
-                                  device=resolve_device(args.device))
-    check_lengths(lengths, args.max_new_tokens, getattr(text_config(model), "max_position_embeddings", None))
-    policy = policy or SharingPolicy.identity(find_parts(model).n_layers)
-    haystack = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if not haystack:
-        raise ValueError(f"the text {args.text} is empty")
-    ends = sentence_ends(tokenizer, haystack)
-    starts = [0] + [i + 1 for i, end in enumerate(ends[:-1]) if end]
-
-    cells = []
-    start_time = time.perf_counter()
-    grid = [(length, depth) for length in lengths for depth in depths]
-    with apply_setting(model, policy, method):
-        for length, depth in tqdm(grid, desc="passkey", unit="cell"):
-            rng = random.Random(f"{args.seed}:{length}:{depth}")
-            keys, prompts, needle_at = [], [], []
-            for _ in range(args.trials):
-                key, start = rng.randint(10000, 99999), rng.choice(starts)
-                ids, at = passkey_prompt(tokenizer, haystack, ends, start, length, depth, key)
-                keys.append(key)
-                prompts.append(ids)
-                needle_at.append(at)
-            answers = greedy_answers(model, tokenizer, prompts, args.max_new_tokens, args.batch_size or args.trials)
-            correct = sum(str(key) in answer for key, answer in zip(keys, answers))
-            cells.append({
-                "length": length, "depth": depth, "trials": args.trials, "correct": correct,
-                "accuracy": correct / args.trials,
-                "outputs": [{"key": k, "answer": a, "needle_at": p} for k, a, p in zip(keys, answers, needle_at)],
-            })
-            log.debug("length %d depth %.2f: %d/%d", length, depth, correct, args.trials)
-    seconds = time.perf_counter() - start_time
-
-    total_correct = sum(c["correct"] for c in cells)
-    total_trials = sum(c["trials"] for c in cells)
-    summary = {
-        **result_header("evaluate-longctx", args.model, args.policy, policy, method),
-        "accuracy": total_correct / total_trials, "correct": total_correct, "trials_total": total_trials,
-        "cells": cells,
-        "lengths": lengths, "depths": depths, "trials": args.trials, "seed": args.seed,
-        "max_new_tokens": args.max_new_tokens,
-        "text": args.text, "text_sha256": sha256_text(text),
-        "dtype": args.dtype, "device": str(model.device),
-        "seconds": seconds,
-    }
-    atomic_write_text(args.out, json.dumps(summary, indent=2) + "\n")
-    log.info("passkey accuracy %.3f (%d/%d, %d/%d layers shared) in %.1f s -> %s", summary["accuracy"],
-             total_correct, total_trials, policy.num_shared, policy.n_layers, seconds, args.out)
-    return 0

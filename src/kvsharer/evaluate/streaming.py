@@ -1,6 +1,6 @@
 """Feed sequences through one cache in chunks, so that cache methods are seen by the scores.
 
-A cache method (token eviction, quantization, MiniCache; see :mod:`kvsharer.compose`) acts on the cache
+A cache method (token eviction, quantization, MiniCache; see :mod:`kvsharer.cache.compose`) acts on the cache
 between forwards. ``chunk_logits`` runs ``[B, T]`` tokens as ``ceil(T / chunk)`` forwards that share one
 ``DynamicCache``, yielding each chunk's logits: token ``t`` of chunk ``c`` is predicted from what the cache
 kept of chunks ``0 … c-1`` plus the exact K/V of chunk ``c`` up to ``t``. Without a cache method the

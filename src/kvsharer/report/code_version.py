@@ -2,8 +2,10 @@
 
 A table is built by its entry in ``tables.build_tables`` (``"table1": lambda: table1(results, ...)``), a figure
 by its entry in ``figures.build_figures``. Its version is a hash of that entry, of the stage's ``main``
-(which reads the inputs and writes the files; the other entries left out) and of every module-level
-function, class or constant it reaches, followed through ``from .x import y`` into the other report modules
+(``kvsharer.stages.tables`` or ``figures``, which reads the inputs and writes the files; the other entries left
+out) and of every module-level
+function, class or constant it reaches, followed through relative imports (``from .x import y``, ``from ..report.x import y``) into the other
+report and stage modules
 (``collect.py`` for reading the results, ``tables.py`` for the figures drawn from a table). The hash is
 taken over the syntax tree (``ast.dump``): comments, docstrings' layout and blank lines do not count; a
 changed line of ``fig_passkey`` changes the passkey figure's version only, a changed line of
@@ -20,6 +22,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BUILDERS = {"table": ("tables.py", "build_tables"), "figure": ("figures.py", "build_figures")}
+STAGES = "stages"  # the stage that writes them: a sibling package of the report, file of the same name
 
 
 def _module(path: Path) -> tuple[dict[str, ast.AST], dict[str, tuple[Path, str]]]:
@@ -73,7 +76,7 @@ def code_version(kind: str, name: str, root: Path = HERE) -> str:
     parts = [ast.dump(entry)]
     # the entry's code, and the stage's own (reading the inputs, writing the files) except the other entries
     seen: set[tuple[Path, str]] = {(start, builder)}
-    todo = [(start, n) for n in _names(entry) | {"main"}]
+    todo = [(start, n) for n in _names(entry)] + [(start.parent.parent / STAGES / file, "main")]
     while todo:
         path, symbol = todo.pop()
         if (path, symbol) in seen:
@@ -86,5 +89,6 @@ def code_version(kind: str, name: str, root: Path = HERE) -> str:
             node = defs[symbol]
             parts.append(f"{path.name}:{symbol}:{ast.dump(node)}")
             todo += [(path, n) for n in _names(node)]
-    digest = hashlib.sha256("\n".join(sorted(parts)).encode())
+    # a definition reached in two files of one name (the report's tables.py and the stage's) counts once
+    digest = hashlib.sha256("\n".join(sorted(set(parts))).encode())
     return digest.hexdigest()[:12]

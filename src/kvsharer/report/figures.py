@@ -1,4 +1,5 @@
-"""Stage ``figures``: seaborn figures (PNG + PDF) from policy, evaluation and distance files.
+"""Seaborn figures (PNG + PDF) from policy, evaluation and distance files (stage ``figures``,
+:mod:`kvsharer.stages.figures`).
 
 Always writes the same files under ``--out-dir`` (``<name>.png`` and ``<name>.pdf`` for every name in
 ``FIGURES``), so Snakemake outputs stay fixed; a figure (or a panel) whose inputs are absent shows an
@@ -28,11 +29,7 @@ empty axis saying "no data". Several models are panels of one figure.
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import math
-from pathlib import Path
 
 import matplotlib
 
@@ -46,17 +43,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from ..atomic import atomic_path  # noqa: E402
-from ..names import FIGURES  # noqa: E402
-from .collect import (METRICS, NO_CACHE, Collection, Distances, collect, load_distances, order_rank,  # noqa: E402
-                      passkey_cells_frame, plain, results_frame, select, settings_frame, traces_frame)
-from .tables import (DEFAULT_METRIC, DEFAULT_RANK_BIN, DEFAULT_THRESHOLD, acceptance_by_rank,  # noqa: E402
-                     add_common_arguments, add_only_argument, check_common_arguments, metric_long, minicache,
-                     quantization, rate_pct, read_profiles, table2_compose, threshold_ablation, warn_if_no_main)
+from .collect import (METRICS, NO_CACHE, Collection, Distances, order_rank, passkey_cells_frame, plain,  # noqa: E402
+                      results_frame, select, settings_frame, traces_frame)
+from .tables import (DEFAULT_METRIC, DEFAULT_RANK_BIN, DEFAULT_THRESHOLD, acceptance_by_rank, metric_long,  # noqa: E402
+                     minicache, quantization, rate_pct, table2_compose, threshold_ablation)
 
-log = logging.getLogger("kvsharer")
 
-FORMATS = ("png", "pdf")
 DEFAULT_MAIN_RATE = 0.25
 PANEL = (5.6, 3.6)  # inches per panel (about 1 inch of it for a legend outside the axes)
 
@@ -92,16 +84,6 @@ def empty_figure(title: str, what: str):
     no_data(ax, what)
     ax.set_title(title)
     return fig
-
-
-def save(fig, out_dir: Path, name: str) -> None:
-    fig.tight_layout()
-    for fmt in FORMATS:
-        metadata = {"CreationDate": None} if fmt == "pdf" else {"Software": None}
-        with atomic_path(out_dir / f"{name}.{fmt}") as tmp:
-            # bbox "tight": a legend placed outside the axes (see _legend) stays in the file
-            fig.savefig(tmp, format=fmt, dpi=150, metadata=metadata, bbox_inches="tight")
-    plt.close(fig)
 
 
 def with_rate_pct(frame: pd.DataFrame) -> pd.DataFrame:
@@ -525,45 +507,3 @@ def build_figures(collection: Collection, distances: list[Distances], metric: st
         "profile_memory": lambda: fig_profile_memory(profile),
         "profile_throughput": lambda: fig_profile_throughput(profile),
     }
-
-
-# ------------------------------------------------------------------------------------------------
-# stage
-# ------------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser)
-    parser.add_argument("--distances", nargs="*", default=[], type=Path, metavar="FILE",
-                        help="distance JSON files (from `distances`)")
-    parser.add_argument("--scaling", type=Path, help="search-scaling JSON (from `search-scaling`)")
-    parser.add_argument("--main-rate", type=float, default=DEFAULT_MAIN_RATE,
-                        help="the heatmap marks the main dissimilar policy with the largest rate <= this")
-    parser.add_argument("--out-dir", required=True, type=Path,
-                        help=f"writes <name>.png and <name>.pdf for {', '.join(FIGURES)}")
-    add_only_argument(parser, FIGURES, "figures")
-
-
-def main(args: argparse.Namespace) -> int:
-    check_common_arguments(args)
-    collection = collect(args.policies, args.evals)
-    distances = load_distances(args.distances)
-    warn_if_no_main(collection, args.main_metric, args.main_threshold)
-    sns.set_theme(style="whitegrid", context="paper")
-    scaling = None
-    if args.scaling is not None:
-        try:
-            scaling = json.loads(args.scaling.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"cannot read search-scaling file {args.scaling}: {err}") from None
-    profile = read_profiles(args.profile)
-    makers = build_figures(collection, distances, args.main_metric, args.main_threshold, args.rank_bin, args.main_rate,
-                           scaling, profile)
-    for name in args.only:
-        fig = makers[name]()
-        empty = ["no data" in t.get_text() for ax in fig.axes if ax.get_visible() for t in ax.texts]
-        note = " (no data: drawn empty)" if empty and all(empty) else " (no data in some panels)" if any(empty) else ""
-        save(fig, args.out_dir, name)
-        log.info("figure %s%s -> %s", name, note,
-                 ", ".join(str(args.out_dir / f"{name}.{fmt}") for fmt in FORMATS))
-    return 0

@@ -1,4 +1,5 @@
-"""Stage ``tables``: the paper-style tables (CSV + Markdown) from policy and evaluation files.
+"""The paper-style tables (CSV + Markdown) from policy and evaluation files (stage ``tables``,
+:mod:`kvsharer.stages.tables`).
 
 Writes, under ``--out-dir``, always the same files (a table without inputs is written with its header
 only, so Snakemake outputs stay fixed): ``<name>.csv`` and ``<name>.md`` for every name in ``TABLES``:
@@ -40,18 +41,15 @@ precision (what the inputs hold); Markdown rounds to 4 decimals.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..atomic import atomic_path, atomic_write_text
-from ..names import ORDERS, RANKED_ORDERS, TABLES
-from .collect import (METRICS, NO_CACHE, Collection, collect, order_rank, plain, policies_frame, results_frame, select,
+from ..names import ORDERS, RANKED_ORDERS
+from .collect import (METRICS, NO_CACHE, Collection, order_rank, plain, policies_frame, results_frame, select,
                       settings_frame, task_columns, traces_frame)
 
 log = logging.getLogger("kvsharer")
@@ -440,36 +438,6 @@ def markdown(frame: pd.DataFrame) -> str:
     return "\n".join([line(headers), rule, *map(line, cells)]) + "\n"
 
 
-def write_table(frame: pd.DataFrame, out_dir: Path, name: str) -> list[Path]:
-    csv, md = out_dir / f"{name}.csv", out_dir / f"{name}.md"
-    with atomic_path(csv) as tmp:
-        frame.to_csv(tmp, index=False)
-    atomic_write_text(md, markdown(frame))
-    return [csv, md]
-
-
-# ------------------------------------------------------------------------------------------------
-# stage
-# ------------------------------------------------------------------------------------------------
-
-
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--policies", nargs="*", default=[], type=Path, metavar="FILE",
-                        help="policy JSON files (from `search`)")
-    parser.add_argument("--evals", nargs="*", default=[], type=Path, metavar="FILE",
-                        help="evaluation JSON files (evaluate-ppl / -harness / -longctx)")
-    parser.add_argument("--main-metric", default=DEFAULT_METRIC, help="distance metric of the main results")
-    parser.add_argument("--main-threshold", type=float, default=DEFAULT_THRESHOLD, help="threshold T of the main results")
-    parser.add_argument("--rank-bin", type=int, default=DEFAULT_RANK_BIN,
-                        help="width of the dissimilarity-rank bins of the acceptance statistics")
-    parser.add_argument("--profile", nargs="*", default=[], type=Path, metavar="FILE", help="profile CSVs (from `profile`)")
-
-
-def add_only_argument(parser: argparse.ArgumentParser, names: tuple[str, ...], what: str) -> None:
-    parser.add_argument("--only", nargs="+", choices=names, default=list(names), metavar="NAME",
-                        help=f"write only these {what} (default: all; the DAG runs one job per {what[:-1]})")
-
-
 def read_profiles(paths) -> pd.DataFrame | None:
     """The profile CSVs as one frame (None without any)."""
     if not paths:
@@ -480,36 +448,9 @@ def read_profiles(paths) -> pd.DataFrame | None:
         raise ValueError(f"cannot read profile CSV: {err}") from None
 
 
-def check_common_arguments(args: argparse.Namespace) -> None:
-    if args.rank_bin < 1:
-        raise ValueError(f"--rank-bin must be at least 1, got {args.rank_bin}")
-    if not math.isfinite(args.main_threshold):
-        raise ValueError(f"--main-threshold must be a number, got {args.main_threshold}")
-
-
 def warn_if_no_main(collection: Collection, metric: str, threshold: float) -> None:
     policies = policies_frame(collection)
     dissimilar = select(policies, order="dissimilar")
     if len(dissimilar) and select(dissimilar, metric=metric, threshold=threshold).empty:
         log.warning("no dissimilar-order policy has the main metric %r and threshold %g (check --main-metric and "
                     "--main-threshold): table1 and the main figures will be empty", metric, threshold)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser)
-    parser.add_argument("--out-dir", required=True, type=Path,
-                        help=f"writes <name>.csv and <name>.md for {', '.join(TABLES)}")
-    add_only_argument(parser, TABLES, "tables")
-
-
-def main(args: argparse.Namespace) -> int:
-    check_common_arguments(args)
-    collection = collect(args.policies, args.evals)
-    warn_if_no_main(collection, args.main_metric, args.main_threshold)
-    tables = build_tables(collection, args.main_metric, args.main_threshold, args.rank_bin, read_profiles(args.profile))
-    for name in args.only:
-        frame = tables[name]()
-        write_table(frame, args.out_dir, name)
-        log.info("table %s: %s -> %s", name, f"{len(frame)} rows" if len(frame) else "no inputs, header only",
-                 args.out_dir / f"{name}.csv")
-    return 0

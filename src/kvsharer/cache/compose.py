@@ -1,0 +1,71 @@
+"""A sharing policy composed with one cache method: one spec string, one context manager.
+
+Every evaluation stage takes ``--policy`` (KV sharing, or none) and ``--cache SPEC`` (a method that
+changes what the cache stores, or none). The names, the spec syntax and whether a method composes with
+sharing live in :mod:`kvsharer.method_registry` (torch-free). Specs:
+
+==================================  ===========================================  ======================
+spec                                what                                         with sharing
+==================================  ===========================================  ======================
+``none``                            nothing                                      -
+``h2o:0.5`` ``pyramidinfer:0.5``    token-level eviction/merging                 yes: one physical cache
+``kvmerger:0.5`` ``h2o:256``        (:mod:`kvsharer.intra`; fraction or tokens)  per group
+``streamingllm:0.5`` ``snapkv:0.5``
+``int8`` ``int4`` ``int2``          KV quantization (:mod:`kvsharer.quant`,      yes: sources quantized
+                                    groups of 32 channels, 32 recent tokens exact)
+``minicache:0.25``                  MiniCache baseline: adjacent deep layers     no (a rival, not an
+                                    merged (:mod:`kvsharer.minicache`)           add-on)
+==================================  ===========================================  ======================
+
+In result paths and tables a setting is ``<policy>+<label>``, the label being the spec with ``:``
+replaced by ``-`` (``plain+h2o-0.5``, ``r0.25_dissimilar_euclidean_T0.5_s0+int4``).
+
+Why evaluations stream when a cache method is on: all these methods act on the cache *between*
+forwards (evict after the prefill, quantize the tokens already seen, merge layers' stored K/V). A
+one-pass forward over a whole window never reads a cache, so it would score the plain model. With a
+cache method, PPL and lm-eval therefore feed each sequence in chunks of ``chunk`` tokens through one
+cache: every token is predicted from the compressed cache of all earlier chunks plus the exact K/V of
+its own chunk (``chunk=1`` is token-by-token decoding). Without a cache method, chunking changes
+nothing (sharing reads the source's K/V inside the forward), which the tests check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from importlib import import_module
+from typing import Iterator
+
+from ..method_registry import FAMILY_ATTACH, QUANT_BITS, CacheSpec, known_names  # noqa: F401 (re-exported)
+
+
+class CacheMethod(CacheSpec):
+    """A parsed ``--cache`` spec (:class:`~kvsharer.method_registry.CacheSpec`) that can attach itself."""
+
+    @contextlib.contextmanager
+    def attach(self, model) -> Iterator[object]:
+        """Attach this method to ``model`` for the duration (after any sharing policy), through its
+        family's attach path in the registry."""
+        module, _, function = FAMILY_ATTACH[self.family].partition(":")
+        with getattr(import_module(module), function)(model, self) as handle:
+            yield handle
+
+
+@contextlib.contextmanager
+def apply_setting(model, policy, method: CacheMethod | None) -> Iterator[None]:
+    """``with apply_setting(model, policy, method): ...`` — sharing (if any) and the cache method (if any)."""
+    from .sharing import share_kv
+
+    if method is not None:
+        method.check_policy(policy)
+    with contextlib.ExitStack() as stack:
+        if policy is not None and (method is None or method.with_sharing):
+            stack.enter_context(share_kv(model, policy))
+        if method is not None:
+            stack.enter_context(method.attach(model))
+        yield
+
+
+def split_setting(setting: str) -> tuple[str, CacheMethod | None]:
+    """``"plain+h2o-0.5"`` -> ("plain", CacheMethod(intra, h2o, 0.5)); ``"plain"`` -> ("plain", None)."""
+    base, _, label = setting.partition("+")
+    return base, CacheMethod.from_label(label) if label else None

@@ -1,0 +1,3 @@
+"""What sharing costs in memory and time: the profile grid (``profile``), the search's scaling with depth and
+width (``scaling``) and peak memory (``peakmem``).
+"""

@@ -1,0 +1,407 @@
+"""Load any Hugging Face causal LM and find its decoder layers and attention modules generically.
+
+No per-model table for the standard transformers layout: the decoder is ``model.get_decoder()``, its
+layers are the ``nn.ModuleList`` with ``num_hidden_layers`` entries, and a layer's attention is the
+sub-module that owns separate ``k_proj``/``v_proj`` projections and a ``layer_idx`` (which is how it
+talks to the transformers Cache API). Architectures that compute Q, K and V with one fused projection
+need a ``FusedQKVAdapter`` registered in ``FUSED_QKV_ADAPTERS`` under the model class name (InternLM2 has
+one); without one they get an error naming what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# model sources (hub id, folder, embedded:<name>, random:<shape>) are checked torch-free in kvsharer.models.sources
+from .sources import (DEFAULT_MODEL, EMBEDDED_MODELS, EMBEDDED_PREFIX, ModelError, check_source,  # noqa: E402,F401
+                      embedded_gguf)
+
+# Projection names that mean "Q, K and V are one matrix" (cannot skip K/V without an adapter).
+FUSED_QKV_NAMES = ("qkv_proj", "wqkv", "c_attn", "query_key_value", "Wqkv", "W_pack")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class UnsupportedArchitecture(ValueError):
+    """A model whose layout the KV-sharing mechanism cannot handle."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused-QKV adapters
+# ----------------------------------------------------------------------------------------------
+
+
+class FusedQKVAdapter:
+    """How to stop a shared layer from computing K/V when Q, K and V come from one fused projection.
+
+    Built once per model from its (text) config. For a layer that reads another layer's K/V, KV sharing
+    replaces ``attention.<projection>`` by ``skip_kv(attention)`` — a module with the same output shape
+    that computes only the Q part — and puts the original back on detach. Whatever the stand-in writes
+    into the K/V part never reaches attention, because the layer's cache returns the source's K/V.
+    Subclasses set ``projection`` and implement ``skip_kv`` (and ``check`` for a helpful refusal).
+    """
+
+    projection: str  # attribute name of the fused projection on the attention module
+
+    def __init__(self, config):
+        self.config = config
+
+    def check(self, attention: nn.Module, idx: int) -> None:
+        """Raise ``UnsupportedArchitecture`` when ``attention`` does not have the layout this adapter expects."""
+
+    def skip_kv(self, attention: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+
+class GroupedQOnlyProjection(nn.Module):
+    """Stands in for a fused QKV Linear whose rows are grouped per KV head: ``[kv_heads, groups + 2, head_dim]``
+    (the ``groups`` query heads of a KV head, then its key, then its value).
+
+    Computes only the query rows — one matmul per KV head on a contiguous row block of the original
+    weight (a view: no weight is copied) — and writes zeros into the K/V slots, so the output has the
+    original shape and layout. It holds the original ``weight``/``bias`` under the same names, so the
+    model's ``state_dict`` is unchanged while sharing is attached.
+    """
+
+    def __init__(self, original: nn.Linear, kv_heads: int, groups: int, head_dim: int):
+        super().__init__()
+        self.weight = original.weight
+        self.bias = original.bias
+        self.in_features, self.out_features = original.in_features, original.out_features
+        self.kv_heads, self.groups, self.head_dim = kv_heads, groups, head_dim
+        self.calls = 0  # how often it stood in for the real projection (tests read it)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        h, g, d = self.kv_heads, self.groups, self.head_dim
+        out = hidden_states.new_empty(*hidden_states.shape[:-1], h, g + 2, d)
+        out[..., g:, :] = 0  # the K and V slots: never read (the cache returns the source's K/V)
+        block = (g + 2) * d  # rows of one KV head's group in the fused weight
+        for head in range(h):
+            rows = slice(head * block, head * block + g * d)  # its query rows: contiguous
+            bias = None if self.bias is None else self.bias[rows]
+            out[..., head, :g, :] = F.linear(hidden_states, self.weight[rows], bias).unflatten(-1, (g, d))
+        return out.flatten(-3)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, kv_heads={self.kv_heads}, "
+                f"groups={self.groups}, head_dim={self.head_dim} (only Q: this layer reads another layer's KV)")
+
+
+class InternLM2Adapter(FusedQKVAdapter):
+    """InternLM2 (remote code ``modeling_internlm2.py``): one Linear ``attention.wqkv``, rows grouped per KV head.
+
+    Layout, from InternLM's own sources: ``InternLM2Attention.forward`` rearranges the ``wqkv`` output
+    ``"b q (h gs d) -> b q h gs d"`` with ``gs = 2 + num_key_value_groups``, takes
+    ``qkv_states[..., :num_key_value_groups, :]`` as the query heads of each group, ``[..., -2, :]`` as
+    the key and ``[..., -1, :]`` as the value; ``tools/convert2llama.py`` in github.com/InternLM/InternLM
+    splits the weight the same way (``'(h gs d) dim -> h gs d dim'``, then ``torch.split(v,
+    [num_key_value_groups, 1, 1], dim=1)``). ``wqkv`` has a bias when ``config.bias`` is set. Recent
+    versions of ``modeling_internlm2.py`` (those that import ``transformers.cache_utils.Cache``) store
+    K/V with ``past_key_value.update(key_states, value_states, self.layer_idx, cache_kwargs)``, which is
+    where a shared layer gets its source's K/V; older versions concatenate tuples and cannot share.
+    """
+
+    projection = "wqkv"
+
+    def __init__(self, config):
+        super().__init__(config)
+        heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        self.head_dim = config.hidden_size // heads
+        self.groups = heads // self.kv_heads
+
+    def check(self, attention: nn.Module, idx: int) -> None:
+        wqkv = getattr(attention, self.projection)
+        expected = self.kv_heads * (self.groups + 2) * self.head_dim
+        if not isinstance(wqkv, nn.Linear) or wqkv.out_features != expected:
+            raise UnsupportedArchitecture(
+                f"layer {idx}: {type(attention).__name__}.{self.projection} is not a Linear with {expected} outputs "
+                f"({self.kv_heads} KV heads x ({self.groups} query heads + K + V) x {self.head_dim}); "
+                "the InternLM2 adapter does not know this layout"
+            )
+
+    def skip_kv(self, attention: nn.Module) -> nn.Module:
+        return GroupedQOnlyProjection(getattr(attention, self.projection), self.kv_heads, self.groups, self.head_dim)
+
+
+# model class name -> adapter class (built with the model's text config). Register a new fused layout here.
+FUSED_QKV_ADAPTERS: dict[str, Callable[[object], FusedQKVAdapter]] = {"InternLM2ForCausalLM": InternLM2Adapter}
+
+
+@dataclass
+class ModelParts:
+    """Where the pieces KV sharing touches live inside a loaded model."""
+
+    decoder: nn.Module  # the module whose forward runs the layer loop and builds the cache
+    layers: nn.ModuleList  # decoder layers, in order
+    attentions: list[nn.Module]  # attention module of each layer
+    k_name: str | None  # separate K/V projections (None with a fused-QKV adapter)
+    v_name: str | None
+    fused: FusedQKVAdapter | None = None  # the adapter of a fused-QKV architecture
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def native_attention(self) -> bool:
+        """Whether attention is transformers' own code (and so dispatches through its attention-function
+        registry, which the token-level methods of ``kvsharer.methods.intra`` plug into); False for remote code."""
+        return all(type(a).__module__.startswith("transformers.") for a in self.attentions)
+
+
+def text_config(model_or_config):
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def find_parts(model: nn.Module) -> ModelParts:
+    """Discover decoder, layers and attention modules, or raise ``UnsupportedArchitecture``."""
+    cls = type(model).__name__
+    config = text_config(model)
+    n_layers = getattr(config, "num_hidden_layers", None)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    if n_layers is None:
+        raise UnsupportedArchitecture(f"{cls}: the config has no num_hidden_layers, so decoder layers cannot be found")
+    layer_lists = [m for m in decoder.children() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    if len(layer_lists) != 1:
+        raise UnsupportedArchitecture(
+            f"{cls}: expected exactly one nn.ModuleList of {n_layers} decoder layers directly under "
+            f"{type(decoder).__name__}, found {len(layer_lists)}"
+        )
+    layers = layer_lists[0]
+    factory = FUSED_QKV_ADAPTERS.get(cls)
+    adapter = factory(config) if factory is not None else None
+    attentions = []
+    for idx, layer in enumerate(layers):
+        attn = _find_attention(model, layer, idx, adapter)
+        if getattr(attn, "layer_idx", idx) != idx:
+            raise UnsupportedArchitecture(
+                f"{cls}: attention of layer {idx} has layer_idx={attn.layer_idx}; KV sharing relies on the "
+                "transformers Cache API being called with each layer's own index"
+            )
+        attentions.append(attn)
+    if adapter is not None:
+        return ModelParts(decoder=decoder, layers=layers, attentions=attentions, k_name=None, v_name=None,
+                          fused=adapter)
+    return ModelParts(decoder=decoder, layers=layers, attentions=attentions, k_name="k_proj", v_name="v_proj")
+
+
+def _find_attention(model: nn.Module, layer: nn.Module, idx: int, adapter: FusedQKVAdapter | None) -> nn.Module:
+    cls = type(model).__name__
+    if adapter is not None:
+        for _, module in layer.named_modules():
+            if isinstance(getattr(module, adapter.projection, None), nn.Module):
+                _check_cache_api(cls, module, idx)
+                adapter.check(module, idx)
+                return module
+        raise UnsupportedArchitecture(
+            f"{cls}: layer {idx} ({type(layer).__name__}) has no attention module with the fused projection "
+            f"'{adapter.projection}' that its adapter {type(adapter).__name__} expects"
+        )
+    for _, module in layer.named_modules():
+        if isinstance(getattr(module, "k_proj", None), nn.Module) and isinstance(getattr(module, "v_proj", None), nn.Module):
+            _check_cache_api(cls, module, idx)
+            return module
+    for _, module in layer.named_modules():
+        fused = [n for n in FUSED_QKV_NAMES if isinstance(getattr(module, n, None), nn.Module)]
+        if fused:
+            raise UnsupportedArchitecture(
+                f"{cls}: layer {idx} computes Q, K and V with one fused projection '{fused[0]}' "
+                f"({type(module).__name__}); KV sharing needs separate k_proj/v_proj or a fused-QKV adapter, "
+                f"and no adapter is registered for {cls} in kvsharer.models.loading.FUSED_QKV_ADAPTERS"
+            )
+    raise UnsupportedArchitecture(
+        f"{cls}: layer {idx} ({type(layer).__name__}) has no attention module with k_proj/v_proj projections"
+    )
+
+
+def _check_cache_api(cls: str, module: nn.Module, idx: int) -> None:
+    if not hasattr(module, "layer_idx"):
+        raise UnsupportedArchitecture(
+            f"{cls}: attention of layer {idx} ({type(module).__name__}) has no layer_idx, so it does not use "
+            "the transformers Cache API that KV sharing plugs into"
+        )
+
+
+def kv_shape(model) -> tuple[int, int, int]:
+    """(n_layers, kv_heads, head_dim) from the config."""
+    config = text_config(model)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def trusts_remote_code(source: str, local_files_only: bool = False) -> bool:
+    """Whether ``source`` is loaded with ``trust_remote_code``: only when its ``config.json`` points to
+    remote code (``auto_map``) AND names an architecture with an adapter in ``FUSED_QKV_ADAPTERS`` (a
+    modeling file kvsharer was written against). Reading the JSON runs no code."""
+    if source.startswith(EMBEDDED_PREFIX):
+        return False
+    from transformers import PretrainedConfig
+
+    try:
+        data, _ = PretrainedConfig.get_config_dict(source, local_files_only=local_files_only)
+    except Exception:  # not reachable: loading will say so
+        return False
+    return bool(data.get("auto_map")) and any(a in FUSED_QKV_ADAPTERS for a in data.get("architectures") or [])
+
+
+GPU_FILL = 0.9  # share of each GPU's memory device_map="auto" may fill (the rest: K/V, activations, CUDA context)
+
+
+def requested_gpus() -> int:
+    """GPUs a job loads its model across: ``$KVSHARER_GPUS`` (set by ``python -m kvsharer --gpus N``), else 1."""
+    try:
+        return max(0, int(os.environ.get("KVSHARER_GPUS", "1")))
+    except ValueError:
+        raise ModelError(f"KVSHARER_GPUS must be a number of GPUs, got {os.environ['KVSHARER_GPUS']!r}") from None
+
+
+def placement(device: str | None, gpus: int) -> dict:
+    """``from_pretrained`` keyword arguments that place the model: none for one device (it loads on CPU and
+    moves there); for ``gpus > 1``, ``device_map="auto"`` over the first ``gpus`` visible GPUs, each filled
+    to ``GPU_FILL`` of its memory, with no CPU or disk offload (the layers are spread over the GPUs in order;
+    accelerate moves the activations between them)."""
+    if gpus <= 1:
+        return {}
+    if device is None or not str(device).startswith("cuda"):
+        raise ModelError(f"{gpus} GPUs were requested (--gpus) but the model goes to {device or 'the CPU'}: "
+                         "no GPU is visible to this job")
+    visible = torch.cuda.device_count()
+    if visible < gpus:
+        raise ModelError(f"{gpus} GPUs were requested (--gpus) but {visible} are visible to this job "
+                         "(CUDA_VISIBLE_DEVICES); ask the scheduler for them (models.<name>.gpus)")
+    memory = {i: int(torch.cuda.get_device_properties(i).total_memory * GPU_FILL) for i in range(gpus)}
+    return {"device_map": "auto", "max_memory": memory}
+
+
+def load_model(
+    source: str,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    device: str | None = None,
+    gpus: int | None = None,
+):
+    """Load ``(model, tokenizer)`` from a local folder, a hub id, or ``embedded:<name>``; ``random:<shape>``
+    builds a random-initialised model of a real shape on ``device`` (tokenizer None; see kvsharer.models.shapes);
+    ``standin:<hub id>`` a random CPU-width stand-in of a hub model with its BPE tokenizer (kvsharer.models.standins).
+
+    ``gpus`` (default: :func:`requested_gpus`): more than one loads a folder or hub model across that many
+    GPUs (:func:`placement`); 0 keeps it on the CPU. Remote-code models are loaded only for the
+    architectures ``trusts_remote_code`` accepts, with the attention their own code selects
+    (``attn_implementation`` applies to transformers' own models)."""
+    check_source(source)
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    gpus = requested_gpus() if gpus is None else gpus
+    if gpus == 0 and device is not None and str(device).startswith("cuda"):
+        device = "cpu"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = dict(dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+    from .shapes import RANDOM_PREFIX, random_model
+    from .standins import STANDIN_PREFIX, standin_model
+
+    if source.startswith(RANDOM_PREFIX):
+        return random_model(source, DTYPES[dtype], attn_implementation, device), None
+    if source.startswith(STANDIN_PREFIX):
+        return standin_model(source, DTYPES[dtype], attn_implementation, device)
+    if source.startswith(EMBEDDED_PREFIX):
+        gguf = embedded_gguf(source[len(EMBEDDED_PREFIX):])
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        _drop_quantizer(model)
+    else:
+        remote = {}
+        if trusts_remote_code(source):
+            remote = dict(trust_remote_code=True)
+            kwargs.pop("attn_implementation")
+        kwargs.update(placement(device, gpus))
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **remote)
+            tokenizer = AutoTokenizer.from_pretrained(source, **remote)
+        except OSError as err:
+            raise ModelError(
+                f"could not load {source!r}: {err}. Offline? Use a local folder or an embedded model."
+            ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    if device and "device_map" not in kwargs:  # a model spread over GPUs stays where accelerate put it
+        model.to(device)
+    return model, tokenizer
+
+
+def _drop_quantizer(model) -> None:
+    """A GGUF checkpoint is dequantized on load; forget the quantizer so the model saves as plain weights."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+
+
+def prepare_model(source: str, out_dir: str | os.PathLike, dtype: str = "float32") -> Path:
+    """Materialize ``source`` once as a safetensors folder with its tokenizer (atomically)."""
+    out_dir = Path(out_dir)
+    model, tokenizer = load_model(source, dtype=dtype)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    meta = {"source": source, "dtype": dtype, "class": type(model).__name__, "weights_sha256": weights_hash(tmp)}
+    (tmp / "kvsharer_source.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def weights_hash(folder: str | os.PathLike) -> str:
+    """sha256 over a model folder's weight files (names and bytes), for provenance."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin")) or sorted(folder.glob("*.gguf"))
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_id(source: str) -> tuple[str, str | None]:
+    """(what the model is, weights hash when it is a local folder) for provenance sidecars."""
+    path = Path(source)
+    if path.is_dir():
+        meta = path / "kvsharer_source.json"
+        if meta.is_file():
+            data = json.loads(meta.read_text())
+            return data.get("source", str(path)), data.get("weights_sha256")
+        return str(path.resolve()), weights_hash(path)
+    return source, None
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

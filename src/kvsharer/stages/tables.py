@@ -1,0 +1,71 @@
+"""Stage ``tables``: paper-style tables (CSV + Markdown) from policy, evaluation and profile files
+(:mod:`kvsharer.report.tables`). Torch-free, like the whole report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from ..atomic import atomic_path, atomic_write_text
+from ..names import TABLES
+from ..report.collect import collect
+from ..report.tables import (DEFAULT_METRIC, DEFAULT_RANK_BIN, DEFAULT_THRESHOLD, build_tables, markdown, read_profiles,
+                             warn_if_no_main)
+
+log = logging.getLogger("kvsharer")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policies", nargs="*", default=[], type=Path, metavar="FILE",
+                        help="policy JSON files (from `search`)")
+    parser.add_argument("--evals", nargs="*", default=[], type=Path, metavar="FILE",
+                        help="evaluation JSON files (evaluate-ppl / -harness / -longctx)")
+    parser.add_argument("--main-metric", default=DEFAULT_METRIC, help="distance metric of the main results")
+    parser.add_argument("--main-threshold", type=float, default=DEFAULT_THRESHOLD, help="threshold T of the main results")
+    parser.add_argument("--rank-bin", type=int, default=DEFAULT_RANK_BIN,
+                        help="width of the dissimilarity-rank bins of the acceptance statistics")
+    parser.add_argument("--profile", nargs="*", default=[], type=Path, metavar="FILE", help="profile CSVs (from `profile`)")
+
+
+def add_only_argument(parser: argparse.ArgumentParser, names: tuple[str, ...], what: str) -> None:
+    parser.add_argument("--only", nargs="+", choices=names, default=list(names), metavar="NAME",
+                        help=f"write only these {what} (default: all; the DAG runs one job per {what[:-1]})")
+
+
+def check_common_arguments(args: argparse.Namespace) -> None:
+    if args.rank_bin < 1:
+        raise ValueError(f"--rank-bin must be at least 1, got {args.rank_bin}")
+    if not math.isfinite(args.main_threshold):
+        raise ValueError(f"--main-threshold must be a number, got {args.main_threshold}")
+
+
+def write_table(frame: pd.DataFrame, out_dir: Path, name: str) -> list[Path]:
+    csv, md = out_dir / f"{name}.csv", out_dir / f"{name}.md"
+    with atomic_path(csv) as tmp:
+        frame.to_csv(tmp, index=False)
+    atomic_write_text(md, markdown(frame))
+    return [csv, md]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_common_arguments(parser)
+    parser.add_argument("--out-dir", required=True, type=Path,
+                        help=f"writes <name>.csv and <name>.md for {', '.join(TABLES)}")
+    add_only_argument(parser, TABLES, "tables")
+
+
+def main(args: argparse.Namespace) -> int:
+    check_common_arguments(args)
+    collection = collect(args.policies, args.evals)
+    warn_if_no_main(collection, args.main_metric, args.main_threshold)
+    tables = build_tables(collection, args.main_metric, args.main_threshold, args.rank_bin, read_profiles(args.profile))
+    for name in args.only:
+        frame = tables[name]()
+        write_table(frame, args.out_dir, name)
+        log.info("table %s: %s -> %s", name, f"{len(frame)} rows" if len(frame) else "no inputs, header only",
+                 args.out_dir / f"{name}.csv")
+    return 0
