@@ -213,7 +213,9 @@ def test_shared_layers_compute_only_q(model, tokens):
             assert attention.wqkv is stand_in and isinstance(stand_in, GroupedQOnlyProjection)
             got, full = _split(stand_in(x), attention), _split(originals[layer](x), attention)
             groups = attention.num_key_value_groups
-            assert torch.equal(got[..., :groups, :], full[..., :groups, :])  # Q: exactly the original's Q
+            # Q: the original's Q rows (a matmul over the Q rows alone may sum in another order than the full one:
+            # equal to float rounding, not always bit-equal, depending on the CPU's GEMM kernel for each shape)
+            torch.testing.assert_close(got[..., :groups, :], full[..., :groups, :], rtol=1e-6, atol=1e-6)
             assert not got[..., groups:, :].any()  # K and V slots: zeros, never used
         for layer in set(range(8)) - set(policy.shared_layers):
             assert model.model.layers[layer].attention.wqkv is originals[layer]
