@@ -318,8 +318,8 @@ def test_max_length_caps_one_models_passkey_lengths(tmp_path, tiny_model_dir):
 
 def test_ruler_runs_through_the_harness_stage_for_policies_and_token_methods(tmp_path, tiny_model_dir):
     """evaluation.ruler plans one evaluate-harness job per setting of Table 1 (plain, the paper's and the measured
-    policies) and
-    per token method alone and with sharing, at the lengths up to each model's max_length."""
+    policies) and per token method and quantization, alone and with sharing, at the lengths up to each
+    model's max_length."""
     import re
 
     config = tiny_config(tiny_model_dir)
@@ -334,16 +334,46 @@ def test_ruler_runs_through_the_harness_stage_for_policies_and_token_methods(tmp
     assert policies and all(re.search(r"_(dissimilar|measured-kl)_euclidean_T", p) for p in policies)  # Table 1's
     assert {("tiny", "plain"), ("tiny", "plain+h2o-0.5")} <= settings
     assert any(s.endswith("+h2o-0.5") and not s.startswith("plain") for _, s in settings)  # with sharing
-    assert not any("int4" in s or "minicache" in s for _, s in settings)  # token methods only
+    assert {("tiny", "plain+int4")} <= settings  # quantization too; MiniCache (a rival of sharing) not
+    assert not any("minicache" in s for _, s in settings)
     for model, args, lengths, setting in calls:
         assert lengths == ("384,256" if model == "tiny" else "256")
         assert ("--cache h2o:0.5" in args) == setting.endswith("+h2o-0.5")
+        assert ("--cache int4" in args) == setting.endswith("+int4")
         assert ("--policy" in args) == (setting.split("+")[0] != "plain")
 
 
-def test_preflight_refuses_ruler_lengths_past_a_models_window(tmp_path, tiny_model_dir):
+def test_ruler_lengths_past_a_models_window_are_skipped_for_it(tmp_path, tiny_model_dir):
+    """RULER at each model's window: a length longer than the window its folder's config.json gives is not
+    planned for that model (the paper config lists 4k..128k for models of 4k, 32k and 128k windows)."""
+    import re
+
     config = tiny_config(tiny_model_dir)
-    config["evaluation"]["ruler"] = {"tasks": ["niah_single_1"], "lengths": [256, 4096]}
+    config["evaluation"]["ruler"] = {"tasks": ["niah_single_1"], "lengths": [256, 512, 4096]}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    proc = snakemake(tmp_path, "-n", check=False)
-    assert proc.returncode != 0 and "RULER lengths 4096 exceed its window of 512" in proc.stderr + proc.stdout
+    out = snakemake(tmp_path, "-n", "-p").stdout
+    assert set(re.findall(r"--tasks niah_single_1 --max-seq-lengths (\S+)", out)) == {"256,512"}
+
+
+def test_longbench_runs_through_the_harness_stage_truncated_with_its_own_batch(tmp_path, tiny_model_dir):
+    """evaluation.longbench plans one evaluate-harness job per setting of Table 1 and per token method and
+    quantization, alone and with sharing (long context is where they matter), each with --max-length the
+    smallest of evaluation.longbench.max_length, models.<m>.max_length and the window, and its own batch size."""
+    import re
+
+    config = tiny_config(tiny_model_dir)
+    config["models"]["short"] = {**config["models"]["tiny"], "max_length": 256}
+    config["evaluation"]["longbench"] = {"tasks": ["kvs_passage_word"], "max_length": 400, "batch_size": 2,
+                                         "limit": 3}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    out = snakemake(tmp_path, "-n", "-p").stdout
+    calls = re.findall(r"evaluate-harness --model results/models/(\w+) (.*?)--tasks kvs_passage_word --task-dir "
+                       r"results/text/tasks --max-length (\d+) --limit 3 --batch-size (\d+) .*?--out "
+                       r"results/\w+/eval/(\S+)/longbench.json", out)
+    assert calls
+    assert {(model, length) for model, _, length, _, _ in calls} == {("tiny", "400"), ("short", "256")}
+    assert {batch for *_, batch, _ in calls} == {"2"}
+    settings = {setting for *_, setting in calls}
+    assert {"plain", "plain+h2o-0.5", "plain+int4"} <= settings
+    assert any(s.endswith("+int4") and not s.startswith("plain") for s in settings)  # quantization with sharing
+    assert not any("minicache" in s for s in settings)

@@ -318,7 +318,31 @@ def test_harness_runs_offline_ruler_tasks_per_length_with_their_own_metric(tiny_
     assert share_map == SHARING_MAP and min(calls) > 0
 
 
+def test_harness_max_length_truncates_long_prompts_from_the_left(tiny_model_dir, heldout, tmp_path, caplog):
+    """LongBench's rule (evaluate_longbench --max-length): a prompt longer than the cap loses its start, the
+    question at its end stays; the group stand-in is scored by its `score` aggregate."""
+    import logging
+
+    from kvsharer.evaluate.standin_tasks import MAX_GEN_TOKENS, write_standins
+
+    write_standins({"longbench": "generation_group"}, heldout.read_text(), 0, 1, tmp_path / "tasks")
+    out = tmp_path / "longbench.json"
+    argv = ["evaluate-harness", "--model", str(tiny_model_dir), "--tasks", "standin_longbench",
+            "--task-dir", str(tmp_path / "tasks"), "--max-length", "160", "--limit", "1", "--out", str(out)]
+    with caplog.at_level(logging.WARNING):
+        assert cli(argv) == 0
+    result = read(out)
+    assert result["max_length"] == 160
+    assert result["scores"]["standin_longbench"]["kind"] == "group"
+    assert result["scores"]["standin_longbench"]["metric"] == "score"
+    truncated = [r.getMessage() for r in caplog.records if "Left truncation applied" in r.getMessage()]
+    assert truncated  # the four subtasks' prompts (hundreds of words each) are one batch here
+    assert all(f"truncating to last {160 - MAX_GEN_TOKENS} tokens" in m for m in truncated)
+
+
 @pytest.mark.parametrize("tasks, extra, expected", [
+    ("kvs_cloze", ["--max-length", "4096"], "--max-length 4096 exceeds the model's window of 512"),
+    ("kvs_cloze", ["--max-length", "8"], "--max-length must be at least 64"),
     ("niah_single_1,niah_single_2,ruler_qa_squad", [], "niah_single_2: Paul Graham essays; ruler_qa_squad: SQuAD"),
     ("ruler", [], "ruler: the whole group"),
     ("kvs_cloze", ["--max-seq-lengths", "400"], "RULER tasks only"),

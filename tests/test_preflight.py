@@ -67,7 +67,7 @@ def find(lines: list[str], *patterns: str) -> list[str]:
 
 
 def test_the_failures_of_the_paper_run_are_found_offline(monkeypatch):
-    hide_packages(monkeypatch, "unitxt", "einops", "sentencepiece")
+    hide_packages(monkeypatch, "unitxt", "einops", "sentencepiece", "jieba")
     config, overrides = paper_before_fixes()
     found = pf.check_config(config, overrides)
     problems = found.problems
@@ -86,6 +86,7 @@ def test_the_failures_of_the_paper_run_are_found_offline(monkeypatch):
     env = found.environment
     # 5: xsum is a unitxt task; 7: InternLM2's remote code imports einops and its tokenizer sentencepiece
     assert find(env, "xsum", "unitxt")
+    assert find(env, "longbench", "jieba")  # LongBench's metrics import it (lm-eval does not install it)
     for model in ("internlm2-7b-chat", "internlm2-20b-chat"):
         assert find(env, model, "einops") and find(env, model, "sentencepiece")
     # 8: offline, the hub models are checked all the same, and what the jobs would lack is said
@@ -141,6 +142,38 @@ def test_max_length_caps_a_model_and_must_leave_room_for_the_answer():
     config["models"]["llama"]["max_length"] = 4096
     assert find(pf.check_config(config, PROFILE["set-resources"]).problems, "'llama'", "max_length 4096",
                 r"\+ 8 answer tokens")
+
+
+def test_long_context_benchmarks_run_up_to_each_models_window_one_prompt_at_a_time():
+    """RULER runs each length up to the model's window (4k on Llama-2, 128k on Llama-3.1), LongBench truncates
+    at min(31500, window); at 128k tokens only one prompt per batch fits an 80 GB GPU beside an 8B model, which
+    preflight knows: the paper's batch_size 1 passes, the model's 16 does not."""
+    from kvsharer import jobs
+
+    assert jobs.ruler_lengths(PAPER, "llama2-7b-chat") == [4096]
+    assert jobs.ruler_lengths(PAPER, "mistral-7b-instruct")[-1] == 32768
+    assert jobs.ruler_lengths(PAPER, "llama3.1-8b-instruct")[-1] == 131072
+    assert jobs.longbench_max_length(PAPER, "llama2-70b-chat") == 4096
+    assert jobs.longbench_max_length(PAPER, "qwen2.5-7b-instruct") == 31500
+    config = copy.deepcopy(PAPER)
+    del config["evaluation"]["ruler"]["batch_size"], config["evaluation"]["longbench"]["batch_size"]
+    problems = pf.check_config(config, PROFILE["set-resources"]).problems
+    assert find(problems, "'llama3.1-8b-instruct'", "rule evaluate_ruler", r"16 x 131072 tokens")
+    assert find(problems, "'llama3.1-8b-instruct'", "rule evaluate_longbench", r"16 x 31500 tokens")
+    assert not find(problems, "'llama2-7b-chat'", "evaluate_ruler")
+
+
+def test_a_longbench_length_past_an_unknown_window_is_refused(monkeypatch):
+    """A model whose window the DAG cannot know (a hub id outside the stored architectures) is checked by
+    preflight from its config: a LongBench cap past it is a problem."""
+    from kvsharer import jobs
+
+    monkeypatch.setattr(jobs, "known_window", lambda source: None)
+    config = copy.deepcopy(PAPER)
+    config["models"] = {"llama": dict(PAPER["models"]["llama2-7b-chat"])}
+    config["evaluation"]["ruler"]["lengths"] = [4096]
+    problems = pf.check_config(config, PROFILE["set-resources"]).problems
+    assert find(problems, "'llama'", "LongBench max_length 31500 exceeds its window of 4096")
 
 
 def test_a_group_without_an_aggregate_is_refused():

@@ -2,7 +2,7 @@
 models (kvsharer.models.standins) and stand-in tasks (kvsharer.evaluate.standin_tasks), through the local Slurm.
 
 The unit tests check the substitutions against the real architectures and lm-eval's registry; the
-slurm-marked test runs the `ci` cut of the rehearsal (two paper models, see kvsharer.rehearsal.CUTS)
+slurm-marked test runs the `ci` cut of the rehearsal (one paper model, see kvsharer.rehearsal.CUTS)
 through the repository's Slurm profile on the local one-node cluster (`.ci/start-slurm.sh`) and is
 skipped when no Slurm answers.
 """
@@ -33,7 +33,8 @@ PAPER_SOURCES = sorted({m["source"] for m in PAPER["models"].values()})
 # the kinds of the paper's benchmarks in lm-eval's registry (read once: the scan takes seconds)
 KINDS = {"hellaswag": "multiple_choice", "piqa": "multiple_choice", "wsc273": "multiple_choice",
          "commonsense_qa": "multiple_choice", "boolq": "multiple_choice", "race": "multiple_choice",
-         "mmlu": "group", "cmmlu": "group", "xsum": "generation"}
+         "mmlu": "group", "cmmlu": "group", "xsum": "generation", "longbench": "generation_group"}
+HARNESS_KINDS = {n: KINDS[n] for n in PAPER["evaluation"]["harness"]["tasks"]}
 
 
 @pytest.mark.parametrize("hub_id", PAPER_SOURCES)
@@ -86,13 +87,21 @@ def test_standin_tasks_have_the_structure_of_the_benchmarks(tmp_path):
 
     from kvsharer.data import load_corpus
 
-    wanted = {"mmlu": "group", "xsum": "generation", "hellaswag": "multiple_choice"}
-    manifest = write_standins(wanted, load_corpus("embedded:pydoc")[:60000], 0, 8, tmp_path)
+    wanted = {"mmlu": "group", "xsum": "generation", "hellaswag": "multiple_choice", "longbench": "generation_group"}
+    manifest = write_standins(wanted, load_corpus("embedded:pydoc")[:200000], 0, 8, tmp_path)
     assert manifest["standin_mmlu"]["subtasks"] == [f"standin_mmlu_{i}" for i in range(4)]
     manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
     needs = task_needs([f"standin_{n}" for n in wanted], manager)
     assert {n: kind_of(needs[f"standin_{n}"]) for n in wanted} == wanted
     assert needs["standin_xsum"].metric == "rougeL" and len(needs["standin_mmlu"].leaves) == 4
+    # LongBench's: generation subtasks over passages of hundreds of words, aggregated by their `score`
+    assert needs["standin_longbench"].metric == "score" and len(needs["standin_longbench"].leaves) == 4
+    for sub in manifest["standin_longbench"]["subtasks"]:
+        items = [json.loads(line) for line in (tmp_path / f"{sub}.jsonl").read_text().splitlines()]
+        assert len(items) == 8 and all(len(i["context"].split()) >= 300 for i in items)
+        for item in items:  # the answer is the sentence after the quoted one, inside the passage
+            quoted = item["context"].rsplit('follows "', 1)[1].rsplit('"?', 1)[0]
+            assert " ".join([quoted, item["target"]]) in " ".join(item["context"].split())
 
 
 def test_rehearsal_config_substitutes_models_tasks_and_text_only():
@@ -106,6 +115,8 @@ def test_rehearsal_config_substitutes_models_tasks_and_text_only():
     harness = config["evaluation"]["harness"]
     assert harness["tasks"] == [f"standin_{t}" for t in PAPER["evaluation"]["harness"]["tasks"]]
     assert harness["standins"] == KINDS and harness["local_tasks"] is True
+    assert config["evaluation"]["longbench"] == {**PAPER["evaluation"]["longbench"], "tasks": ["standin_longbench"]}
+    assert config["evaluation"]["ruler"] == PAPER["evaluation"]["ruler"]  # RULER builds its data offline
     for key in ("search", "compose", "profile"):
         assert config[key] == PAPER[key]
     assert config["evaluation"]["longctx"] == PAPER["evaluation"]["longctx"]
@@ -142,7 +153,7 @@ def test_rehearsal_ci_cut_runs_through_slurm(tmp_path, capsys):
     config = rehearsal.rehearsal_config(PAPER, "ci", gpus=0, kinds=KINDS)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     start = time.monotonic()
-    proc = snakemake_slurm(tmp_path, timeout=540)
+    proc = snakemake_slurm(tmp_path, timeout=900)
     wall = time.monotonic() - start
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
@@ -157,11 +168,17 @@ def test_rehearsal_ci_cut_runs_through_slurm(tmp_path, capsys):
     assert {r["model"] for r in rows} == set(config["models"])  # one block of rows per rehearsed model
     harness = json.loads((results / "mistral-7b-instruct" / "eval" / "plain" / "harness.json").read_text())
     assert {n: s["kind"] for n, s in harness["scores"].items()} == {
-        f"standin_{n}": "group" if k == "group" else "task" for n, k in KINDS.items()}
+        f"standin_{n}": "group" if k == "group" else "task" for n, k in HARNESS_KINDS.items()}
     assert harness["scores"]["standin_xsum"]["metric"] == "rougeL"
+    longbench = json.loads((results / "mistral-7b-instruct" / "eval" / "plain" / "longbench.json").read_text())
+    assert longbench["scores"]["standin_longbench"]["kind"] == "group"
+    assert longbench["scores"]["standin_longbench"]["metric"] == "score"
+    ruler = json.loads((results / "mistral-7b-instruct" / "eval" / "plain" / "ruler.json").read_text())
+    assert set(ruler["tasks"]["niah_single_1"]["by_length"]) == {"256"}
     for figure in ("ppl_vs_rate", "passkey", "profile_memory"):
         assert (results / "figures" / f"{figure}.png").stat().st_size > 0, figure
-    for stage in ("calibrate", "search", "evaluate_ppl", "evaluate_harness", "evaluate_longctx", "profile"):
+    for stage in ("calibrate", "search", "evaluate_ppl", "evaluate_harness", "evaluate_longctx", "evaluate_ruler",
+                  "evaluate_longbench", "profile"):
         assert f"rule_{stage}" in {p.name for p in (tmp_path / ".snakemake" / "slurm_logs").iterdir()}, stage
     report = subprocess.run(snakemake_report_cmd(tmp_path), capture_output=True, text=True, env=_env(),
                             cwd=tmp_path, timeout=180)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 # rules that load a model onto its GPUs
 MODEL_RULES = ("calibrate", "search", "evaluate_ppl", "evaluate_harness", "evaluate_longctx", "evaluate_ruler",
-               "profile")
+               "evaluate_longbench", "profile")
 DEFAULTS = {"mem_mb": 4000, "gpus": 1, "batch_size": 8}  # as in workflow/schemas/config.schema.yaml
 ANSWER_TOKENS = 8  # evaluation.longctx.answer_tokens default: greedy answer tokens after a passkey prompt
 SCALING_DEFAULTS = {"layers": [8, 16, 32], "hidden": [256, 512], "samples": 30, "tokens": 64, "rate": 0.25,
@@ -69,6 +69,42 @@ def longctx_lengths(config: dict, model: str) -> list[int]:
     return _capped(((config.get("evaluation") or {}).get("longctx") or {}).get("lengths", []), config, model)
 
 
+def known_window(source: str) -> int | None:
+    """A model's window (max_position_embeddings) known without loading anything: a stored architecture
+    (hub id, ``standin:``, ``random:``, ``embedded:``) or a local folder's ``config.json``; None otherwise."""
+    import json
+    from pathlib import Path
+
+    from .models.shapes import architecture_of, shape_from_config
+
+    shape = architecture_of(source)
+    config_file = Path(source) / "config.json"
+    if shape is None and config_file.is_file():
+        try:
+            shape = shape_from_config(json.loads(config_file.read_text()))
+        except (OSError, ValueError):
+            shape = None
+    return shape.max_positions if shape is not None and shape.max_positions else None
+
+
 def ruler_lengths(config: dict, model: str) -> list[int]:
-    """The RULER lengths run on ``model``: ``evaluation.ruler.lengths`` up to ``models.<m>.max_length``."""
-    return _capped(((config.get("evaluation") or {}).get("ruler") or {}).get("lengths", []), config, model)
+    """The RULER lengths run on ``model``: ``evaluation.ruler.lengths`` up to its window (when known from
+    its architecture, :func:`known_window`) and up to ``models.<m>.max_length``: RULER at each model's window."""
+    window = known_window(str(config["models"][model]["source"]))
+    lengths = ((config.get("evaluation") or {}).get("ruler") or {}).get("lengths", [])
+    return _capped([n for n in lengths if window is None or n <= window], config, model)
+
+
+def longbench_max_length(config: dict, model: str) -> int | None:
+    """The LongBench truncation length of ``model``: the smallest of ``evaluation.longbench.max_length``,
+    ``models.<m>.max_length`` and its window when known (:func:`known_window`); None: the model's window."""
+    caps = [((config.get("evaluation") or {}).get("longbench") or {}).get("max_length"),
+            config["models"][model].get("max_length"), known_window(str(config["models"][model]["source"]))]
+    caps = [c for c in caps if c is not None]
+    return min(caps) if caps else None
+
+
+def eval_batch(config: dict, model: str, kind: str) -> int:
+    """Prompts per batch of an evaluation kind: ``evaluation.<kind>.batch_size``, else the model's."""
+    own = ((config.get("evaluation") or {}).get(kind) or {}).get("batch_size")
+    return int(own) if own is not None else int(model_setting(config, model, "batch_size"))

@@ -232,6 +232,11 @@ def check_windows(name: str, window: int, config: dict) -> list[str]:
         problems.append(f"model {name!r}: RULER lengths {', '.join(map(str, too_long))} exceed its window of {window} "
                         f"tokens (evaluate_ruler would fail): use evaluation.ruler.lengths up to {window}, or cap them "
                         f"with models.{name}.max_length")
+    cap = jobs.longbench_max_length(config, name) if "longbench" in evaluation else None
+    if cap is not None and cap > window:
+        problems.append(f"model {name!r}: LongBench max_length {cap} exceeds its window of {window} tokens "
+                        f"(evaluate_longbench would fail): lower evaluation.longbench.max_length or "
+                        f"models.{name}.max_length")
     if "ppl" in evaluation and evaluation["ppl"].get("window", 512) > window:
         problems.append(f"model {name!r}: perplexity window {evaluation['ppl'].get('window', 512)} exceeds its "
                         f"window of {window} tokens")
@@ -266,7 +271,11 @@ def forwards(config: dict, name: str, window: int) -> dict[str, list[tuple[str, 
                                     max(lengths) + jobs.answer_tokens(config), False)]
     lengths = jobs.ruler_lengths(config, name) if "ruler" in evaluation else []
     if lengths:  # lm-eval generates for a batch of prompts of (up to) the longest length
-        out["evaluate_ruler"] = [("RULER samples", batch, max(lengths), False)]
+        out["evaluate_ruler"] = [("RULER samples", jobs.eval_batch(config, name, "ruler"), max(lengths), False)]
+    if "longbench" in evaluation:  # prompts of thousands of tokens, truncated to the cap (else the window)
+        cap = jobs.longbench_max_length(config, name)
+        out["evaluate_longbench"] = [("LongBench prompts", jobs.eval_batch(config, name, "longbench"),
+                                      min(window, cap or window), False)]
     profile = config.get("profile")
     if profile is not None:
         out["profile"] = [("profile warm-up", 1, min(profile.get("contexts", [512])) + 2, False)]
@@ -463,6 +472,10 @@ def check_config(config: dict, overrides: dict | None = None) -> Findings:
     harness = evaluation.get("harness")
     if harness and not harness.get("local_tasks", False):
         datasets = check_tasks(harness["tasks"], findings)
+    longbench = evaluation.get("longbench")
+    if longbench and not (harness or {}).get("local_tasks", False):
+        for dataset, names in check_tasks(longbench.get("tasks", ["longbench"]), findings).items():
+            datasets.setdefault(dataset, set()).update(names)
     findings.environment += hub_problems(config, infos, datasets)
     findings.problems = list(dict.fromkeys(findings.problems))
     findings.environment = list(dict.fromkeys(findings.environment))

@@ -9,9 +9,12 @@ reads the paper config and writes one in which only these things differ:
 * every model's ``source`` becomes ``standin:<hub id>`` (:mod:`kvsharer.models.standins`): the model's own
   architecture from ``kvsharer.models.shapes`` (layers, heads, KV heads, window, RoPE, vocabulary, biases) with
   heads ``HEAD_DIM`` wide, random weights, a BPE tokenizer trained on the embedded corpus;
-* every lm-eval name of ``evaluation.harness.tasks`` becomes ``standin_<name>``, a local task of the same
-  structure as the real one in lm-eval's registry (:mod:`kvsharer.evaluate.standin_tasks`: a group with an
-  aggregate for mmlu/cmmlu, a ROUGE-scored generation task for xsum, multiple choice for the rest);
+* every lm-eval name of ``evaluation.harness.tasks`` and ``evaluation.longbench.tasks`` becomes
+  ``standin_<name>``, a local task of the same structure as the real one in lm-eval's registry
+  (:mod:`kvsharer.evaluate.standin_tasks`: a group with an aggregate for mmlu/cmmlu, a group of long-passage
+  generation tasks with LongBench's ``score`` aggregate for longbench, a ROUGE-scored generation task for
+  xsum, multiple choice for the rest); RULER's offline tasks stay themselves (lm-eval generates their data
+  from the stand-in's tokenizer);
 * the calibration text (a hub dataset) becomes ``embedded:pydoc`` (offline);
 
 **what a CPU node of the local test cluster cannot give** (``CPU_OVERRIDES``, always): ``dtype``
@@ -58,8 +61,9 @@ CUTS: dict[str, dict] = {
         "evaluation.ppl.max_tokens": 4096, "evaluation.ppl.corpus_max_tokens": 2048,
         "evaluation.harness.limit": 10,
         "evaluation.longctx.lengths": [256, 512], "evaluation.longctx.trials": 2,
+        "evaluation.ruler.lengths": [1024], "evaluation.ruler.limit": 2, "evaluation.longbench.limit": 2,
     },
-    # the slurm-marked test (about 4 minutes on 2 cores): one model, Mistral-7B (GQA 32/8 heads, its own
+    # the slurm-marked test (about 4-7 minutes on 2 cores): one model, Mistral-7B (GQA 32/8 heads, its own
     # transformers class, a 32k vocabulary: Qwen2.5's 152k makes every forward's logits 5x dearer), the
     # paper's method at one rate, no compositions (a streamed harness job takes 90 s on CPU), a one-point
     # profile, the shortest passkey grid
@@ -74,6 +78,8 @@ CUTS: dict[str, dict] = {
         "evaluation.ppl.max_tokens": 2048, "evaluation.ppl.corpora": {},
         "evaluation.harness.limit": 2,
         "evaluation.longctx.lengths": [256], "evaluation.longctx.depths": [0.0, 1.0], "evaluation.longctx.trials": 1,
+        "evaluation.ruler.tasks": ["niah_single_1"], "evaluation.ruler.lengths": [256], "evaluation.ruler.limit": 1,
+        "evaluation.longbench.limit": 1,
     },
 }
 SCALING = {"layers": [8, 16], "hidden": [64, 128], "threads": 1}
@@ -93,10 +99,13 @@ def task_kinds(names: list[str]) -> dict[str, str]:
 
 
 def _set(config: dict, path: str, value) -> None:
+    """Cut ``path`` to ``value``; a section the config does not have (no job runs it) stays absent."""
     *parents, key = path.split(".")
     node = config
     for part in parents:
-        node = node.setdefault(part, {})
+        if not isinstance(node.get(part), dict):
+            return
+        node = node[part]
     node[key] = copy.deepcopy(value)
 
 
@@ -150,11 +159,18 @@ def rehearsal_config(paper: dict, cut: str = "local", gpus: int = 0, kinds: dict
     config["calibration"]["text"] = REHEARSAL_TEXT
     if "scaling" in config:
         config["scaling"].update(SCALING)
-    harness = (config.get("evaluation") or {}).get("harness")
+    evaluation = config.get("evaluation") or {}
+    harness, longbench = evaluation.get("harness"), evaluation.get("longbench")
+    if longbench and not harness:
+        raise ValueError("a rehearsal writes LongBench's stand-ins with the harness tasks': the paper config's "
+                         "evaluation.longbench needs an evaluation.harness section")
     if harness:
-        kinds = kinds if kinds is not None else task_kinds(harness["tasks"])
+        names = list(dict.fromkeys(harness["tasks"] + (longbench or {}).get("tasks", ["longbench"] if longbench else [])))
+        kinds = kinds if kinds is not None else task_kinds(names)
         harness.update(tasks=[f"standin_{t}" for t in harness["tasks"]], local_tasks=True,
-                       standins={t: kinds[t] for t in harness["tasks"]})
+                       standins={t: kinds[t] for t in names})
+        if longbench:
+            longbench["tasks"] = [f"standin_{t}" for t in longbench.get("tasks", ["longbench"])]
     for name, model in config["models"].items():
         model["mem_mb"] = job_mem_mb(config, name)
     return config

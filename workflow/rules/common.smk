@@ -57,12 +57,16 @@ def model_setting(model, key):
     return config["models"][model][key]
 
 
-def retry_batch(default_key=None):
+def retry_batch(default_key=None, kind=None):
     """Batch size for a job's attempt: halved on every retry (a job that ran out of GPU memory is
-    resubmitted by `retries:` with a smaller batch). 0 means "the stage's default" on the first attempt."""
+    resubmitted by `retries:` with a smaller batch). 0 means "the stage's default" on the first attempt.
+    `kind` (ruler, longbench): evaluation.<kind>.batch_size when set, else the model's batch_size."""
 
     def batch(wildcards, attempt):
-        first = model_setting(wildcards.model, "batch_size") if default_key else setting("calibration/samples")
+        if kind is not None:
+            first = jobs.eval_batch(config, wildcards.model, kind)
+        else:
+            first = model_setting(wildcards.model, "batch_size") if default_key else setting("calibration/samples")
         if default_key is None and attempt == 1:
             return 0
         return max(1, first // 2 ** (attempt - 1))
@@ -82,6 +86,12 @@ def model_gpus(wildcards):
 def ruler_lengths(wildcards):
     """evaluation.ruler.lengths up to models.<m>.max_length."""
     return ",".join(str(x) for x in jobs.ruler_lengths(config, wildcards.model))
+
+
+def longbench_length_arg(wildcards):
+    """--max-length: LongBench prompts truncated to evaluation.longbench.max_length / models.<m>.max_length."""
+    cap = jobs.longbench_max_length(config, wildcards.model)
+    return f"--max-length {cap}" if cap else ""
 
 
 def longctx_lengths(wildcards):
@@ -113,8 +123,9 @@ def compose_settings(kind, model):
     alone (scored by ppl and harness); the needle-in-a-haystack methods with and without sharing (longctx)."""
     if kind == "longctx":
         specs = C.get("niah", [])
-    elif kind == "ruler":  # long context is where the token methods matter
-        specs = [s for s in C.get("intra", []) if method_registry.is_token_method(s)]
+    elif kind in ("ruler", "longbench"):  # long context is where the token methods and quantization matter
+        specs = ([s for s in C.get("intra", []) if method_registry.is_token_method(s)]
+                 + [f"int{b}" for b in C.get("quant_bits", [])])
     else:
         specs = C.get("intra", []) + [f"int{b}" for b in C.get("quant_bits", [])]
     specs = model_methods(model, specs)
@@ -132,7 +143,8 @@ def compose_policies():
 
 EVAL = config["evaluation"]
 EVAL_KINDS = {"ppl": ("ppl" in EVAL, all_policies), "harness": ("harness" in EVAL, table1_policies),
-              "longctx": ("longctx" in EVAL, table1_policies), "ruler": ("ruler" in EVAL, table1_policies)}
+              "longctx": ("longctx" in EVAL, table1_policies), "ruler": ("ruler" in EVAL, table1_policies),
+              "longbench": ("longbench" in EVAL, table1_policies)}
 
 
 def eval_files(kind):
@@ -226,7 +238,8 @@ def corpus_eval_files():
 
 
 def all_evals():
-    return eval_files("ppl") + corpus_eval_files() + eval_files("harness") + eval_files("longctx") + eval_files("ruler")
+    return (eval_files("ppl") + corpus_eval_files() + eval_files("harness") + eval_files("longctx") + eval_files("ruler")
+            + eval_files("longbench"))
 
 
 def final_outputs():

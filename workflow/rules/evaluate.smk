@@ -78,10 +78,38 @@ rule evaluate_ruler:
     resources:
         mem_mb=lambda w: model_setting(w.model, "mem_mb"),
         gpu=model_gpus,
-        batch=retry_batch("batch_size"),
+        batch=retry_batch("batch_size", kind="ruler"),
     shell:
         "python -m kvsharer --threads {threads} --gpus {resources.gpu} evaluate-harness --model {input.model} {params.policy} {params.cache}"
         " --tasks {params.tasks} --max-seq-lengths {params.lengths} {params.limit}"
+        " --batch-size {resources.batch} --dtype {params.dtype} --out {output} > {log} 2>&1"
+
+
+rule evaluate_longbench:
+    input:
+        unpack(harness_inputs),
+    output:
+        "results/{model}/eval/{policy}/longbench.json",
+    params:
+        policy=policy_arg,
+        cache=chunk_arg,
+        tasks=",".join(setting("evaluation/longbench/tasks", [])),
+        task_dir="--task-dir results/text/tasks" if setting("evaluation/harness/local_tasks") else "",
+        max_length=longbench_length_arg,
+        limit=lambda w: f"--limit {setting('evaluation/longbench/limit')}" if setting("evaluation/longbench/limit") else "",
+        dtype=lambda w: model_setting(w.model, "dtype"),
+    log:
+        "logs/{model}/eval/{policy}/longbench.log",
+    conda:
+        "../../envs/kvsharer.yaml"
+    threads: lambda w: model_setting(w.model, "threads")
+    resources:
+        mem_mb=lambda w: model_setting(w.model, "mem_mb"),
+        gpu=model_gpus,
+        batch=retry_batch("batch_size", kind="longbench"),
+    shell:
+        "python -m kvsharer --threads {threads} --gpus {resources.gpu} evaluate-harness --model {input.model} {params.policy} {params.cache}"
+        " --tasks {params.tasks} {params.task_dir} {params.max_length} {params.limit}"
         " --batch-size {resources.batch} --dtype {params.dtype} --out {output} > {log} 2>&1"
 
 

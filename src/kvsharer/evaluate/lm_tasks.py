@@ -3,7 +3,8 @@
 For each requested name: whether it is a plain task, a group with an aggregate (``mmlu``: lm-eval
 reports one ``acc`` weighted over its subtasks) or a group/tag without one (lm-eval reports only the
 subtasks), its leaf tasks, the datasets they read (hub ids) and the Python packages their code imports
-beyond lm-eval's own requirements (``xsum`` is a unitxt task: it needs ``unitxt``), and the metric the
+beyond lm-eval's own requirements (``xsum`` is a unitxt task: it needs ``unitxt``; LongBench's metrics
+``jieba``, ``fuzzywuzzy`` and ``rouge``), and the metric the
 report shows for it (:func:`primary_metric`). Preflight checks these before any job; the harness stage
 records them with its scores. Torch-free.
 """
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # lm_eval/tasks/<folder> -> packages the folder's Python code imports (lm-eval does not install them)
-FOLDER_PACKAGES = {"unitxt": ("unitxt",)}
+FOLDER_PACKAGES = {"unitxt": ("unitxt",), "longbench": ("jieba", "fuzzywuzzy", "rouge")}
 # metrics computed by a package lm-eval does not require
 METRIC_PACKAGES = {"rouge": ("rouge_score",), "bleu": ("sacrebleu",), "chrf": ("sacrebleu",), "ter": ("sacrebleu",)}
 # unitxt metrics that need NLTK data at scoring time (unitxt downloads it then: no internet, no score)

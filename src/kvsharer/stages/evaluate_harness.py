@@ -31,6 +31,12 @@ def parse_tasks(text: str) -> list[str]:
     return names
 
 
+def check_max_length(max_length: int | None, window: int | None) -> None:
+    if max_length is not None and window is not None and max_length > window:
+        raise ValueError(f"--max-length {max_length} exceeds the model's window of {window} tokens "
+                         "(max_position_embeddings)")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder, hub id or embedded:<name>")
     add_setting_arguments(parser)
@@ -40,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="examples per task at most (RULER tasks: per length; default: all)")
     parser.add_argument("--max-seq-lengths", default=None,
                         help="RULER tasks only: comma-separated sequence lengths in tokens (default 4096)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="prompt + answer tokens at most: lm-eval truncates longer prompts from the left "
+                             "(LongBench; default: the model's window)")
     parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
@@ -54,6 +63,8 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise ValueError(f"--num-fewshot must be at least 0, got {args.num_fewshot}")
+    if args.max_length is not None and args.max_length < 64:
+        raise ValueError(f"--max-length must be at least 64 tokens, got {args.max_length}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.task_dir is not None and not args.task_dir.is_dir():
@@ -62,6 +73,7 @@ def main(args: argparse.Namespace) -> int:
     ruler_names, other_names = split_ruler(names)
     lengths = parse_lengths(args.max_seq_lengths, ruler_names)
     check_window(lengths, context_window(args.model))
+    check_max_length(args.max_length, context_window(args.model))
     policy, method = parse_setting(args)
     chunk = args.chunk if method is not None else None
     task_dir = args.task_dir.resolve() if args.task_dir is not None else None
@@ -73,13 +85,16 @@ def main(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn,
                                   device=resolve_device(args.device))
-    check_window(lengths, getattr(text_config(model), "max_position_embeddings", None))
+    window = getattr(text_config(model), "max_position_embeddings", None)
+    check_window(lengths, window)
+    check_max_length(args.max_length, window)
     policy = policy or SharingPolicy.identity(find_parts(model).n_layers)
 
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    lm = streaming_lm(HFLM, chunk)(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
+    lm = streaming_lm(HFLM, chunk)(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size,
+                                   max_length=args.max_length)
     start = time.perf_counter()
     with apply_setting(model, policy, method), tempfile.TemporaryDirectory() as scratch:
         tasks, scores, seconds_by_length = evaluate_tasks(lm, tokenizer, args.model, other_names, task_manager,
@@ -92,6 +107,7 @@ def main(args: argparse.Namespace) -> int:
         "tasks": tasks, "scores": scores,
         "requested": names, "task_dir": str(task_dir) if task_dir else None,
         "limit": args.limit, "num_fewshot": args.num_fewshot, "batch_size": args.batch_size,
+        "max_length": args.max_length,
         "max_seq_lengths": lengths or None, "ruler_seconds_by_length": seconds_by_length or None,
         "dtype": args.dtype, "device": str(model.device), "lm_eval_version": lm_eval.__version__,
         "seconds": seconds,

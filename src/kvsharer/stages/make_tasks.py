@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "writes as one token, so lm-eval scores an item's four choices from one forward")
     parser.add_argument("--standins", default="",
                         help="NAME=KIND,...: also write stand-ins standin_NAME of lm-eval benchmarks, KIND one of "
-                             "multiple_choice, group, generation (kvsharer.evaluate.standin_tasks)")
+                             "multiple_choice, group, generation, generation_group (kvsharer.evaluate.standin_tasks)")
 
 
 def one_token_words(model: str):
