@@ -33,7 +33,7 @@ from conftest import make_tiny  # noqa: E402
 REFERENCE = Path(__file__).parent / "data" / "cache_method_reference.json"
 SPECS = ["none", "h2o:0.5", "pyramidinfer:0.5", "kvmerger:0.5", "streamingllm:0.5", "snapkv:0.5",
          "int8", "int4", "int2", "minicache:0.25"]
-SHARING_MAP = [0, 1, 2, 1, 4, 4, 2, 0]  # 3 of 8 layers read an earlier layer's K/V
+SHARING_MAP = [0, 1, 2, 1, 4, 4, 2, 0]  # 4 of 8 layers read an earlier layer's K/V
 MODELS = {  # name -> make_tiny arguments (8 layers, hidden 64, 4 query heads of 16)
     "llama_mha": dict(family="llama", num_key_value_heads=4, seed=0),
     "qwen3_gqa": dict(family="qwen3", seed=1),  # 2 KV heads, q/k norms
