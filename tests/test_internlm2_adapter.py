@@ -18,6 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from kvsharer import SharingPolicy, attach, cache_nbytes, detach, expected_kv_nbytes, share_kv
 from kvsharer.models.loading import GroupedQOnlyProjection, InternLM2Adapter, UnsupportedArchitecture, find_parts
+from kvsharer.cache.hooks import attached_methods
 from kvsharer.cache.sharing import SharedLayer
 
 VOCAB = 96
@@ -267,7 +268,7 @@ def test_detach_restores_bit_equal(model, tokens):
     sharing = attach(model, SharingPolicy(POLICY))
     assert not torch.equal(model(tokens).logits, plain)
     detach(model)
-    assert not sharing.attached and not hasattr(model, "_kvsharer")
+    assert not sharing.attached and not attached_methods(model) and not hasattr(model, "_kvsharer_hooks")
     assert [layer.attention.wqkv for layer in model.model.layers] == originals
     assert not any(isinstance(m, GroupedQOnlyProjection) for m in model.modules())
     assert torch.equal(model(tokens).logits, plain)

@@ -22,6 +22,7 @@ from kvsharer.methods.intra import attention, blockwise
 from kvsharer.methods.intra.attention import scoring_attention_forward
 from kvsharer.methods.intra.blockwise import AttentionScores, blockwise_scoring_attention
 from kvsharer.models.loading import kv_shape
+from kvsharer.cache.hooks import attached_methods
 from kvsharer.cache.sharing import SharedLayer
 from masked_reference import reference_new_logits
 from scoring_reference import reference_forward, reference_scores, reference_scoring_attention
@@ -304,7 +305,7 @@ def test_detach_restores_bit_equal_and_config_is_not_shared(family, tokens, shar
         compressed_gen = model.generate(tokens, max_new_tokens=6, **GEN)
     assert compressed_gen.shape == plain_gen.shape
     assert model.config is config and all(m.config is config for m in model.modules() if hasattr(m, "config"))
-    assert not hasattr(model, "_kvsharer_intra") and not hasattr(model, "_kvsharer")
+    assert not attached_methods(model) and not hasattr(model, "_kvsharer_hooks")
     assert not any(hasattr(m, "_kvsharer_intra") for m in model.modules())
     assert not model.model._forward_pre_hooks and not model.model._forward_hooks
     assert torch.equal(model(tokens).logits, plain)

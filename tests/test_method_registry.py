@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from importlib import import_module
 
 import pytest
 import yaml
@@ -29,6 +30,9 @@ def test_every_reader_sees_the_same_names():
     for name, entry in registry.ENTRIES.items():
         assert entry.load() is not None and entry.summary
         assert entry.name in registry.known_names()
+        # the registry's with_sharing is the torch-free copy of what the family's KVMethod class declares
+        module, _, cls = registry.FAMILY_METHOD[entry.family].partition(":")
+        assert getattr(import_module(module), cls).with_sharing is entry.with_sharing
 
 
 @pytest.mark.parametrize("spec, family, with_sharing", [

@@ -15,6 +15,7 @@ from kvsharer.methods.intra import compress_kv, make_method
 from kvsharer.methods.minicache import (
     MiniCache, minicache, MiniCachePair, MiniCachePartner, expected_minicache_nbytes, pairs_for_rate, retained_count, slerp,
 )
+from kvsharer.cache.hooks import attached_methods
 from kvsharer.models.loading import kv_shape
 
 GEN = dict(do_sample=False, pad_token_id=0)
@@ -340,7 +341,7 @@ def test_detach_restores_the_plain_model():
         assert torch.equal(r, x)
     assert torch.equal(model.generate(prompt, max_new_tokens=4, **GEN), ref_gen)
     assert (len(decoder._forward_pre_hooks), len(decoder._forward_hooks)) == hooks
-    assert not hasattr(model, "_kvsharer_minicache")
+    assert not attached_methods(model) and not hasattr(model, "_kvsharer_hooks")
 
 
 def test_refusals():
@@ -350,16 +351,17 @@ def test_refusals():
         minicache(model, 0.25).__enter__()
     with compress_kv(model, make_method("h2o", 0.5)), pytest.raises(RuntimeError, match="token-level method"):
         MiniCache(model, 0.25).attach()
-    with minicache(model, 0.25):
+    with minicache(model, 0.25) as merger:
         with pytest.raises(RuntimeError, match="already has MiniCache"):
             MiniCache(model, 0.125).attach()
-        with share_kv(model, policy), pytest.raises(RuntimeError, match="KV-sharing policy attached"):
-            model(_tokens((1, 4), 0))  # attached after MiniCache: refused at the next forward
+        with pytest.raises(RuntimeError, match="KV-sharing policy attached"):
+            share_kv(model, policy).__enter__()  # attached after MiniCache: refused as well
+        assert attached_methods(model) == [merger]
         plain_cache = DynamicCache(config=model.config)
         plain_cache.update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), 0)
         with pytest.raises(ValueError, match="already holds tokens"):
             model(_tokens((1, 4), 0), past_key_values=plain_cache)
-    assert not hasattr(model, "_kvsharer_minicache")
+    assert not attached_methods(model) and not hasattr(model, "_kvsharer_hooks")
     for kwargs, message in (
         (dict(t=1.5), r"interpolation t must be a number in \[0, 1\]"),
         (dict(t=-0.1), r"interpolation t must be a number in \[0, 1\]"),

@@ -12,7 +12,8 @@ from kvsharer.methods.intra import compress_kv, make_method
 from kvsharer.methods.quant import (
     KVQuantization, QuantizedKVLayer, dequantize, expected_quant_nbytes, pack, quantize, unpack,
 )
-from kvsharer.cache.sharing import SharedLayer
+from kvsharer.cache.hooks import attached_methods
+from kvsharer.cache.sharing import KVSharing, SharedLayer
 
 POLICY = [0, 1, 2, 1, 4, 5, 6, 5]  # layers 3 and 7 read layers 1 and 5
 GEN = dict(do_sample=False, pad_token_id=0)
@@ -196,8 +197,10 @@ def test_sharing_and_quantization_compose():
         assert all(getattr(layer, "_returned", None) is None for layer in cache.layers)
         with pytest.raises(RuntimeError, match="returned no K/V in this forward"):
             cache.layers[3].update(None, None)
-        assert quantization.attached and model._kvsharer.policy == policy
-    assert not hasattr(model, "_kvsharer") and not hasattr(model, "_kvsharer_quant")
+        sharing, attached = attached_methods(model)
+        assert quantization.attached and attached is quantization
+        assert isinstance(sharing, KVSharing) and sharing.policy == policy
+    assert not attached_methods(model) and not hasattr(model, "_kvsharer_hooks")
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -244,7 +247,7 @@ def test_detach_restores_bit_equal_outputs():
     assert torch.equal(after, before) and type(cache.layers[0]) is not QuantizedKVLayer
     assert torch.equal(model.generate(prompt, max_new_tokens=5, **GEN), gen_before)
     assert (len(decoder._forward_pre_hooks), len(decoder._forward_hooks)) == hooks
-    assert not hasattr(model, "_kvsharer_quant") and not hasattr(model, "_kvsharer")
+    assert not attached_methods(model) and not hasattr(model, "_kvsharer_hooks")
 
 
 def test_refused_inputs_each_say_why():
@@ -260,16 +263,16 @@ def test_refused_inputs_each_say_why():
     with quantize_kv(model, 4, group_size=8):
         with pytest.raises(RuntimeError, match="already has KV quantization attached"):
             KVQuantization(model, 8, group_size=8).attach()
-    with compress_kv(model, make_method("h2o", 0.5)):
+    with compress_kv(model, make_method("h2o", 0.5)) as compression:
         with pytest.raises(RuntimeError, match="token-level method \\(compress_kv\\) attached"):
             quantize_kv(model, 4, group_size=8).__enter__()
-        assert not hasattr(model, "_kvsharer_quant")
-    with quantize_kv(model, 4, group_size=8):  # the other order is caught at the first forward
-        with compress_kv(model, make_method("h2o", 0.5)):
-            with pytest.raises(RuntimeError, match="attached after KV quantization"):
-                model(_tokens(1, 4))
-        with pytest.raises(ValueError, match="already holds tokens computed without quantization"):
+        assert attached_methods(model) == [compression]
+    with quantize_kv(model, 4, group_size=8) as quantization:  # the other order is refused too
+        with pytest.raises(RuntimeError, match="has KV quantization attached; a token-level method"):
+            compress_kv(model, make_method("h2o", 0.5)).__enter__()
+        assert attached_methods(model) == [quantization]
+        with pytest.raises(ValueError, match="cannot apply KV quantization to a cache that already holds tokens"):
             cache = DynamicCache(config=model.config)
             cache.update(torch.zeros(1, 2, 3, 16), torch.zeros(1, 2, 3, 16), 0)
             model(_tokens(1, 4), past_key_values=cache)
-    assert not hasattr(model, "_kvsharer_quant") and not hasattr(model, "_kvsharer_intra")
+    assert not attached_methods(model) and not hasattr(model, "_kvsharer_hooks")

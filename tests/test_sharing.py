@@ -11,6 +11,7 @@ from transformers.masking_utils import sdpa_mask
 
 from kvsharer import PolicyError, SharingPolicy, attach, cache_nbytes, detach, expected_kv_nbytes, share_kv
 from kvsharer.models.loading import UnsupportedArchitecture
+from kvsharer.cache.hooks import attached_methods
 from kvsharer.cache.sharing import SharedLayer, SkippedProjection
 
 TWO_OF_EIGHT = {3: 1, 6: 2}  # layers 3 and 6 read layers 1 and 2
@@ -139,7 +140,7 @@ def test_generate_differs_and_detach_restores_bit_equal(family, tokens):
     detach(model)
     assert not sharing.attached
     assert not any(isinstance(m, SkippedProjection) for m in model.modules())
-    assert not hasattr(model, "_kvsharer")
+    assert not attached_methods(model) and not hasattr(model, "_kvsharer_hooks")
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert torch.equal(model(tokens).logits, plain_logits)

@@ -1,5 +1,5 @@
-"""The cache methods by name, in one torch-free place: the CLI's ``--cache``, :mod:`kvsharer.compose`,
-:mod:`kvsharer.intra`, preflight, the report and the workflow's rules all read this table.
+"""The cache methods by name, in one torch-free place: the CLI's ``--cache``, :mod:`kvsharer.cache.compose`,
+:mod:`kvsharer.methods.intra`, preflight, the report and the workflow's rules all read this table.
 
 A spec names one method and its number: ``<name>:<value>`` (``h2o:0.5``, ``snapkv:256``,
 ``minicache:0.25``) or, for quantization, ``int<bits>`` (``int4``). In result paths a spec's *label* has
@@ -10,9 +10,12 @@ A spec names one method and its number: ``<name>:<value>`` (``h2o:0.5``, ``snapk
 * ``bits`` — 2, 4 or 8;
 * ``rate`` — MiniCache's fraction of layers' KV saved, in (0, 0.5].
 
-Each entry also declares how the method combines with KV sharing (``with_sharing``): True — one
-physical cache per sharing group (the source's cache is the method's, the sharers store nothing);
-False — a rival of sharing, evaluated without a policy. At most one cache method runs at a time.
+A family is attached by one :class:`~kvsharer.cache.method.KVMethod` subclass (``FAMILY_METHOD``), which
+declares how it combines with KV sharing: True — one physical cache per sharing group (the source's cache
+is the method's, the sharers store nothing); False — a rival of sharing, evaluated without a policy. An
+entry's ``with_sharing`` is the torch-free copy of that declaration that the planners read (the workflow's
+rules, the profile); tests/test_method_registry.py checks that the two agree. At most one cache method
+runs at a time.
 
 Adding a method: one file with its class, one :class:`Entry` below (docs/adding_a_cache_method.md).
 """
@@ -24,17 +27,18 @@ from dataclasses import dataclass
 from importlib import import_module
 
 QUANT_BITS = (2, 4, 8)
-FAMILY_ATTACH = {  # family -> "module:function" returning a context manager (model, spec) (imported on use)
-    "intra": "kvsharer.methods.intra.attach:attach_spec",
-    "quant": "kvsharer.methods.quant:attach_spec",
-    "minicache": "kvsharer.methods.minicache:attach_spec",
+FAMILY_METHOD = {  # family -> "module:Class" of the KVMethod that attaches it (imported on use)
+    "intra": "kvsharer.methods.intra.attach:KVCompression",
+    "quant": "kvsharer.methods.quant:KVQuantization",
+    "minicache": "kvsharer.methods.minicache:MiniCache",
 }
 
 
 @dataclass(frozen=True)
 class Entry:
     """One cache method: its spec ``name``, ``family`` (intra, quant, minicache), the meaning of its
-    number (``value``: budget, bits, rate), whether it composes with KV sharing, and where its class is."""
+    number (``value``: budget, bits, rate), whether it composes with KV sharing (its family's class says
+    so; this is the torch-free copy), and where its class is."""
 
     name: str
     family: str
@@ -58,7 +62,7 @@ ENTRIES: dict[str, Entry] = {entry.name: entry for entry in (
           "attention sinks (first 4 tokens) + recent window"),
     Entry("snapkv", "intra", "budget", True, "kvsharer.methods.intra.snapkv:SnapKV",
           "per-head votes of the last 32 queries, max-pooled over 7 tokens"),
-    Entry("int", "quant", "bits", True, "kvsharer.methods.quant:QuantizedKVLayer", "KV quantization (int2, int4, int8)"),
+    Entry("int", "quant", "bits", True, "kvsharer.methods.quant:KVQuantization", "KV quantization (int2, int4, int8)"),
     Entry("minicache", "minicache", "rate", False, "kvsharer.methods.minicache:MiniCache",
           "baseline: adjacent deep layers merged (a rival of sharing)"),
 )}
@@ -132,11 +136,6 @@ class CacheSpec:
     @property
     def label(self) -> str:
         return label(self.spec)
-
-    def check_policy(self, policy) -> None:
-        """A rival of sharing (``with_sharing`` False) runs without a policy that shares layers."""
-        if not self.with_sharing and policy is not None and policy.num_shared:
-            raise ValueError(f"{self.name} is a baseline compared with KV sharing at equal KV bytes; run it without --policy")
 
 
 def label(spec) -> str:

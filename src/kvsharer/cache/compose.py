@@ -1,21 +1,22 @@
 """A sharing policy composed with one cache method: one spec string, one context manager.
 
 Every evaluation stage takes ``--policy`` (KV sharing, or none) and ``--cache SPEC`` (a method that
-changes what the cache stores, or none). The names, the spec syntax and whether a method composes with
-sharing live in :mod:`kvsharer.method_registry` (torch-free). Specs:
+changes what the cache stores, or none). The names and the spec syntax live in
+:mod:`kvsharer.method_registry` (torch-free), which names each family's
+:class:`~kvsharer.cache.method.KVMethod` class; the class declares whether it composes with sharing. Specs:
 
-==================================  ===========================================  ======================
-spec                                what                                         with sharing
-==================================  ===========================================  ======================
-``none``                            nothing                                      -
-``h2o:0.5`` ``pyramidinfer:0.5``    token-level eviction/merging                 yes: one physical cache
-``kvmerger:0.5`` ``h2o:256``        (:mod:`kvsharer.intra`; fraction or tokens)  per group
-``streamingllm:0.5`` ``snapkv:0.5``
-``int8`` ``int4`` ``int2``          KV quantization (:mod:`kvsharer.quant`,      yes: sources quantized
-                                    groups of 32 channels, 32 recent tokens exact)
-``minicache:0.25``                  MiniCache baseline: adjacent deep layers     no (a rival, not an
-                                    merged (:mod:`kvsharer.minicache`)           add-on)
-==================================  ===========================================  ======================
+=====================================  ==============================================  =======================
+spec                                   what                                            with sharing
+=====================================  ==============================================  =======================
+``none``                               nothing                                         -
+``h2o:0.5`` ``pyramidinfer:0.5``       token-level eviction/merging                    yes: one physical cache
+``kvmerger:0.5`` ``h2o:256``           (:mod:`kvsharer.methods.intra`; a fraction      per group
+``streamingllm:0.5`` ``snapkv:0.5``    or a number of tokens)
+``int8`` ``int4`` ``int2``             KV quantization (:mod:`kvsharer.methods.quant`, yes: sources quantized
+                                       groups of 32 channels, 32 recent tokens exact)
+``minicache:0.25``                     MiniCache baseline: adjacent deep layers        no (a rival, not an
+                                       merged (:mod:`kvsharer.methods.minicache`)      add-on)
+=====================================  ==============================================  =======================
 
 In result paths and tables a setting is ``<policy>+<label>``, the label being the spec with ``:``
 replaced by ``-`` (``plain+h2o-0.5``, ``r0.25_dissimilar_euclidean_T0.5_s0+int4``).
@@ -35,33 +36,45 @@ import contextlib
 from importlib import import_module
 from typing import Iterator
 
-from ..method_registry import FAMILY_ATTACH, QUANT_BITS, CacheSpec, known_names  # noqa: F401 (re-exported)
+from ..method_registry import FAMILY_METHOD, QUANT_BITS, CacheSpec, known_names  # noqa: F401 (re-exported)
 
 
 class CacheMethod(CacheSpec):
-    """A parsed ``--cache`` spec (:class:`~kvsharer.method_registry.CacheSpec`) that can attach itself."""
+    """A parsed ``--cache`` spec (:class:`~kvsharer.method_registry.CacheSpec`) that builds its cache method."""
 
-    @contextlib.contextmanager
-    def attach(self, model) -> Iterator[object]:
-        """Attach this method to ``model`` for the duration (after any sharing policy), through its
-        family's attach path in the registry."""
-        module, _, function = FAMILY_ATTACH[self.family].partition(":")
-        with getattr(import_module(module), function)(model, self) as handle:
-            yield handle
+    def method_class(self) -> type:
+        """The :class:`~kvsharer.cache.method.KVMethod` subclass of this spec's family (imported on use)."""
+        module, _, name = FAMILY_METHOD[self.family].partition(":")
+        return getattr(import_module(module), name)
+
+    def build(self, model):
+        """This method for ``model``, not attached yet (a context manager: ``with method.build(model): ...``)."""
+        return self.method_class().from_spec(model, self)
+
+    def check_policy(self, policy) -> None:
+        """Refuse, before any model loads, a policy that shares layers next to a method that does not
+        compose with KV sharing (:func:`kvsharer.cache.method.check_combination` decides)."""
+        if policy is None or not policy.num_shared:
+            return
+        from .method import CombinationError, check_combination
+        from .sharing import KVSharing
+
+        try:
+            check_combination([KVSharing], self.method_class())
+        except CombinationError as err:
+            raise ValueError(f"{self.spec}: {err}; run it without --policy") from None
 
 
 @contextlib.contextmanager
 def apply_setting(model, policy, method: CacheMethod | None) -> Iterator[None]:
     """``with apply_setting(model, policy, method): ...`` — sharing (if any) and the cache method (if any)."""
+    from .method import attach_all
     from .sharing import share_kv
 
     if method is not None:
         method.check_policy(policy)
-    with contextlib.ExitStack() as stack:
-        if policy is not None and (method is None or method.with_sharing):
-            stack.enter_context(share_kv(model, policy))
-        if method is not None:
-            stack.enter_context(method.attach(model))
+    shares = policy is not None and (method is None or method.method_class().with_sharing)
+    with attach_all(share_kv(model, policy) if shares else None, method.build(model) if method is not None else None):
         yield
 
 

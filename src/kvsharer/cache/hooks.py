@@ -1,106 +1,138 @@
-"""What every cache method's attachment shares (token methods, quantization, MiniCache).
+"""The one attach path of every cache method: a hook pair on the decoder, shared by the methods of a model.
 
-Each method gives the layers of a forward's ``DynamicCache`` its own cache-layer class, through a pair of
-hooks on the decoder: a pre-hook (``prepend=True``: it runs before KV sharing's, whatever the order of
-attachment) that finds the forward's cache — or creates one when ``use_cache`` is on and none was
-passed — and wires it, and an always-called post-hook that ends the forward. ``DecoderHooks`` holds that
-pair and the stack of the caches of the forwards in progress; ``prepare_layers`` checks a cache before
-it is wired and gives it one slot per decoder layer; ``repoint_sharers`` keeps KV sharing's
-``SharedLayer``s reading the new layer of their source.
+``CacheHooks`` lives on the model (``model._kvsharer_hooks``) while at least one cache method is attached.
+Its pre-hook (``prepend=True``: before any other) finds the forward's cache — or creates one when
+``use_cache`` is on and none was passed, or when a method wires even a cache the caller will not get
+(KV sharing: ``use_cache=False`` still needs the sources' K/V) — and assembles it from the attached methods
+(:func:`kvsharer.cache.assembly.assemble_cache`). Its post-hook (always called, also when the forward
+failed) hands each method the end of the forward and drops a cache the caller did not ask for.
+
+``swap_attention`` is the generic helper for a method that runs its own attention function.
 """
 
 from __future__ import annotations
 
+import copy
+from typing import TYPE_CHECKING
+
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from ..models.loading import ModelParts, find_parts, text_config
+from ..models.loading import ModelParts, text_config
+from .assembly import assemble_cache
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .method import KVMethod
+
+ATTRIBUTE = "_kvsharer_hooks"  # on the model, while a cache method is attached
 
 
-def prepare_layers(cache, n_layers: int, method: str, not_empty: str) -> None:
-    """Refuse what cannot be wired (not a DynamicCache: ``"<method> works with …"``; a cache that already
-    holds tokens: ``not_empty``) and give ``cache`` one layer per decoder layer."""
-    if not isinstance(cache, DynamicCache):
-        raise TypeError(f"{method} works with a transformers DynamicCache; got {type(cache).__name__}")
-    if cache.get_seq_length() > 0:
-        raise ValueError(not_empty)
-    if cache.layer_class_to_replicate is not None:
-        while len(cache.layers) < n_layers:
-            cache.layers.append(cache.layer_class_to_replicate())
-    if len(cache.layers) != n_layers:
-        raise ValueError(f"cache has {len(cache.layers)} layers, the model {n_layers}")
+class CacheHooks:
+    """The decoder hook pair of one model and the cache methods attached to it (KV sharing first)."""
 
-
-def repoint_sharers(cache, share_map: list[int]) -> None:
-    """Layers already wired by KV sharing (``SharedLayer``) read their source's new cache layer."""
-    for layer, src in enumerate(share_map):
-        if layer != src and hasattr(cache.layers[layer], "source"):
-            cache.layers[layer].source = cache.layers[src]
-
-
-class DecoderHooks:
-    """The decoder pre/post hook pair of a cache method, and the caches of the forwards in progress.
-
-    Subclasses implement ``wire(cache)`` and may override ``before_wiring()`` (checks at every forward)
-    and ``end_forward(cache, output)``; ``self._stack[-1]`` is the current forward's cache.
-    """
-
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, parts: ModelParts):
         self.model = model
-        self.parts: ModelParts = find_parts(model)
+        self.parts = parts
+        self.methods: list[KVMethod] = []
         self._handles: list = []
-        self._stack: list = []
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
+        self._stack: list[tuple[object, bool] | None] = []  # per forward in progress: (cache, temporary)
 
     @property
     def current_cache(self):
-        return self._stack[-1] if self._stack else None
+        """The cache of the innermost forward in progress (None outside a forward, or without a cache)."""
+        return self._stack[-1][0] if self._stack and self._stack[-1] is not None else None
 
-    def _register(self) -> None:
-        if self.attached:
-            raise RuntimeError(f"this {type(self).__name__} is already attached")
-        decoder = self.parts.decoder
-        self._handles = [
-            decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True, prepend=True),
-            decoder.register_forward_hook(self._after_forward, always_call=True),
-        ]
+    def add(self, method: "KVMethod") -> None:
+        method.on_attach()
+        self.methods = sorted([*self.methods, method], key=lambda m: not m.shares)  # KV sharing wires first
+        if len(self.methods) == 1:
+            decoder = self.parts.decoder
+            self._handles = [
+                decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True, prepend=True),
+                decoder.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True),
+            ]
+            setattr(self.model, ATTRIBUTE, self)
 
-    def _unregister(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._stack = []
-
-    # to implement -------------------------------------------------------------------------------
-    def wire(self, cache) -> None:  # pragma: no cover
-        raise NotImplementedError
-
-    def before_wiring(self, kwargs) -> None:
-        """Checks at every forward, before its cache is wired (e.g. a method attached after this one)."""
-
-    def end_forward(self, cache, output) -> None:
-        """After the decoder forward (``output`` is None when it failed)."""
+    def remove(self, method: "KVMethod") -> None:
+        self.methods = [m for m in self.methods if m is not method]
+        method.on_detach()
+        if not self.methods:
+            for handle in self._handles:
+                handle.remove()
+            self._handles, self._stack = [], []
+            if getattr(self.model, ATTRIBUTE, None) is self:
+                delattr(self.model, ATTRIBUTE)
 
     # hooks ----------------------------------------------------------------------------------------
     def _before_forward(self, module, args, kwargs):
         self._stack.append(None)  # pushed first: the always-called post-hook pops it even if wiring fails
-        self.before_wiring(kwargs)
         cache = kwargs.get("past_key_values")
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(text_config(self.model), "use_cache", True)
-        if cache is None and use_cache:
+        created = cache is None
+        # a cache the caller will not get (use_cache=False, none passed) holds only what must be wired anyway
+        methods = self.methods if use_cache or not created else [m for m in self.methods if m.always_wires]
+        if created and methods:
             cache = DynamicCache(config=self.model.config)
-            kwargs["past_key_values"] = cache
         if cache is not None:
-            self.wire(cache)
-        self._stack[-1] = cache
+            kwargs["past_key_values"] = assemble_cache(cache, methods, self.parts.n_layers)
+        self._stack[-1] = (cache, created and not use_cache)
         return args, kwargs
 
-    def _after_forward(self, module, args, output):
-        cache = self._stack.pop() if self._stack else None
-        self.end_forward(cache, output)
+    def _after_forward(self, module, args, kwargs, output):
+        cache, temporary = (self._stack.pop() if self._stack else None) or (None, False)
+        for method in self.methods:
+            method.end_forward(cache, output, kwargs)
+        if temporary and output is not None and hasattr(output, "past_key_values"):
+            output.past_key_values = None  # the caller asked for no cache: drop ours
         return output
+
+
+def attached_methods(model: nn.Module) -> list["KVMethod"]:
+    """The cache methods attached to ``model`` (KV sharing first); empty when none is."""
+    hooks = getattr(model, ATTRIBUTE, None)
+    return list(hooks.methods) if hooks is not None else []
+
+
+def attach_method(method: "KVMethod") -> None:
+    (getattr(method.model, ATTRIBUTE, None) or CacheHooks(method.model, method.parts)).add(method)
+
+
+def detach_method(method: "KVMethod") -> None:
+    getattr(method.model, ATTRIBUTE).remove(method)
+
+
+def current_cache(model: nn.Module):
+    """The cache of ``model``'s forward in progress, as the attached methods wired it (None: none)."""
+    hooks = getattr(model, ATTRIBUTE, None)
+    return hooks.current_cache if hooks is not None else None
+
+
+def swap_attention(model: nn.Module, parts: ModelParts, name: str) -> list[tuple[nn.Module, object]]:
+    """Make ``model`` run the attention function registered as ``name``; returns what ``restore_configs`` undoes.
+
+    Every module holding the decoder's config gets a shallow copy whose ``_attn_implementation`` is
+    ``name``. transformers' ``set_attn_implementation`` would mutate the config object, which other models
+    built from it (and its sub-configs) share; the original objects are untouched here and put back on
+    restore.
+    """
+    targets = {id(parts.decoder.config)} | {id(a.config) for a in parts.attentions if hasattr(a, "config")}
+    copies: dict[int, object] = {}
+    swaps = []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is None or id(config) not in targets:
+            continue
+        if id(config) not in copies:
+            twin = copy.copy(config)
+            twin._attn_implementation_internal = name  # no setter: sub-configs stay untouched
+            copies[id(config)] = twin
+        swaps.append((module, config))
+        module.config = copies[id(config)]
+    return swaps
+
+
+def restore_configs(swaps: list[tuple[nn.Module, object]]) -> None:
+    for module, original in swaps:
+        module.config = original

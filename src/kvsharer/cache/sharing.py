@@ -6,13 +6,14 @@ Two small pieces, no forked modeling file:
   cache produced by other layers") that holds no tensors. ``update`` returns the *source* layer's
   keys/values, already updated for the current step because the source is an earlier layer; sequence
   length and mask sizes resolve to the source. Any ``DynamicCache`` — the one ``generate`` builds, one the
-  caller passes, or one we create — is *wired* by replacing its shared layers with ``SharedLayer``.
+  caller passes, or one the hooks create — is *wired* by replacing its shared layers with ``SharedLayer``.
 * ``SkippedProjection`` — stands in for a shared layer's ``k_proj``/``v_proj``: it returns a zero tensor
   *expanded* to the projection's output shape (no matmul, no allocation). Those values never reach
   attention, because the cache returns the source's K/V instead.
 
-``KVSharing`` attaches both with a forward pre-hook on the decoder (so sharing also happens with
-``use_cache=False``, where the model would otherwise build no cache) and detaches them exactly.
+``KVSharing`` is the cache method (:class:`kvsharer.cache.method.KVMethod`) that builds the first and swaps
+in the second; it is attached like every other method (so sharing also happens with ``use_cache=False``,
+where the model would otherwise build no cache) and detached exactly.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DummyLayer, DynamicCache
+from transformers.cache_utils import Cache, DummyLayer
 
-from ..models.loading import ModelParts, find_parts, kv_shape, text_config
+from ..models.loading import kv_shape
+from .hooks import attached_methods
+from .method import KVMethod, attach_all
 from .policy import PolicyError, SharingPolicy
 
 
@@ -80,36 +83,6 @@ class SkippedProjection(nn.Module):
         return f"out_features={self.out_features} (skipped: this layer reads another layer's KV)"
 
 
-def wire_cache(cache: Cache, policy: SharingPolicy) -> Cache:
-    """Make ``cache`` follow ``policy`` in place (its shared layers become ``SharedLayer``)."""
-    if getattr(cache, "_kvsharer_map", None) == policy.map:
-        return cache
-    if not isinstance(cache, DynamicCache):
-        raise TypeError(
-            f"KV sharing works with a transformers DynamicCache (or subclass); got {type(cache).__name__}"
-        )
-    if getattr(cache, "_kvsharer_map", None) is not None:
-        raise ValueError("this cache was already wired for a different sharing policy")
-    if cache.get_seq_length() > 0:
-        raise ValueError("cannot apply a sharing policy to a cache that already holds tokens computed without it")
-    n = policy.n_layers
-    if cache.layer_class_to_replicate is not None:
-        while len(cache.layers) < n:
-            cache.layers.append(cache.layer_class_to_replicate())
-    if len(cache.layers) != n:
-        raise ValueError(f"cache has {len(cache.layers)} layers, the policy {n}")
-    for layer in policy.shared_layers:
-        src = policy.map[layer]
-        if getattr(cache.layers[layer], "is_sliding", False) != getattr(cache.layers[src], "is_sliding", False):
-            raise PolicyError(
-                f"layer {layer} and its source {src} use different attention windows (sliding vs full); "
-                "their caches cannot be shared"
-            )
-        cache.layers[layer] = SharedLayer(cache.layers[src], src)
-    cache._kvsharer_map = list(policy.map)
-    return cache
-
-
 def cache_nbytes(cache: Cache | None) -> int:
     """Bytes of K/V a cache really holds (each storage counted once).
 
@@ -139,15 +112,22 @@ def expected_kv_nbytes(model, policy: SharingPolicy | None, batch: int, tokens: 
     return 2 * stored * batch * kv_heads * tokens * head_dim * dtype_bytes
 
 
-class KVSharing:
-    """Attach/detach a sharing policy to a model. Use ``share_kv(model, policy)`` as a context manager.
+class KVSharing(KVMethod):
+    """A sharing policy attached to a model. Use ``share_kv(model, policy)`` (or the object itself) as a
+    context manager.
 
-    A shared layer's ``k_proj``/``v_proj`` become ``SkippedProjection``s; in a fused-QKV architecture its
-    fused projection becomes its adapter's Q-only stand-in (``kvsharer.models.FUSED_QKV_ADAPTERS``)."""
+    Its cache layers: a shared layer's is a ``SharedLayer`` reading its source's. Its model change: a shared
+    layer's ``k_proj``/``v_proj`` become ``SkippedProjection``s; in a fused-QKV architecture its fused
+    projection becomes its adapter's Q-only stand-in (``kvsharer.models.FUSED_QKV_ADAPTERS``)."""
+
+    title = "a KV-sharing policy"
+    shares = True
+    # also with use_cache=False: without a cache the shared layers would use their own (skipped)
+    # projections, and sharing would silently do nothing
+    always_wires = True
 
     def __init__(self, model: nn.Module, policy: SharingPolicy):
-        self.model = model
-        self.parts: ModelParts = find_parts(model)
+        super().__init__(model)
         if policy.n_layers != self.parts.n_layers:
             raise PolicyError(
                 f"invalid sharing map: it has {policy.n_layers} entries but {type(model).__name__} has "
@@ -155,40 +135,33 @@ class KVSharing:
             )
         self.policy = policy
         self._originals: dict[tuple[int, str], nn.Module] = {}
-        self._handles: list = []
-        self._temporary: list[bool] = []  # per nested forward: did we create the cache?
 
     @property
-    def attached(self) -> bool:
-        return bool(self._handles)
+    def wiring(self) -> tuple[int, ...]:
+        return tuple(self.policy.map)  # a cache wired for the same map is wired for this policy
 
-    def attach(self) -> "KVSharing":
-        if self.attached:
-            raise RuntimeError("this KVSharing is already attached")
-        if getattr(self.model, "_kvsharer", None) is not None:
-            raise RuntimeError("the model already has a sharing policy attached; detach it first")
+    def build_layer(self, i: int, layers):
+        src = self.policy.map[i]
+        if src == i:
+            return layers[i]
+        if getattr(layers[i], "is_sliding", False) != getattr(layers[src], "is_sliding", False):
+            raise PolicyError(
+                f"layer {i} and its source {src} use different attention windows (sliding vs full); "
+                "their caches cannot be shared"
+            )
+        return SharedLayer(layers[src], src)
+
+    def on_attach(self) -> None:
         for layer in self.policy.shared_layers:
             attn = self.parts.attentions[layer]
             for name, stand_in in self._stand_ins(attn).items():
                 self._originals[(layer, name)] = getattr(attn, name)
                 setattr(attn, name, stand_in)
-        decoder = self.parts.decoder
-        self._handles = [
-            decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-            decoder.register_forward_hook(self._after_forward, with_kwargs=True, always_call=True),
-        ]
-        self.model._kvsharer = self
-        return self
 
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    def on_detach(self) -> None:
         for (layer, name), original in self._originals.items():
             setattr(self.parts.attentions[layer], name, original)
         self._originals = {}
-        if getattr(self.model, "_kvsharer", None) is self:
-            del self.model._kvsharer
 
     def _stand_ins(self, attn: nn.Module) -> dict[str, nn.Module]:
         """What replaces a shared layer's projections: its k/v ones, or (fused QKV) the adapter's Q-only one."""
@@ -201,36 +174,17 @@ class KVSharing:
         """The stand-ins in place while attached (``SkippedProjection``s, or a fused-QKV adapter's modules)."""
         return [getattr(self.parts.attentions[layer], name) for layer, name in self._originals]
 
-    # hooks ------------------------------------------------------------------------------------
-    def _before_forward(self, module, args, kwargs):
-        cache = kwargs.get("past_key_values")
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(text_config(self.model), "use_cache", True)
-        created = cache is None
-        if created:
-            # Also with use_cache=False: without a cache the shared layers would use their own
-            # (skipped) projections, and sharing would silently do nothing.
-            cache = DynamicCache(config=self.model.config)
-        kwargs["past_key_values"] = wire_cache(cache, self.policy)
-        self._temporary.append(created and not use_cache)
-        return args, kwargs
 
-    def _after_forward(self, module, args, kwargs, output):
-        temporary = self._temporary.pop() if self._temporary else False
-        if temporary and output is not None and hasattr(output, "past_key_values"):
-            output.past_key_values = None  # the caller asked for no cache: drop ours
-        return output
+def share_kv(model: nn.Module, policy: SharingPolicy) -> KVSharing:
+    """``with share_kv(model, policy): ...`` — the model follows ``policy`` inside, is untouched after."""
+    return KVSharing(model, policy)
 
 
 @contextlib.contextmanager
-def share_kv(model: nn.Module, policy: SharingPolicy) -> Iterator[KVSharing]:
-    """``with share_kv(model, policy): ...`` — the model follows ``policy`` inside, is untouched after."""
-    sharing = KVSharing(model, policy).attach()
-    try:
-        yield sharing
-    finally:
-        sharing.detach()
+def with_policy(method: KVMethod, policy: SharingPolicy | None) -> Iterator[KVMethod]:
+    """``with with_policy(method, policy): ...`` — ``method`` attached after ``policy``'s sharing (None: none)."""
+    with attach_all(None if policy is None else KVSharing(method.model, policy), method):
+        yield method
 
 
 def attach(model: nn.Module, policy: SharingPolicy) -> KVSharing:
@@ -238,6 +192,7 @@ def attach(model: nn.Module, policy: SharingPolicy) -> KVSharing:
 
 
 def detach(model: nn.Module) -> None:
-    sharing = getattr(model, "_kvsharer", None)
-    if sharing is not None:
-        sharing.detach()
+    """Detach the sharing policy attached to ``model``, if any."""
+    for method in attached_methods(model):
+        if isinstance(method, KVSharing):
+            method.detach()

@@ -4,7 +4,7 @@ Reference: Akide Liu, Jing Liu, Zizheng Pan, Yefei He, Gholamreza Haffari, Bohan
 Cache Compression in Depth Dimension for Large Language Models", NeurIPS 2024, arXiv:2405.14366
 (project page github.com/AkideLiu/MiniCache, which ships no code). Usage::
 
-    from kvsharer.minicache import minicache
+    from kvsharer.methods.minicache import minicache
     with minicache(model, 0.25):            # 2 of 8 layers' worth of KV saved: pairs (6, 7) and (4, 5)
         model.generate(**batch, max_new_tokens=64)
     with minicache(model, None, pairs=[(4, 5)], t=0.6, gamma=0.05): ...
@@ -50,12 +50,13 @@ pairs, 25 % saved), so rates up to 0.25 stay in the deeper half; at most ``L // 
 0.5 pairs every layer). ``pairs=[(l, l + 1), …]`` chooses them explicitly.
 
 **When merging happens.** A forward's own attention always uses the exact K/V of its new tokens: a single
-forward gives the plain model's logits. The hook after the decoder's forward merges the tokens added in
-that forward, for every pair; the next forward (a decoding step, or the next chunk of a chunked
-evaluation) reads the restored K/V of the merged tokens plus the exact K/V of its own new tokens.
+forward gives the plain model's logits. At the end of every decoder forward (``MiniCache.end_forward``) the
+tokens added in that forward are merged, for every pair; the next forward (a decoding step, or the next
+chunk of a chunked evaluation) reads the restored K/V of the merged tokens plus the exact K/V of its own
+new tokens.
 
 **Bytes.** The pair's whole state lives on the first layer's cache object (``MiniCachePair``); the second
-layer gets a ``MiniCachePartner`` that stores nothing. ``kvsharer.sharing.cache_nbytes`` calls
+layer gets a ``MiniCachePartner`` that stores nothing. ``kvsharer.cache.sharing.cache_nbytes`` calls
 ``stored_nbytes()``: merged directions and per-layer magnitudes (cache dtype), retained vectors of both
 layers (cache dtype) and their int64 indices, the running ``d_min``/``d_max`` (fp32, ``[B, H]`` each for K
 and V) and any tokens not merged yet. ``expected_minicache_nbytes`` predicts it from the shapes and the
@@ -69,15 +70,14 @@ window a pair holds more tokens than a plain sliding layer would.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
-from transformers.cache_utils import CacheLayerMixin, DynamicCache
+from transformers.cache_utils import CacheLayerMixin
 
-from ..cache.hooks import DecoderHooks, prepare_layers
+from ..cache.method import KVMethod
 from ..models.loading import kv_shape
 
 PAPER_T = 0.6  # interpolation parameter, the paper's default
@@ -219,7 +219,7 @@ class MiniCachePair(CacheLayerMixin):
     """Cache of layer ``a`` that holds the whole state of the pair ``(a, a + 1)``.
 
     Tokens added by a forward wait, exact, in ``pending`` (one entry per layer) until ``merge()`` (called
-    by the hook after the forward) folds them into the merged keys and values.
+    by ``MiniCache.end_forward``) folds them into the merged keys and values.
     """
 
     is_compileable = False
@@ -401,7 +401,7 @@ class MiniCachePartner(CacheLayerMixin):
 
 
 # ---------------------------------------------------------------------------------------------
-# choosing pairs, wiring a cache, accounting
+# choosing pairs, accounting
 # ---------------------------------------------------------------------------------------------
 
 
@@ -445,27 +445,6 @@ def validate_pairs(pairs: Sequence[Sequence[int]], n_layers: int) -> list[tuple[
     return sorted(out)
 
 
-def wire_minicache(cache: DynamicCache, owner: "MiniCache") -> DynamicCache:
-    """Give ``cache`` a ``MiniCachePair``/``MiniCachePartner`` for every pair of ``owner`` (in place)."""
-    if getattr(cache, "_kvsharer_minicache", None) is owner:
-        return cache
-    if getattr(cache, "_kvsharer_minicache", None) is not None:
-        raise ValueError("this cache is already wired for another MiniCache")
-    if getattr(cache, "_kvsharer_map", None) is not None or getattr(cache, "_kvsharer_intra", None) is not None:
-        raise ValueError("this cache is wired for KV sharing or a token-level method; MiniCache does not compose with them")
-    prepare_layers(cache, owner.parts.n_layers, "MiniCache",
-                   "cannot apply MiniCache to a cache that already holds tokens computed without it")
-    for a, b in owner.pairs:
-        old_a, old_b = cache.layers[a], cache.layers[b]
-        sliding, window = getattr(old_a, "is_sliding", False), getattr(old_a, "sliding_window", None)
-        if (sliding, window) != (getattr(old_b, "is_sliding", False), getattr(old_b, "sliding_window", None)):
-            raise ValueError(f"MiniCache pair {(a, b)}: the two layers use different attention windows")
-        pair = MiniCachePair((a, b), owner.t, owner.gamma, sliding, window)
-        cache.layers[a], cache.layers[b] = pair, MiniCachePartner(pair)
-    cache._kvsharer_minicache = owner
-    return cache
-
-
 def pair_layers(cache) -> list[MiniCachePair]:
     return [] if cache is None else [layer for layer in cache.layers if isinstance(layer, MiniCachePair)]
 
@@ -492,8 +471,13 @@ def expected_minicache_nbytes(model, pairs, batch: int, tokens: int, dtype_bytes
 
 
 # ---------------------------------------------------------------------------------------------
-# attaching to a model
+# the cache method
 # ---------------------------------------------------------------------------------------------
+
+
+def _window(layer) -> tuple[bool, int | None]:
+    """A cache layer's attention window: (sliding, its size)."""
+    return getattr(layer, "is_sliding", False), getattr(layer, "sliding_window", None)
 
 
 def _check_number(name: str, value) -> float:
@@ -502,8 +486,11 @@ def _check_number(name: str, value) -> float:
     return float(value)
 
 
-class MiniCache(DecoderHooks):
-    """Attach/detach MiniCache to a model. Use ``minicache(model, rate)`` as a context manager."""
+class MiniCache(KVMethod):
+    """MiniCache attached to a model. Use ``minicache(model, rate)`` (or the object itself) as a context manager."""
+
+    title = "MiniCache"
+    with_sharing = False  # a rival of KV sharing, compared with it at equal KV bytes
 
     def __init__(self, model: nn.Module, rate: float | None = None, *, pairs=None, t: float = PAPER_T,
                  gamma: float = PAPER_GAMMA):
@@ -515,47 +502,34 @@ class MiniCache(DecoderHooks):
         n_layers = self.parts.n_layers
         self.pairs = pairs_for_rate(rate, n_layers) if pairs is None else validate_pairs(pairs, n_layers)
         self.rate = len(self.pairs) / n_layers if rate is None else float(rate)
-        self._masks: list = []  # the 2-D attention_mask (or None) of each forward in progress
+
+    @classmethod
+    def from_spec(cls, model: nn.Module, spec) -> "MiniCache":
+        """``minicache:<rate>``."""
+        return cls(model, float(spec.value))
 
     @property
     def n_pairs(self) -> int:
         return len(self.pairs)
 
-    def attach(self) -> "MiniCache":
-        if self.attached:
-            raise RuntimeError("this MiniCache is already attached")
-        self._refuse_others()
-        if getattr(self.model, "_kvsharer_minicache", None) is not None:
-            raise RuntimeError("the model already has MiniCache attached; detach it first")
-        self._register()
-        self.model._kvsharer_minicache = self
-        return self
+    def build_layer(self, i: int, layers):
+        for a, b in self.pairs:
+            if i == a:  # the pair's whole state lives in its first layer's cache
+                sliding, window = _window(layers[a])
+                if _window(layers[b]) != (sliding, window):
+                    raise ValueError(f"MiniCache pair {(a, b)}: the two layers use different attention windows")
+                return MiniCachePair((a, b), self.t, self.gamma, sliding, window)
+            if i == b:
+                return MiniCachePartner(layers[a])  # layers[a] is the pair built just before
+        return layers[i]
 
-    def detach(self) -> None:
-        self._unregister()
-        self._masks = []
-        if getattr(self.model, "_kvsharer_minicache", None) is self:
-            del self.model._kvsharer_minicache
-
-    def _refuse_others(self) -> None:
-        if getattr(self.model, "_kvsharer", None) is not None:
-            raise RuntimeError("the model has a KV-sharing policy attached; MiniCache does not compose with KV sharing")
-        if getattr(self.model, "_kvsharer_intra", None) is not None:
-            raise RuntimeError("the model has a token-level method attached; MiniCache does not compose with it")
-
-    # hooks ------------------------------------------------------------------------------------
-    def before_wiring(self, kwargs) -> None:
+    def end_forward(self, cache, output, kwargs) -> None:
+        """Merge the tokens every pair received in this forward (forget them if the forward failed); padding
+        (0 in the forward's 2-D ``attention_mask``) is never retained."""
         mask = kwargs.get("attention_mask")
-        self._masks.append(mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None)  # first: always popped
-        self._refuse_others()  # something attached after us
-
-    def wire(self, cache) -> None:
-        wire_minicache(cache, self)
-
-    def end_forward(self, cache, output) -> None:
-        mask = self._masks.pop() if self._masks else None
+        mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         for pair in pair_layers(cache):
-            if output is None:  # the forward failed: forget its tokens
+            if output is None:
                 pair.discard_pending()
                 continue
             pending = pair.pending[0]
@@ -565,17 +539,7 @@ class MiniCache(DecoderHooks):
             pair.merge(valid)
 
 
-@contextlib.contextmanager
 def minicache(model: nn.Module, rate: float | None = None, *, pairs=None, t: float = PAPER_T,
-              gamma: float = PAPER_GAMMA) -> Iterator[MiniCache]:
+              gamma: float = PAPER_GAMMA) -> MiniCache:
     """``with minicache(model, rate): ...`` — adjacent deep layer pairs merged inside, model untouched after."""
-    merger = MiniCache(model, rate, pairs=pairs, t=t, gamma=gamma).attach()
-    try:
-        yield merger
-    finally:
-        merger.detach()
-
-
-def attach_spec(model: nn.Module, spec) -> contextlib.AbstractContextManager:
-    """The registry's attach path for ``minicache:<rate>``."""
-    return minicache(model, float(spec.value))
+    return MiniCache(model, rate, pairs=pairs, t=t, gamma=gamma)

@@ -7,13 +7,11 @@
         model.generate(**batch, max_new_tokens=64)
     with quantize_kv(model, 4, policy=policy): ...      # and KV sharing (same as nesting ``share_kv``)
 
-Attached like :mod:`kvsharer.intra.attach`: a forward pre-hook on the decoder (``prepend=True``, so it
-runs before KV sharing's hook) wires whatever ``DynamicCache`` the forward gets (or a fresh one when
-``use_cache`` is on and none was passed) so that every layer that *stores* K/V holds a
-``QuantizedKVLayer``. With a sharing policy, sharers keep their ``SharedLayer``, which asks the source
-for what it returned to its own attention (``shared_kv()``); they store nothing. A forward hook
-(``always_call``) drops those returned tensors when the decoder forward ends, so no full-precision copy
-of the cache lingers between decoding steps.
+``KVQuantization`` is a :class:`~kvsharer.cache.method.KVMethod`: every layer that *stores* K/V holds a
+``QuantizedKVLayer`` in whatever ``DynamicCache`` the forward gets (or the one the hooks create). With a
+sharing policy, sharers keep their ``SharedLayer``, which asks the source for what it returned to its own
+attention (``shared_kv()``); they store nothing. At the end of every decoder forward (``end_forward``) the
+layers drop those returned tensors, so no full-precision copy of the cache lingers between decoding steps.
 
 The scheme (our own, ~40 lines of torch — see "Why not HQQ" below)
 -------------------------------------------------------------------
@@ -69,17 +67,17 @@ was added.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicLayer
 
-from ..cache.hooks import DecoderHooks, prepare_layers, repoint_sharers
-from .intra.attach import share_map_of
-from ..models.loading import kv_shape
+from ..cache.assembly import source_of
+from ..cache.method import KVMethod
 from ..cache.policy import SharingPolicy
+from ..cache.sharing import with_policy
+from ..models.loading import kv_shape
 
 BITS = (2, 4, 8)
 
@@ -308,95 +306,47 @@ class QuantizedKVLayer(DynamicLayer):
 
 
 # ----------------------------------------------------------------------------------------------
-# Wiring a cache, attaching to a model
+# The cache method, and the bytes it holds
 # ----------------------------------------------------------------------------------------------
 
 
-def wire_quantized(cache: DynamicCache, quantization: "KVQuantization", n_layers: int,
-                   share_map: list[int] | None = None) -> DynamicCache:
-    """Give every storing layer of ``cache`` a ``QuantizedKVLayer`` (in place)."""
-    if getattr(cache, "_kvsharer_quant", None) is quantization:
-        return cache
-    if getattr(cache, "_kvsharer_quant", None) is not None:
-        raise ValueError("this cache was wired by another KV quantization; keep using that one or start a fresh cache")
-    if getattr(cache, "_kvsharer_intra", None) is not None:
-        raise ValueError("this cache is compressed by a token-level method; KV quantization cannot be combined with it")
-    prepare_layers(cache, n_layers, "KV quantization",
-                   "cannot quantize a cache that already holds tokens computed without quantization")
-    share_map = list(range(n_layers)) if share_map is None else share_map
-    SharingPolicy(share_map)  # validates the map
-    q = quantization
-    for src in sorted(set(share_map)):
-        sliding = getattr(cache.layers[src], "is_sliding", False)
-        cache.layers[src] = QuantizedKVLayer(q.bits, q.group_size, q.residual, src, sliding)
-    repoint_sharers(cache, share_map)
-    cache._kvsharer_quant = quantization
-    return cache
+class KVQuantization(KVMethod):
+    """KV quantization attached to a model. Use ``quantize_kv(model, bits, ...)`` as a context manager."""
 
-
-class KVQuantization(DecoderHooks):
-    """Attach/detach KV quantization. Use ``quantize_kv(model, bits, ...)`` as a context manager."""
+    title = "KV quantization"
+    with_sharing = True  # sources quantized once; sharers read what their source dequantized
 
     def __init__(self, model: nn.Module, bits: int, *, group_size: int = 32, residual: int = 32):
         super().__init__(model)
         check_settings(bits, group_size, residual, head_dim=kv_shape(model)[2])
         self.bits, self.group_size, self.residual = bits, group_size, residual
 
-    def attach(self) -> "KVQuantization":
-        if self.attached:
-            raise RuntimeError("this KVQuantization is already attached")
-        if getattr(self.model, "_kvsharer_quant", None) is not None:
-            raise RuntimeError("the model already has KV quantization attached; detach it first")
-        if getattr(self.model, "_kvsharer_intra", None) is not None:
-            raise RuntimeError(
-                "the model has a token-level method (compress_kv) attached; KV quantization cannot be combined with it"
-            )
-        self._register()
-        self.model._kvsharer_quant = self
-        return self
+    @classmethod
+    def from_spec(cls, model: nn.Module, spec) -> "KVQuantization":
+        """``int<bits>`` (``spec.value``: bits), in groups of :func:`quant_group_size` channels."""
+        return cls(model, int(spec.value), group_size=quant_group_size(model))
 
-    def detach(self) -> None:
-        self._unregister()
-        if getattr(self.model, "_kvsharer_quant", None) is self:
-            del self.model._kvsharer_quant
+    def build_layer(self, i: int, layers):
+        if source_of(layers, i) != i:
+            return layers[i]  # a sharer asks its source for what it returned (shared_kv)
+        return QuantizedKVLayer(self.bits, self.group_size, self.residual, i, getattr(layers[i], "is_sliding", False))
 
-    # hooks ------------------------------------------------------------------------------------
-    def before_wiring(self, kwargs) -> None:
-        if getattr(self.model, "_kvsharer_intra", None) is not None:
-            raise RuntimeError("a token-level method (compress_kv) was attached after KV quantization; they cannot be combined")
-
-    def wire(self, cache) -> None:
-        wire_quantized(cache, self, self.parts.n_layers, share_map_of(self.model, cache))
-
-    def end_forward(self, cache, output) -> None:
+    def end_forward(self, cache, output, kwargs) -> None:
         for layer in getattr(cache, "layers", ()):
             if isinstance(layer, QuantizedKVLayer):
                 layer.end_of_forward()  # no full-precision copy lingers between steps
 
 
-@contextlib.contextmanager
 def quantize_kv(model: nn.Module, bits: int, *, group_size: int = 32, residual: int = 32,
-                policy: SharingPolicy | None = None) -> Iterator[KVQuantization]:
-    """``with quantize_kv(model, bits[, policy=...]): ...`` — quantized (and shared) inside, untouched after.
+                policy: SharingPolicy | None = None):
+    """``with quantize_kv(model, bits[, policy=...]) as quantization: ...`` — quantized (and shared) inside,
+    untouched after.
 
     ``bits``: 2, 4 or 8. ``group_size``: channels per scale/zero (must divide head_dim). ``residual``:
     most recent tokens kept in full precision. ``policy``: optional KV-sharing policy, attached for the
     duration too (same as nesting ``share_kv``).
     """
-    from ..cache.sharing import share_kv
-
-    quantization = KVQuantization(model, bits, group_size=group_size, residual=residual)  # validate first
-    with contextlib.ExitStack() as stack:
-        if policy is not None:
-            stack.enter_context(share_kv(model, policy))
-        quantization.attach()
-        stack.callback(quantization.detach)
-        yield quantization
-
-
-def attach_spec(model: nn.Module, spec) -> contextlib.AbstractContextManager:
-    """The registry's attach path for ``int<bits>`` (``spec.value``: bits; groups of :func:`quant_group_size`)."""
-    return quantize_kv(model, int(spec.value), group_size=quant_group_size(model))
+    return with_policy(KVQuantization(model, bits, group_size=group_size, residual=residual), policy)
 
 
 def quant_group_size(model) -> int:

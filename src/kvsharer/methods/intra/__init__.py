@@ -1,6 +1,7 @@
 """Token-level KV-cache compression that really shrinks the cache, composable with KV sharing.
 
-One small class per method (kvpress style), attached through hooks — no forked modeling file::
+One small class per method (kvpress style), attached by one cache method (``KVCompression``) — no forked
+modeling file::
 
     from kvsharer import SharingPolicy, share_kv
     from kvsharer.methods.intra import compress_kv, make_method
@@ -23,14 +24,14 @@ of every layer of the group and keeps one set of tokens; shared layers store not
 
 Modules: ``base`` (budget, method base, keep helpers), ``cache`` (``CompressedLayer``), ``attention``
 (the scoring attention function, registered as ``"kvsharer_intra"``), ``blockwise`` (its fp32 kernel
-over blocks of queries and the scores it hands to the methods), ``attach`` (hooks, ``compress_kv``),
-one file per method.
+over blocks of queries and the scores it hands to the methods), ``attach`` (``KVCompression``: the cache
+method that attaches them, ``compress_kv``), one file per method.
 """
 
 from __future__ import annotations
 
 from ...method_registry import ENTRIES, names
-from .attach import KVCompression, compress_kv, stored_tokens, wire_compressed
+from .attach import KVCompression, compress_kv, stored_tokens
 from .attention import ATTENTION_NAME
 from .base import Budget, TokenMethod
 from .cache import CompressedLayer
@@ -53,5 +54,5 @@ def make_method(name: str, budget=0.5, **options) -> TokenMethod:
 
 __all__ = [
     "ATTENTION_NAME", "Budget", "CompressedLayer", "H2O", "KVCompression", "KVMerger", "METHODS", "PyramidInfer",
-    "SnapKV", "StreamingLLM", "TokenMethod", "compress_kv", "make_method", "stored_tokens", "wire_compressed",
+    "SnapKV", "StreamingLLM", "TokenMethod", "compress_kv", "make_method", "stored_tokens",
 ]

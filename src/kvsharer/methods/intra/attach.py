@@ -1,72 +1,43 @@
-"""Attach a token-level method to a model, alone or together with KV sharing.
+"""A token-level method as a cache method, alone or together with KV sharing.
 
-``KVCompression(model, method).attach()`` (or ``with compress_kv(model, method): ...``) does three things
-and undoes them exactly on ``detach``:
+``KVCompression(model, method)`` (or ``with compress_kv(model, method): ...``) is a
+:class:`~kvsharer.cache.method.KVMethod`; attached, it does three things and undoes them exactly on detach:
 
-1. **Attention implementation, on a copy of the config.** Every module that holds the decoder's config
-   gets a shallow copy whose ``_attn_implementation`` is the scoring attention
-   (:mod:`kvsharer.intra.attention`). The original config object is never mutated, so another model
-   built from the same config object is unaffected; detach puts the original objects back.
-2. **A forward pre-hook on the decoder** (``prepend=True``: it runs before KV sharing's hook, whatever
-   the order of attachment) that wires whatever ``DynamicCache`` the forward gets — or a fresh one when
-   ``use_cache`` is on and none was passed — so that every layer that *stores* K/V holds a
-   ``CompressedLayer``. With a sharing policy attached (``share_kv``), a source layer and its sharers
-   form ONE physical cache: one ``CompressedLayer`` at the source whose ``group`` lists every layer that
-   reads it; sharing's hook then gives the sharers ``SharedLayer``s pointing at it. The cache is scored
-   by the attention of every layer in the group and compressed once the last of them has attended.
-3. **A link from each attention module to this object**, through which the attention function finds the
-   cache of the current forward (held only during the forward).
+1. **Attention implementation, on a copy of the config** (:func:`kvsharer.cache.hooks.swap_attention`).
+   Every module that holds the decoder's config gets a shallow copy whose ``_attn_implementation`` is the
+   scoring attention (:mod:`kvsharer.methods.intra.attention`). The original config object is never
+   mutated, so another model built from the same config object is unaffected.
+2. **Its cache layers.** Every layer that *stores* K/V holds a ``CompressedLayer``. With a sharing policy
+   attached (``share_kv``), a source layer and its sharers form ONE physical cache: one ``CompressedLayer``
+   at the source whose ``group`` lists every layer that reads it; the sharers keep their ``SharedLayer``s,
+   pointing at it. The cache is scored by the attention of every layer in the group and compressed once the
+   last of them has attended.
+3. **A link from each attention module to this object** (``_kvsharer_intra``), through which the attention
+   function finds the cache of the current forward (``current_cache``).
 
-Composition: ``with share_kv(model, policy), compress_kv(model, method): ...`` or, equivalently,
-``with compress_kv(model, method, policy=policy): ...`` (which attaches the sharing itself).
+Composition: ``with share_kv(model, policy), compress_kv(model, method): ...`` (in either order) or,
+equivalently, ``with compress_kv(model, method, policy=policy): ...``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-from typing import Iterator
-
 from torch import nn
-from transformers.cache_utils import DynamicCache
 
-from ...cache.hooks import DecoderHooks, prepare_layers, repoint_sharers
+from ...cache.assembly import source_of
+from ...cache.hooks import current_cache, restore_configs, swap_attention
+from ...cache.method import KVMethod
 from ...cache.policy import SharingPolicy
+from ...cache.sharing import with_policy
 from .attention import ATTENTION_NAME
 from .base import TokenMethod
 from .cache import CompressedLayer
 
 
-def share_map_of(model: nn.Module, cache=None) -> list[int] | None:
-    """The sharing map in force: the cache's (if already wired) or the attached policy's."""
-    wired = getattr(cache, "_kvsharer_map", None)
-    if wired is not None:
-        return list(wired)
-    sharing = getattr(model, "_kvsharer", None)
-    return list(sharing.policy.map) if sharing is not None else None
+class KVCompression(KVMethod):
+    """A token-level method attached to a model. Use ``compress_kv(model, method)`` as a context manager."""
 
-
-def wire_compressed(cache: DynamicCache, method: TokenMethod, n_layers: int, share_map: list[int] | None = None) -> DynamicCache:
-    """Give every storing layer of ``cache`` a ``CompressedLayer`` for ``method`` (in place)."""
-    if getattr(cache, "_kvsharer_intra", None) is method:
-        return cache
-    if getattr(cache, "_kvsharer_intra", None) is not None:
-        raise ValueError("this cache is already compressed by another token-level method")
-    prepare_layers(cache, n_layers, "token-level compression",
-                   "cannot compress a cache that already holds tokens computed without compression")
-    share_map = list(range(n_layers)) if share_map is None else share_map
-    groups = SharingPolicy(share_map).groups()  # validates the map
-    sources = sorted(groups)
-    for rank, src in enumerate(sources):
-        old = cache.layers[src]
-        cache.layers[src] = CompressedLayer(method, src, groups[src], rank, len(sources), getattr(old, "is_sliding", False))
-    repoint_sharers(cache, share_map)
-    cache._kvsharer_intra = method
-    return cache
-
-
-class KVCompression(DecoderHooks):
-    """Attach/detach a token-level method. Use ``compress_kv(model, method)`` as a context manager."""
+    title = "a token-level method (compress_kv)"
+    with_sharing = True  # one CompressedLayer per sharing group, at its source
 
     def __init__(self, model: nn.Module, method: TokenMethod):
         if not isinstance(method, TokenMethod):
@@ -75,46 +46,37 @@ class KVCompression(DecoderHooks):
         self.method = method
         self._config_swaps: list[tuple[nn.Module, object]] = []
 
-    def attach(self) -> "KVCompression":
-        if self.attached:
-            raise RuntimeError("this KVCompression is already attached")
-        if getattr(self.model, "_kvsharer_intra", None) is not None:
-            raise RuntimeError("the model already has a token-level method attached; detach it first")
-        self._swap_configs()
+    @classmethod
+    def from_spec(cls, model: nn.Module, spec) -> "KVCompression":
+        from . import make_method
+
+        return cls(model, make_method(spec.name, spec.value))
+
+    def build_layer(self, i: int, layers):
+        if source_of(layers, i) != i:
+            return layers[i]  # a sharer reads its source's CompressedLayer
+        share_map = [source_of(layers, j) for j in range(len(layers))]
+        group = [j for j, src in enumerate(share_map) if src == i]  # [i, its sharers...]
+        sources = [j for j, src in enumerate(share_map) if src == j]  # storing layers, in depth order
+        sliding = getattr(layers[i], "is_sliding", False)
+        return CompressedLayer(self.method, i, group, sources.index(i), len(sources), sliding)
+
+    def on_attach(self) -> None:
+        self._config_swaps = swap_attention(self.model, self.parts, ATTENTION_NAME)
         for attn in self.parts.attentions:
             attn._kvsharer_intra = self
-        self._register()
-        self.model._kvsharer_intra = self
-        return self
 
-    def detach(self) -> None:
-        self._unregister()
+    def on_detach(self) -> None:
         for attn in self.parts.attentions:
             if getattr(attn, "_kvsharer_intra", None) is self:
                 del attn._kvsharer_intra
-        for module, original in self._config_swaps:
-            module.config = original
+        restore_configs(self._config_swaps)
         self._config_swaps = []
-        if getattr(self.model, "_kvsharer_intra", None) is self:
-            del self.model._kvsharer_intra
 
-    def _swap_configs(self) -> None:
-        """Point every module holding the decoder's config at a copy that selects the scoring attention."""
-        targets = {id(self.parts.decoder.config)} | {id(a.config) for a in self.parts.attentions if hasattr(a, "config")}
-        copies: dict[int, object] = {}
-        for module in self.model.modules():
-            config = getattr(module, "config", None)
-            if config is None or id(config) not in targets:
-                continue
-            if id(config) not in copies:
-                twin = copy.copy(config)
-                twin._attn_implementation_internal = ATTENTION_NAME  # no setter: sub-configs stay untouched
-                copies[id(config)] = twin
-            self._config_swaps.append((module, config))
-            module.config = copies[id(config)]
-
-    def wire(self, cache) -> None:
-        wire_compressed(cache, self.method, self.parts.n_layers, share_map_of(self.model, cache))
+    @property
+    def current_cache(self):
+        """The cache of the model's forward in progress (read by the attention function)."""
+        return current_cache(self.model)
 
 
 def stored_tokens(cache) -> list[int | None]:
@@ -126,25 +88,11 @@ def stored_tokens(cache) -> list[int | None]:
     return out
 
 
-@contextlib.contextmanager
-def compress_kv(model: nn.Module, method: TokenMethod, policy: SharingPolicy | None = None) -> Iterator[KVCompression]:
-    """``with compress_kv(model, method[, policy]): ...`` — compressed (and shared) inside, untouched after.
+def compress_kv(model: nn.Module, method: TokenMethod, policy: SharingPolicy | None = None):
+    """``with compress_kv(model, method[, policy]) as compression: ...`` — compressed (and shared) inside,
+    untouched after.
 
     ``method``: a method instance, e.g. ``H2O(0.5)`` or ``make_method("h2o", 0.5)``.
     ``policy``: optional KV-sharing policy, attached for the duration too (same as nesting ``share_kv``).
     """
-    from ...cache.sharing import share_kv
-
-    with contextlib.ExitStack() as stack:
-        if policy is not None:
-            stack.enter_context(share_kv(model, policy))
-        compression = KVCompression(model, method).attach()
-        stack.callback(compression.detach)
-        yield compression
-
-
-def attach_spec(model: nn.Module, spec) -> contextlib.AbstractContextManager:
-    """The registry's attach path for a token-level spec (``spec.name``, ``spec.value``: its budget)."""
-    from . import make_method
-
-    return compress_kv(model, make_method(spec.name, spec.value))
+    return with_policy(KVCompression(model, method), policy)
