@@ -16,6 +16,7 @@ from __future__ import annotations
 MODEL_RULES = ("calibrate", "search", "evaluate_ppl", "evaluate_harness", "evaluate_longctx", "evaluate_ruler",
                "evaluate_longbench", "profile")
 DEFAULTS = {"mem_mb": 4000, "gpus": 1, "batch_size": 8}  # as in workflow/schemas/config.schema.yaml
+LONGBENCH_TASKS = ["longbench"]  # evaluation.longbench.tasks default, as in the schema
 ANSWER_TOKENS = 8  # evaluation.longctx.answer_tokens default: greedy answer tokens after a passkey prompt
 SCALING_DEFAULTS = {"layers": [8, 16, 32], "hidden": [256, 512], "samples": 30, "tokens": 64, "rate": 0.25,
                     "threads": 2}
@@ -102,6 +103,12 @@ def longbench_max_length(config: dict, model: str) -> int | None:
             config["models"][model].get("max_length"), known_window(str(config["models"][model]["source"]))]
     caps = [c for c in caps if c is not None]
     return min(caps) if caps else None
+
+
+def longbench_tasks(config: dict) -> list[str]:
+    """The lm-eval names ``evaluation.longbench`` runs (none without that section)."""
+    longbench = (config.get("evaluation") or {}).get("longbench")
+    return list(longbench.get("tasks", LONGBENCH_TASKS)) if longbench is not None else []
 
 
 def eval_batch(config: dict, model: str, kind: str) -> int:

@@ -472,9 +472,9 @@ def check_config(config: dict, overrides: dict | None = None) -> Findings:
     harness = evaluation.get("harness")
     if harness and not harness.get("local_tasks", False):
         datasets = check_tasks(harness["tasks"], findings)
-    longbench = evaluation.get("longbench")
+    longbench = jobs.longbench_tasks(config)
     if longbench and not (harness or {}).get("local_tasks", False):
-        for dataset, names in check_tasks(longbench.get("tasks", ["longbench"]), findings).items():
+        for dataset, names in check_tasks(longbench, findings).items():
             datasets.setdefault(dataset, set()).update(names)
     findings.environment += hub_problems(config, infos, datasets)
     findings.problems = list(dict.fromkeys(findings.problems))

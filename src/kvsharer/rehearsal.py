@@ -36,6 +36,7 @@ from __future__ import annotations
 import copy
 import math
 
+from . import jobs
 from .models.standins import HEAD_DIM, STANDIN_PREFIX, hub_id_of, standin_shape
 
 
@@ -165,12 +166,12 @@ def rehearsal_config(paper: dict, cut: str = "local", gpus: int = 0, kinds: dict
         raise ValueError("a rehearsal writes LongBench's stand-ins with the harness tasks': the paper config's "
                          "evaluation.longbench needs an evaluation.harness section")
     if harness:
-        names = list(dict.fromkeys(harness["tasks"] + (longbench or {}).get("tasks", ["longbench"] if longbench else [])))
+        names = list(dict.fromkeys(harness["tasks"] + jobs.longbench_tasks(config)))
         kinds = kinds if kinds is not None else task_kinds(names)
         harness.update(tasks=[f"standin_{t}" for t in harness["tasks"]], local_tasks=True,
                        standins={t: kinds[t] for t in names})
         if longbench:
-            longbench["tasks"] = [f"standin_{t}" for t in longbench.get("tasks", ["longbench"])]
+            longbench["tasks"] = [f"standin_{t}" for t in jobs.longbench_tasks(config)]
     for name, model in config["models"].items():
         model["mem_mb"] = job_mem_mb(config, name)
     return config

@@ -121,13 +121,13 @@ def model_methods(model, specs):
 def compose_settings(kind, model):
     """Settings evaluated by `kind`: token methods and quantization with and without sharing, MiniCache
     alone (scored by ppl and harness); the needle-in-a-haystack methods with and without sharing (longctx)."""
+    quant = [f"int{b}" for b in C.get("quant_bits", [])]
     if kind == "longctx":
         specs = C.get("niah", [])
     elif kind in ("ruler", "longbench"):  # long context is where the token methods and quantization matter
-        specs = ([s for s in C.get("intra", []) if method_registry.is_token_method(s)]
-                 + [f"int{b}" for b in C.get("quant_bits", [])])
+        specs = [s for s in C.get("intra", []) if method_registry.is_token_method(s)] + quant
     else:
-        specs = C.get("intra", []) + [f"int{b}" for b in C.get("quant_bits", [])]
+        specs = C.get("intra", []) + quant
     specs = model_methods(model, specs)
     # a method that composes with sharing runs on every base; a rival of sharing (MiniCache) on the plain model
     names = [f"{base}+{label(spec)}" for spec in specs
