@@ -110,6 +110,54 @@ def test_sharing_and_eviction_compose_in_one_cache(windows):
     assert {s for s in stored if s is not None} == {16}  # every source at its budget after each chunk
 
 
+def test_a_prefill_then_chunks_reads_the_compressed_prefill(windows):
+    from kvsharer.evaluate.streaming import first_scored_position, scored_logits
+
+    model = make_tiny("llama")
+    with torch.no_grad():
+        full = model(input_ids=windows, use_cache=False).logits
+    # no method: any schedule is one forward (its positions from the prefill's end on)
+    torch.testing.assert_close(streamed_logits(model, windows, 8, prefill=30), full[:, 30:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scored_logits(model, windows, 30), full[:, 30:], rtol=1e-4, atol=1e-4)
+    with apply_setting(model, None, CacheMethod.parse("h2o:0.25")):
+        logits = streamed_logits(model, windows, 8, prefill=30)
+        one_pass = scored_logits(model, windows, 30)  # no chunk: never reads a cache
+    # every position after the prefill reads the evicted prefill
+    assert (logits - full[:, 30:]).abs().amax(dim=-1).min() > 1e-3
+    torch.testing.assert_close(one_pass, full[:, 30:], rtol=1e-4, atol=1e-4)
+    # right padding (zeros): the shortest row bounds the prefill
+    batch = torch.tensor([[5, 6, 7, 8, 9, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7, 8]])
+    assert first_scored_position(batch, 2) == 3
+    assert first_scored_position(batch, 9) == 0 and first_scored_position(batch, None) == 0
+
+
+def test_lm_eval_scores_every_continuation_from_the_compressed_context():
+    """A padded batch of requests with unequal contexts and continuations: with eviction, no request's
+    log-likelihood is the plain model's (none was scored inside the prefill); keeping everything changes none."""
+    from lm_eval.models.huggingface import HFLM
+
+    from kvsharer.evaluate.harness import scoring_lm
+    from conftest import make_tokenizer
+
+    model, tokenizer = make_tiny("llama"), make_tokenizer()
+    g = torch.Generator().manual_seed(5)
+    requests = [(("", ""), torch.randint(3, 96, (n,), generator=g).tolist(),
+                 torch.randint(3, 96, (k,), generator=g).tolist()) for n, k in [(40, 1), (33, 3), (25, 6), (44, 2)]]
+
+    def scores(spec, chunk):
+        lm = scoring_lm(HFLM, chunk)(pretrained=model, tokenizer=tokenizer, batch_size=4)
+        with apply_setting(model, None, CacheMethod.parse(spec) if spec else None):
+            return [ll for ll, _ in lm._loglikelihood_tokens(requests, disable_tqdm=True)]
+
+    reference = [ll for ll, _ in HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4)._loglikelihood_tokens(
+        requests, disable_tqdm=True)]  # lm-eval's own, every position's logits
+    plain = scores(None, None)  # only the logits scored
+    assert plain == pytest.approx(reference, rel=1e-5)
+    assert scores("h2o:1.0", 8) == pytest.approx(plain, rel=1e-4)
+    evicted = scores("h2o:0.25", 8)
+    assert all(abs(e - p) > 1e-3 for e, p in zip(evicted, plain))
+
+
 # ------------------------------------------------------------------------------------------------
 # the stages
 # ------------------------------------------------------------------------------------------------

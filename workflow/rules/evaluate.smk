@@ -51,7 +51,7 @@ rule evaluate_harness:
     resources:
         mem_mb=lambda w: model_setting(w.model, "mem_mb"),
         gpu=model_gpus,
-        batch=retry_batch("batch_size"),
+        batch=retry_batch("batch_size", kind="harness"),
     shell:
         "python -m kvsharer --threads {threads} --gpus {resources.gpu} evaluate-harness --model {input.model} {params.policy} {params.cache}"
         " --tasks {params.tasks} {params.task_dir} {params.limit} {params.fewshot}"

@@ -24,9 +24,10 @@ replaced by ``-`` (``plain+h2o-0.5``, ``r0.25_dissimilar_euclidean_T0.5_s0+int4`
 Why evaluations stream when a cache method is on: all these methods act on the cache *between*
 forwards (evict after the prefill, quantize the tokens already seen, merge layers' stored K/V). A
 one-pass forward over a whole window never reads a cache, so it would score the plain model. With a
-cache method, PPL and lm-eval therefore feed each sequence in chunks of ``chunk`` tokens through one
-cache: every token is predicted from the compressed cache of all earlier chunks plus the exact K/V of
-its own chunk (``chunk=1`` is token-by-token decoding). Without a cache method, chunking changes
+cache method, PPL therefore feeds each window in chunks of ``chunk`` tokens through one cache: every
+token is predicted from the compressed cache of all earlier chunks plus the exact K/V of its own chunk
+(``chunk=1`` is token-by-token decoding). lm-eval scores only a continuation: its context goes through
+as one prefill, which the method then compresses, and the scored tokens follow in chunks. Without a cache method, chunking changes
 nothing (sharing reads the source's K/V inside the forward), which the tests check.
 """
 

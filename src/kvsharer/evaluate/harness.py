@@ -3,8 +3,9 @@
 
 The lm-evaluation-harness does all the scoring: ``simple_evaluate`` runs on an ``HFLM`` that wraps the
 already loaded model, inside ``share_kv(model, policy)``. Nothing here re-implements it. With a cache
-method (``--cache``), ``StreamingHFLM`` only changes how the logits are computed: each batch is streamed in
-chunks of ``--chunk`` tokens through one cache, so the continuation is scored from the compressed cache.
+method (``--cache``), ``StreamingHFLM`` only changes how the logits are computed: each batch goes through
+one cache, the context as one prefill that the method then compresses and the scored tokens in chunks of
+``--chunk``, so the continuation is scored from the compressed cache.
 
 Task names are checked against lm-eval's registry (plus ``--task-dir``) before the model is loaded. On a
 cluster the paper's tasks are named directly (hellaswag, piqa, ...; their datasets come from the hub).
@@ -83,19 +84,36 @@ def tokenizer_folder(source: str, tokenizer, scratch: Path) -> str:
     return str(scratch)
 
 
-def streaming_lm(hflm_class, chunk: int | None):
-    """``hflm_class`` itself (no chunk), or a subclass whose ``_model_call`` streams chunks through one cache."""
-    if chunk is None:
-        return hflm_class
-    from .streaming import streamed_logits
+def scoring_lm(hflm_class, chunk: int | None):
+    """A subclass of lm-eval's ``hflm_class`` whose ``_model_call`` computes only the logits lm-eval may
+    score: from the first position any row of the batch scores on (earlier positions are never read; the
+    shorter logits are what lm-eval's slicing expects of a model with virtual tokens). With a cache method
+    (``chunk`` an int) the tokens before that position go through one cache as one prefill, which the method
+    then compresses, and the rest in chunks of ``chunk``: every scored token is predicted from the
+    compressed context, as after a real prompt's prefill (kvpress scores the same way). A rolling
+    log-likelihood scores every token and so streams everything in chunks."""
+    from .streaming import first_scored_position, scored_logits
 
-    class StreamingHFLM(hflm_class):
+    class ScoringHFLM(hflm_class):
+        longest_continuation: int | None = None  # of the requests being scored (None: unknown)
+
+        def _loglikelihood_tokens(self, requests, *args, **kwargs):
+            # requests: [((context, continuation), context tokens, continuation tokens)]
+            self.longest_continuation = max((len(r[2]) for r in requests), default=None)
+            try:
+                return super()._loglikelihood_tokens(requests, *args, **kwargs)
+            finally:
+                self.longest_continuation = None
+
         def _model_call(self, inps, attn_mask=None, labels=None):
             if attn_mask is not None or labels is not None:  # seq2seq: not a decoder-only cache
-                raise ValueError("--cache streams decoder-only models only")
-            return streamed_logits(self.model, inps, chunk)
+                if chunk is not None:
+                    raise ValueError("--cache streams decoder-only models only")
+                return super()._model_call(inps, attn_mask, labels)
+            # lm-eval pads a batch on the right with zeros (pad_and_concat)
+            return scored_logits(self.model, inps, first_scored_position(inps, self.longest_continuation), chunk)
 
-    return StreamingHFLM
+    return ScoringHFLM
 
 
 def evaluate_tasks(lm, tokenizer, source: str, other_names: list[str], task_manager, ruler_names: list[str],

@@ -15,7 +15,7 @@ from ..atomic import atomic_write_text
 from ..cache.compose import apply_setting
 from ..cache.policy import SharingPolicy
 from ..evaluate import result_header
-from ..evaluate.harness import evaluate_tasks, streaming_lm, task_manager_for
+from ..evaluate.harness import evaluate_tasks, scoring_lm, task_manager_for
 from ..evaluate.longctx import context_window
 from ..evaluate.ruler import check_window, parse_lengths, split_ruler
 from ..models.loading import DTYPES, check_source, find_parts, load_model, resolve_device, text_config
@@ -93,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    lm = streaming_lm(HFLM, chunk)(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size,
+    lm = scoring_lm(HFLM, chunk)(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size,
                                    max_length=args.max_length)
     start = time.perf_counter()
     with apply_setting(model, policy, method), tempfile.TemporaryDirectory() as scratch:
