@@ -41,14 +41,21 @@ $(STAMP): pyproject.toml
 # the DAG's jobs fork from one warm process (kvsharer.warm_worker) instead of each importing torch anew
 WARM := $(BIN)/python -m kvsharer warm-worker --
 
+# the HTML report is rebuilt only when a result is newer than it (a rerun with nothing to do stays quick)
+STALE = test ! -f $(1) || test -n "$$(find results -newer $(1) -not -name 'report*.html' -print -quit)"
+
 demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(WARM) $(BIN)/snakemake --cores $(CORES)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --report results/report.html
+	if $(call STALE,results/report.html); then \
+		PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --report results/report.html; \
+	else echo "results/report.html is up to date"; fi
 
 demo-full: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(WARM) $(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml config/demo-full.yaml
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --report results/report-full.html \
-		--configfile config/config.yaml config/demo-full.yaml
+	if $(call STALE,results/report-full.html); then \
+		PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --report results/report-full.html \
+			--configfile config/config.yaml config/demo-full.yaml; \
+	else echo "results/report-full.html is up to date"; fi
 
 rehearsal: $(STAMP)
 	$(BIN)/python -m kvsharer rehearsal-config --paper config/paper.yaml --cut $(CUT) --gpus $(GPUS) \

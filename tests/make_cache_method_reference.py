@@ -6,7 +6,7 @@ evaluation attaches it (``kvsharer.cache.compose.apply_setting``) and records
 
 * ``streamed``: the logits of a chunked forward through one cache (``kvsharer.evaluate.streaming``);
 * ``one_pass``: the logits of one forward with ``use_cache=False`` (and whether it returned a cache);
-* ``footprint``: what ``kvsharer.evaluate.ppl.kv_footprint`` reports, and the cache it filled: every
+* ``footprint``: the K/V bytes ``kvsharer.evaluate.ppl.perplexity`` reports for one window, and the cache it filled: every
   layer's class, stored tokens and contents;
 * ``generate``: greedy generation from a left-padded batch: the tokens, every step's logits and the
   returned cache;
@@ -126,7 +126,7 @@ def record(model, spec: str, share: bool) -> dict:
     """Everything a setting does to ``model`` (see the module docstring)."""
     from kvsharer import SharingPolicy
     from kvsharer.cache.compose import CacheMethod, apply_setting
-    from kvsharer.evaluate.ppl import kv_footprint
+    from kvsharer.evaluate.ppl import perplexity
     from kvsharer.evaluate.streaming import streamed_logits
     from kvsharer.measure.profile import expected_bytes
 
@@ -145,7 +145,7 @@ def record(model, spec: str, share: bool) -> dict:
             with torch.inference_mode():
                 streamed = streamed_logits(model, ids, CHUNK)
                 one = model(input_ids=ids, use_cache=False)
-                footprint = kv_footprint(model, ids[:1], CHUNK)
+                footprint = perplexity(model, ids, ids.shape[0], CHUNK)  # every row's bytes / rows
                 cache = footprint_cache(model, ids[:1])
             out = model.generate(prompt, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
                                  pad_token_id=0, output_logits=True, return_dict_in_generate=True)
@@ -167,7 +167,7 @@ def record(model, spec: str, share: bool) -> dict:
 
 
 def footprint_cache(model, ids):
-    """The cache ``kv_footprint`` fills, filled the same way (one row, chunks of CHUNK)."""
+    """One row's cache, filled as ``perplexity`` streams it (chunks of CHUNK)."""
     from transformers.cache_utils import DynamicCache
 
     cache = DynamicCache(config=model.config)

@@ -217,8 +217,6 @@ def test_bad_settings_are_refused_before_loading(tiny_model_dir, tmp_path, no_mo
 def test_quantization_composes_with_sharing_in_a_streamed_score(windows):
     """int8 barely moves the PPL, int2 moves it more; with sharing, sharers store nothing and the bytes
     are the shape's prediction."""
-    from kvsharer.evaluate.ppl import kv_footprint
-
     model = make_tiny("llama")
     plain = perplexity(model, windows, batch_size=3)
     drift = {}
@@ -228,21 +226,19 @@ def test_quantization_composes_with_sharing_in_a_streamed_score(windows):
     assert 0 < 10 * drift[8] < drift[2]  # (only tokens older than the 32-token exact window are quantized)
     policy = SharingPolicy(SHARING_MAP)
     with apply_setting(model, policy, CacheMethod.parse("int4")):
-        quant_shared = kv_footprint(model, windows[:1], 8)
+        quant_shared = perplexity(model, windows, 3, 8)
     with apply_setting(model, None, CacheMethod.parse("int4")):
-        quant_alone = kv_footprint(model, windows[:1], 8)
+        quant_alone = perplexity(model, windows, 3, 8)
     assert quant_shared["kv_bytes"] * 8 == quant_alone["kv_bytes"] * 4  # 4 of 8 layers store
     assert quant_alone["kv_fraction"] < 1.0
 
 
 def test_minicache_is_seen_by_a_streamed_score_and_holds_fewer_bytes(windows):
-    from kvsharer.evaluate.ppl import kv_footprint
-
     model = make_tiny("llama")
     plain = perplexity(model, windows, batch_size=3)
     with apply_setting(model, SharingPolicy.identity(8), CacheMethod.parse("minicache:0.25")):
         merged = perplexity(model, windows, batch_size=3, chunk=8)
-        held = kv_footprint(model, windows[:1], 8)
+        held = perplexity(model, windows, 3, 8)
         assert [type(m).__name__ for m in attached_methods(model)] == ["MiniCache"]  # the identity policy: no sharing
     assert abs(merged["nll_sum"] - plain["nll_sum"]) > 1e-3 * plain["nll_sum"]
     assert 0.75 < held["kv_fraction"] < 1.0  # 2 of 8 layers merged, minus magnitudes and retained tokens

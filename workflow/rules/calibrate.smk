@@ -17,6 +17,7 @@ rule calibrate:
         "logs/{model}/calibrate.log",
     conda:
         "../../envs/kvsharer.yaml"
+    priority: 20  # every search waits for it
     threads: lambda w: model_setting(w.model, "threads")
     resources:
         mem_mb=lambda w: model_setting(w.model, "mem_mb"),

@@ -47,6 +47,7 @@ rule evaluate_harness:
         "logs/{model}/eval/{policy}/harness.log",
     conda:
         "../../envs/kvsharer.yaml"
+    priority: 5  # long jobs first, so that short ones fill the end of the run
     threads: lambda w: model_setting(w.model, "threads")
     resources:
         mem_mb=lambda w: model_setting(w.model, "mem_mb"),

@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers.cache_utils import DynamicCache
 
 from .streaming import chunk_logits
 
@@ -43,24 +44,37 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def perplexity(model, input_ids_windows: torch.Tensor, batch_size: int, chunk: int | None = None) -> dict:
     """Score every window independently (inside ``share_kv``/``apply_setting`` to score a setting).
 
-    ``chunk``: None scores a window in one forward without a cache; an int streams it through one cache
-    in chunks of that many tokens (needed to see a cache method).
+    ``chunk``: None scores a window in one forward; an int streams it through one cache in chunks of that
+    many tokens (needed to see a cache method).
     Returns ``ppl``, ``nll_mean`` (nats per scored token), ``nll_sum``, ``tokens_scored``, ``windows``
     and ``window``. Per-token NLLs come from the model's logits in float32 and are summed in float64.
+    Also the K/V the setting held for one window, measured on the cache the first window was scored
+    through (it goes alone: what a method keeps, e.g. MiniCache's retained tokens, can differ by row),
+    next to the plain model's (every layer stores W tokens): ``kv_bytes``, ``kv_bytes_plain``,
+    ``kv_fraction``.
     """
+    from ..cache.sharing import cache_nbytes, expected_kv_nbytes
+
     n, window = input_ids_windows.shape
     nll_sum = torch.zeros((), dtype=torch.float64)
-    for start in tqdm(range(0, n, batch_size), desc="ppl", unit="batch", leave=False):
-        batch = input_ids_windows[start : start + batch_size].to(model.device)
+    held = None
+    for start, end in tqdm([(0, 1)] + [(s, min(s + batch_size, n)) for s in range(1, n, batch_size)],
+                           desc="ppl", unit="batch", leave=False):
+        batch = input_ids_windows[start:end].to(model.device)
+        cache = DynamicCache(config=model.config)
         if chunk is None:
-            nll_sum += _nll(model(input_ids=batch, use_cache=False).logits, batch[:, 1:])
-            continue
-        for at, logits in chunk_logits(model, batch, chunk):
-            targets = batch[:, at + 1 : at + 1 + logits.shape[1]]
-            if targets.shape[1]:
-                nll_sum += _nll(logits, targets)
+            nll_sum += _nll(model(input_ids=batch, past_key_values=cache, use_cache=True).logits, batch[:, 1:])
+        else:
+            for at, logits in chunk_logits(model, batch, chunk, cache=cache):
+                targets = batch[:, at + 1 : at + 1 + logits.shape[1]]
+                if targets.shape[1]:
+                    nll_sum += _nll(logits, targets)
+        if held is None:
+            held = cache_nbytes(cache)
+        del cache
     scored = n * (window - 1)
     nll_mean = nll_sum.item() / scored
+    plain = expected_kv_nbytes(model, None, 1, window, model.dtype.itemsize)
     return {
         "ppl": math.exp(nll_mean),
         "nll_mean": nll_mean,
@@ -68,23 +82,5 @@ def perplexity(model, input_ids_windows: torch.Tensor, batch_size: int, chunk: i
         "tokens_scored": scored,
         "windows": n,
         "window": window,
+        "kv_bytes": held, "kv_bytes_plain": plain, "kv_fraction": held / plain,
     }
-
-
-@torch.inference_mode()
-def kv_footprint(model, window_ids: torch.Tensor, chunk: int | None) -> dict:
-    """K/V bytes the cache holds after one window ``[1, W]`` went through it (chunked like the scoring),
-    next to the plain model's (every layer stores W tokens): ``kv_bytes``, ``kv_bytes_plain``,
-    ``kv_fraction``. Call it inside the setting it measures."""
-    from transformers.cache_utils import DynamicCache
-
-    from ..cache.sharing import cache_nbytes, expected_kv_nbytes
-
-    ids = window_ids.to(model.device)
-    cache = DynamicCache(config=model.config)
-    step = chunk or ids.shape[1]
-    for start in range(0, ids.shape[1], step):
-        model(input_ids=ids[:, start : start + step], past_key_values=cache, use_cache=True)
-    held = cache_nbytes(cache)
-    plain = expected_kv_nbytes(model, None, 1, ids.shape[1], model.dtype.itemsize)
-    return {"kv_bytes": held, "kv_bytes_plain": plain, "kv_fraction": held / plain}

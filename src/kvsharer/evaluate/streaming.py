@@ -28,17 +28,19 @@ def takes_logits_to_keep(model) -> bool:
 
 
 @torch.inference_mode()
-def chunk_logits(model, input_ids: torch.Tensor, chunk: int, prefill: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+def chunk_logits(model, input_ids: torch.Tensor, chunk: int, prefill: int = 0,
+                 cache: DynamicCache | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(start, logits of input_ids[:, start:start+chunk])`` through one cache, chunk by chunk.
 
     ``prefill`` > 0: tokens ``[0, prefill)`` first go through as one forward whose logits are not wanted
     (a prompt prefilled at once, then compressed by the cache method); the chunks start at ``prefill``.
+    ``cache``: the (empty) cache to stream through, for a caller that measures it afterwards.
 
     No attention mask is passed, as in one causal forward: right padding only ever follows the tokens
     that are scored.
     """
     check_chunk(chunk)
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config) if cache is None else cache
     if prefill > 0:
         keep = {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
         model(input_ids=input_ids[:, :prefill], past_key_values=cache, use_cache=True, **keep)

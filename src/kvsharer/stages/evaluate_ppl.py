@@ -14,7 +14,7 @@ from ..cache.compose import apply_setting
 from ..cache.policy import SharingPolicy
 from ..data import check_text_source, load_corpus, sha256_text
 from ..evaluate import result_header
-from ..evaluate.ppl import cut_windows, kv_footprint, perplexity
+from ..evaluate.ppl import cut_windows, perplexity
 from ..models.loading import DTYPES, check_source, find_parts, load_model, resolve_device, text_config
 from .common import add_setting_arguments, parse_setting
 
@@ -63,14 +63,13 @@ def main(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     with apply_setting(model, policy, method):
-        result = perplexity(model, windows, args.batch_size, chunk)
+        result = perplexity(model, windows, args.batch_size, chunk)  # with the K/V it held for one window
         seconds = time.perf_counter() - start
-        footprint = kv_footprint(model, windows[:1], chunk)
 
     summary = {
         **result_header("evaluate-ppl", args.model, args.policy, policy, method, chunk),
         "text": args.text, "corpus": args.corpus, "text_sha256": sha256_text(text), "text_tokens": len(ids),
-        **result, **footprint,
+        **result,
         "max_tokens": args.max_tokens, "batch_size": args.batch_size,
         "dtype": args.dtype, "device": str(model.device),
         "seconds": seconds,
@@ -79,6 +78,6 @@ def main(args: argparse.Namespace) -> int:
     log.info(
         "PPL %.4f (%d windows x %d tokens, %d/%d layers shared, cache %s, KV %.1f %% of plain) in %.1f s -> %s",
         result["ppl"], result["windows"], result["window"], policy.num_shared, policy.n_layers,
-        method.spec if method else "plain", 100 * footprint["kv_fraction"], seconds, args.out,
+        method.spec if method else "plain", 100 * result["kv_fraction"], seconds, args.out,
     )
     return 0
