@@ -60,7 +60,7 @@ def model_setting(model, key):
 def retry_batch(default_key=None, kind=None):
     """Batch size for a job's attempt: halved on every retry (a job that ran out of GPU memory is
     resubmitted by `retries:` with a smaller batch). 0 means "the stage's default" on the first attempt.
-    `kind` (ruler, longbench): evaluation.<kind>.batch_size when set, else the model's batch_size."""
+    `kind` (harness, ruler, longbench): evaluation.<kind>.batch_size when set, else the model's batch_size."""
 
     def batch(wildcards, attempt):
         if kind is not None:

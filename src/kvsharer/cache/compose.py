@@ -27,8 +27,9 @@ one-pass forward over a whole window never reads a cache, so it would score the 
 cache method, PPL therefore feeds each window in chunks of ``chunk`` tokens through one cache: every
 token is predicted from the compressed cache of all earlier chunks plus the exact K/V of its own chunk
 (``chunk=1`` is token-by-token decoding). lm-eval scores only a continuation: its context goes through
-as one prefill, which the method then compresses, and the scored tokens follow in chunks. Without a cache method, chunking changes
-nothing (sharing reads the source's K/V inside the forward), which the tests check.
+as one prefill, which the method then compresses, and the scored tokens follow in chunks. Without a
+cache method, chunking changes nothing (sharing reads the source's K/V inside the forward), which the
+tests check.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 
 The lm-evaluation-harness does all the scoring: ``simple_evaluate`` runs on an ``HFLM`` that wraps the
 already loaded model, inside ``share_kv(model, policy)``. Nothing here re-implements it. With a cache
-method (``--cache``), ``StreamingHFLM`` only changes how the logits are computed: each batch goes through
+method (``--cache``), ``ScoringHFLM`` only changes how the logits are computed: each batch goes through
 one cache, the context as one prefill that the method then compresses and the scored tokens in chunks of
-``--chunk``, so the continuation is scored from the compressed cache.
+``--chunk``, so the continuation is scored from the compressed cache (without one, it computes only the
+logits lm-eval scores).
 
 Task names are checked against lm-eval's registry (plus ``--task-dir``) before the model is loaded. On a
 cluster the paper's tasks are named directly (hellaswag, piqa, ...; their datasets come from the hub).

@@ -94,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
     from lm_eval.models.huggingface import HFLM
 
     lm = scoring_lm(HFLM, chunk)(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size,
-                                   max_length=args.max_length)
+                                 max_length=args.max_length)
     start = time.perf_counter()
     with apply_setting(model, policy, method), tempfile.TemporaryDirectory() as scratch:
         tasks, scores, seconds_by_length = evaluate_tasks(lm, tokenizer, args.model, other_names, task_manager,
