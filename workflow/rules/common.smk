@@ -38,11 +38,16 @@ def all_policies():
     return list(dict.fromkeys(names))  # ordered, no duplicates
 
 
-def table1_policies():
+def table1_policies(orders=None):
     """Plain model, the paper's method (dissimilar order) and the measured orders at every rate (the tasks and
-    passkey score what the measured search found on calibration text, not only its PPL)."""
-    measured = [p for o in S["orders"] if o.startswith("measured") for p in main_policies(o)]
-    return ["plain"] + main_policies("dissimilar") + measured
+    passkey score what the measured search found on calibration text, not only its PPL); `orders`
+    (evaluation.<kind>.orders) keeps only those orders' policies."""
+    scored = ["dissimilar"] + [o for o in S["orders"] if o.startswith("measured")]
+    missing = [o for o in orders or [] if o not in scored]
+    if missing:
+        raise ValueError(f"evaluation.*.orders names {', '.join(missing)}, which search.orders does not search "
+                         f"(scored orders: {', '.join(scored)})")
+    return ["plain"] + [p for o in scored if not orders or o in orders for p in main_policies(o)]
 
 
 def setting(path, absent=None):
@@ -142,9 +147,9 @@ def compose_policies():
 
 
 EVAL = config["evaluation"]
-EVAL_KINDS = {"ppl": ("ppl" in EVAL, all_policies), "harness": ("harness" in EVAL, table1_policies),
-              "longctx": ("longctx" in EVAL, table1_policies), "ruler": ("ruler" in EVAL, table1_policies),
-              "longbench": ("longbench" in EVAL, table1_policies)}
+EVAL_KINDS = {"ppl": ("ppl" in EVAL, all_policies)} | {
+    kind: (kind in EVAL, lambda kind=kind: table1_policies(setting(f"evaluation/{kind}/orders")))
+    for kind in ("harness", "longctx", "ruler", "longbench")}
 
 
 def eval_files(kind):
