@@ -54,6 +54,7 @@ rule make_tasks:
         standins=lambda w: ",".join(f"{n}={k}" for n, k in setting("evaluation/harness/standins", {}).items()),
     log:
         "logs/make_tasks.log",
+    priority: 20  # the task jobs (priority 5) wait for it; Snakemake does not pass priorities up to inputs
     conda:
         "../../envs/kvsharer.yaml"
     shell:
