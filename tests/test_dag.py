@@ -355,6 +355,35 @@ def test_ruler_lengths_past_a_models_window_are_skipped_for_it(tmp_path, tiny_mo
     assert set(re.findall(r"--tasks niah_single_1 --max-seq-lengths (\S+)", out)) == {"256,512"}
 
 
+def test_a_task_kind_scores_only_the_orders_it_names(tmp_path, tiny_model_dir):
+    """evaluation.<kind>.orders: the passkey grid of [dissimilar] drops the measured policies (the tasks, which
+    name none, keep them); plain and the compositions stay; an order the search does not run is refused
+    before any job."""
+    import re
+
+    def planned(config):
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+        out = snakemake(tmp_path, "-n").stdout
+        return {kind: set(re.findall(rf"results/tiny/eval/(\S+)/{kind}\.json", out)) for kind in ("longctx", "harness")}
+
+    config = tiny_config(tiny_model_dir)
+    before = planned(config)
+    measured = {s for s in before["longctx"] if "_measured-kl_" in s}
+    assert len(measured) == 2 and measured <= before["harness"]  # both rates, by default
+
+    config["evaluation"]["longctx"]["orders"] = ["dissimilar"]
+    after = planned(config)
+    assert after["longctx"] == before["longctx"] - measured
+    assert {"plain", "plain+h2o-0.5", "r0.5_dissimilar_euclidean_T0.5_s0+h2o-0.5"} <= after["longctx"]
+    assert after["harness"] == before["harness"]
+
+    config["evaluation"]["longctx"]["orders"] = ["measured-cosine"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    refused = snakemake(tmp_path, "-n", check=False)
+    assert refused.returncode != 0
+    assert "measured-cosine, which search.orders does not search" in refused.stdout + refused.stderr
+
+
 def test_longbench_runs_through_the_harness_stage_truncated_with_its_own_batch(tmp_path, tiny_model_dir):
     """evaluation.longbench plans one evaluate-harness job per setting of Table 1 and per token method and
     quantization, alone and with sharing (long context is where they matter), each with --max-length the
