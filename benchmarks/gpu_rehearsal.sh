@@ -16,7 +16,8 @@
 #   REHEARSAL_DEVICE=cpu   the same script on a CPU (heads 8 wide, fp32, no GPU): checks the plumbing
 # The jobs fork from one warm process (kvsharer.warm_worker: imports once, never touches CUDA itself;
 # PYTORCH_NVML_BASED_CUDA_CHECK keeps torch.cuda.is_available() from initialising CUDA before a fork).
-# Writes OUT_DIR/gpu_rehearsal.json: wall seconds, jobs, the GPU, versions; tables in OUT_DIR/results/tables.
+# Writes OUT_DIR/gpu_rehearsal.json: wall seconds, the evaluation results and tables written, the GPU, torch's
+# version; tables in OUT_DIR/results/tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
