@@ -324,10 +324,10 @@ def test_ruler_runs_through_the_harness_stage_for_policies_and_token_methods(tmp
 
     config = tiny_config(tiny_model_dir)
     config["models"]["short"] = {**config["models"]["tiny"], "max_length": 256}
-    config["evaluation"]["ruler"] = {"tasks": ["niah_single_1", "ruler_vt"], "lengths": [384, 256], "limit": 3}
+    config["evaluation"]["ruler"] = {"tasks": ["niah_single_1", "niah_multikey_2"], "lengths": [384, 256], "limit": 3}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     out = snakemake(tmp_path, "-n", "-p").stdout
-    calls = re.findall(r"evaluate-harness --model results/models/(\w+) (.*?)--tasks niah_single_1,ruler_vt "
+    calls = re.findall(r"evaluate-harness --model results/models/(\w+) (.*?)--tasks niah_single_1,niah_multikey_2 "
                        r"--max-seq-lengths (\S+) --limit 3 .*?--out results/\w+/eval/(\S+)/ruler.json", out)
     settings = {(model, setting) for model, _, _, setting in calls}
     policies = {s for _, s in settings if "+" not in s and s != "plain"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import socket
 
 import pytest
@@ -348,6 +349,13 @@ def test_harness_max_length_truncates_long_prompts_from_the_left(tiny_model_dir,
     ("kvs_cloze", ["--max-seq-lengths", "400"], "RULER tasks only"),
     ("niah_single_1", ["--max-seq-lengths", "400,600"], "600 exceed the model's window of 512"),
     ("niah_single_1", ["--max-seq-lengths", "4k"], "comma-separated list of token counts"),
+    # the tiny tokenizer spends ~1,600 tokens on ruler_cwe's 10-word prompt: lm-eval would give every sample an
+    # empty answer list and divide by zero after the run (the Qwen2.5 stand-in's rehearsal at 1,024 tokens)
+    ("niah_single_1,ruler_cwe", ["--max-seq-lengths", "512"], "ruler_cwe at 512 tokens (needs about"),
+    # ruler_fwe's bare template (~260 tokens here) and ruler_vt's worked example (~700 of its 500) never fit:
+    # lm-eval's generators would loop for ever
+    ("ruler_fwe", ["--max-seq-lengths", "256"], "ruler_fwe at 256 tokens (needs about"),
+    ("ruler_vt", ["--max-seq-lengths", "512"], "ruler_vt at 512 tokens (its worked example does not fit"),
 ])
 def test_harness_ruler_bad_input_is_refused_before_loading(tiny_model_dir, task_dir, tmp_path, caplog, no_model_load,
                                                            tasks, extra, expected):
@@ -359,6 +367,32 @@ def test_harness_ruler_bad_input_is_refused_before_loading(tiny_model_dir, task_
     assert len(errors) == 1 and expected in errors[0]
     if "download" in errors[0]:
         assert all(name in errors[0] for name in OFFLINE) and "niah_single_1:" not in errors[0]
+
+
+def test_ruler_samples_without_an_answer_are_refused_after_generation(tiny_model_dir, monkeypatch):
+    """The check behind the prompt probes: with the probe switched off, ruler_cwe at 512 tokens generates
+    samples that all lack an expected answer, and the build says so by task and length (lm-eval would divide
+    by zero after the whole run)."""
+    from kvsharer.evaluate import ruler_samples
+
+    monkeypatch.setattr(ruler_samples, "prompt_floor", lambda name, tokenizer: None)
+    with pytest.raises(ValueError, match=r"ruler_cwe at 512 tokens \(500 of 500 samples\)"):
+        ruler_samples.build_ruler_tasks(["ruler_cwe"], [512], str(tiny_model_dir))
+
+
+def test_ruler_tasks_are_built_once_per_length_with_answers(tiny_model_dir):
+    from kvsharer.evaluate.ruler_samples import build_ruler_tasks, missing_answers
+
+    built = build_ruler_tasks(["niah_single_1", "niah_multikey_2"], [400, 500], str(tiny_model_dir))
+    assert sorted(built) == [400, 500]
+    for length, (manager, tasks) in built.items():
+        assert sorted(tasks) == ["niah_multikey_2", "niah_single_1"]
+        docs = list(tasks["niah_single_1"].test_docs())
+        assert docs and missing_answers(docs) == 0 and all(doc["max_length"] == length for doc in docs)
+    # seeded as lm-eval's simple_evaluate seeds before it builds: the same samples whatever ran before
+    random.seed(123)
+    again = build_ruler_tasks(["niah_single_1"], [400], str(tiny_model_dir))[400][1]["niah_single_1"]
+    assert list(again.test_docs()) == list(built[400][1]["niah_single_1"].test_docs())
 
 
 # ------------------------------------------------------------------------------------------------

@@ -163,6 +163,23 @@ def test_long_context_benchmarks_run_up_to_each_models_window_one_prompt_at_a_ti
     assert not find(problems, "'llama2-7b-chat'", "evaluate_ruler")
 
 
+def test_a_ruler_length_too_short_for_the_prompt_with_the_models_tokenizer_is_refused():
+    """The Qwen2.5 stand-in's rehearsal at 1,024 RULER tokens: with the tokenizer its jobs load (Qwen's
+    pre-tokenizer over the stand-in's BPE) ruler_cwe's shortest prompt is ~1,180 tokens, so every sample would
+    expect no answer and each RULER job would fail after its run. Preflight names it on the login node; at
+    1,536 tokens it passes, and niah_single_1 (no floor) is never named."""
+    config = copy.deepcopy(PAPER)
+    config["models"] = {"qwen": {**PAPER["models"]["qwen2.5-7b-instruct"], "source": "standin:Qwen/Qwen2.5-7B-Instruct"}}
+    config["evaluation"]["ruler"] = {**PAPER["evaluation"]["ruler"], "tasks": ["niah_single_1", "ruler_cwe"],
+                                     "lengths": [512, 1024]}
+    problems = find(pf.check_config(config, PROFILE["set-resources"]).problems, "'qwen'", "RULER")
+    assert len(problems) == 1
+    assert re.search(r"ruler_cwe at 512 tokens \(needs about 1\d\d\d .*ruler_cwe at 1024 tokens", problems[0])
+    assert "niah_single_1" not in problems[0] and "evaluation.ruler.lengths" in problems[0]
+    config["evaluation"]["ruler"]["lengths"] = [1536]
+    assert not find(pf.check_config(config, PROFILE["set-resources"]).problems, "RULER")
+
+
 def test_a_longbench_length_past_an_unknown_window_is_refused(monkeypatch):
     """A model whose window the DAG cannot know (a hub id outside the stored architectures) is checked by
     preflight from its config: a LongBench cap past it is a problem."""

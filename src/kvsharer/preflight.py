@@ -12,7 +12,7 @@ raises one ``PreflightError`` listing them all, in two groups:
   whose attention is remote code (it would compress nothing);
 * every length a stage runs against the model's window: passkey lengths (up to ``models.<m>.max_length``)
   plus the answer tokens, profile contexts plus the new tokens, the perplexity window, the calibration
-  tokens;
+  tokens; RULER lengths too short for ``ruler_cwe``/``ruler_fwe``'s prompt with the model's own tokenizer;
 * resources, as the rules and the Slurm profile request them: a model's ``mem_mb`` against its weights in
   the config's dtype (every job loads them through host memory; prepare-model converts them on CPU); its
   GPUs against weights + K/V + activations of the largest forward of each rule; a profile without a GPU
@@ -246,6 +246,36 @@ def check_windows(name: str, window: int, config: dict) -> list[str]:
     return problems
 
 
+def check_ruler_prompts(name: str, source: str, config: dict) -> list[str]:
+    """RULER tasks whose prompt does not fit the lengths run on this model, with the tokenizer its jobs load
+    (lm-eval's ``ruler_cwe``/``ruler_fwe``; :mod:`kvsharer.evaluate.ruler_samples`). Checked for model folders,
+    stand-ins and embedded models (a tokenizer here, in a second); a hub model's job checks it before loading."""
+    import tempfile
+
+    from .evaluate.ruler_samples import FLOORED, too_short
+    from .models.shapes import RANDOM_PREFIX
+    from .models.standins import STANDIN_PREFIX
+
+    ruler = (config.get("evaluation") or {}).get("ruler") or {}
+    names = [task for task in ruler.get("tasks", []) if task in FLOORED]
+    lengths = jobs.ruler_lengths(config, name)
+    local = Path(source).is_dir() or source.startswith((STANDIN_PREFIX, EMBEDDED_PREFIX))
+    if not (names and lengths and local) or source.startswith(RANDOM_PREFIX):
+        return []
+    from lm_eval.tasks.ruler.common_utils import get_tokenizer
+
+    from .models.loading import save_tokenizer  # torch: only for the models checked here
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = source if Path(source).is_dir() else str(save_tokenizer(source, scratch))
+        short = too_short(names, lengths, get_tokenizer(folder))
+    if not short:
+        return []
+    return [f"model {name!r}: RULER {'; '.join(short)}: the prompt leaves no room for the task's content, so every "
+            "sample would expect no answer (lm-eval's score divides by zero after the run) or its generator would "
+            "never end: use longer evaluation.ruler.lengths or leave the task out"]
+
+
 def effective(config: dict, rule: str, model: str | None, overrides: dict) -> dict:
     """A rule's resources for ``model`` after the Slurm profile's ``set-resources`` (which win)."""
     res = {**jobs.rule_resources(config, rule, model), **(overrides.get(rule) or {})}
@@ -348,6 +378,8 @@ def check_model(name: str, settings: dict, rates: list[float], lengths: list[int
                        "evaluation": {"longctx": {"lengths": lengths, "answer_tokens": 0}}}
     if shape.max_positions:
         problems += check_windows(name, shape.max_positions, whole)
+    if config is not None:
+        problems += check_ruler_prompts(name, str(settings["source"]), config)
     if config is not None and shape.hidden and shape.vocab:
         gpu_gb = (config.get("resources") or {}).get("gpu_memory_gb", footprint.GPU_MEMORY_GB)
         problems += check_resources(name, shape, config, overrides or {}, gpu_gb)

@@ -62,7 +62,7 @@ CUTS: dict[str, dict] = {
         "evaluation.ppl.max_tokens": 4096, "evaluation.ppl.corpus_max_tokens": 2048,
         "evaluation.harness.limit": 10,
         "evaluation.longctx.lengths": [256, 512], "evaluation.longctx.trials": 2,
-        "evaluation.ruler.lengths": [1024], "evaluation.ruler.limit": 2, "evaluation.longbench.limit": 2,
+        "evaluation.ruler.lengths": [1536], "evaluation.ruler.limit": 2, "evaluation.longbench.limit": 2,
     },
     # the slurm-marked test (about 4-7 minutes on 2 cores): one model, Mistral-7B (GQA 32/8 heads, its own
     # transformers class, a 32k vocabulary: Qwen2.5's 152k makes every forward's logits 5x dearer), the

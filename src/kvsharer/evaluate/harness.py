@@ -17,7 +17,9 @@ such tasks only read local JSON files.
 lm-eval's RULER tasks that generate their data offline (niah_single_1, niah_multikey_2, ruler_vt, ...;
 see :mod:`kvsharer.evaluate.ruler`) run at the lengths of ``--max-seq-lengths``, one lm-eval evaluation
 per length (``--limit`` counts per length); their result carries RULER's own score (not ``acc``) overall
-and per length. RULER tasks that download their data are refused before the model loads.
+and per length. RULER tasks that download their data are refused before the model loads; the others'
+samples are generated once per length before it loads, and refused there when a task's prompt leaves them no
+expected answer (:mod:`kvsharer.evaluate.ruler_samples`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from .lm_tasks import task_needs
 from .scores import flatten_metrics, requested_scores
-from .ruler import ruler_metadata, ruler_metrics
+from .ruler import ruler_metrics
 
 
 def task_manager_for(names: list[str], task_dir: Path | None):
@@ -77,12 +79,14 @@ def task_results(out: dict) -> dict:
     }
 
 
-def tokenizer_folder(source: str, tokenizer, scratch: Path) -> str:
-    """A folder RULER's generators can load the tokenizer from: the model folder, else a saved copy."""
+def tokenizer_folder(source: str, scratch: Path) -> str:
+    """A folder RULER's generators can load the tokenizer from: the model folder, else ``source``'s tokenizer
+    saved in ``scratch`` the way a prepared model folder holds it (:func:`kvsharer.models.loading.save_tokenizer`)."""
+    from ..models.loading import save_tokenizer
+
     if Path(source).is_dir():
         return str(Path(source).resolve())
-    tokenizer.save_pretrained(scratch)
-    return str(scratch)
+    return str(save_tokenizer(source, scratch))
 
 
 def scoring_lm(hflm_class, chunk: int | None):
@@ -117,17 +121,15 @@ def scoring_lm(hflm_class, chunk: int | None):
     return ScoringHFLM
 
 
-def evaluate_tasks(lm, tokenizer, source: str, other_names: list[str], task_manager, ruler_names: list[str],
-                   lengths: list[int], limit: int | None, num_fewshot: int | None, scratch: Path
-                   ) -> tuple[dict, dict, dict]:
+def evaluate_tasks(lm, other_names: list[str], task_manager, ruler_tasks: dict[int, tuple], limit: int | None,
+                   num_fewshot: int | None) -> tuple[dict, dict, dict]:
     """``(tasks, scores, seconds by RULER length)`` of lm-eval model ``lm`` on ``other_names`` (known to
-    ``task_manager``) and on the RULER tasks ``ruler_names`` at every length of ``lengths`` (``source``: the
-    model, whose tokenizer RULER's generators load; ``scratch``: a folder for a saved copy). Run it inside
-    the setting it evaluates."""
+    ``task_manager``) and on the RULER tasks built per length by
+    :func:`kvsharer.evaluate.ruler_samples.build_ruler_tasks` (``{length: (TaskManager, {name: Task})}``).
+    Run it inside the setting it evaluates."""
     from lm_eval.evaluator import simple_evaluate
-    from lm_eval.tasks import TaskManager
 
-    def evaluate(task_names: list[str], manager) -> dict:
+    def evaluate(task_names: list, manager) -> dict:
         return simple_evaluate(model=lm, tasks=task_names, limit=limit, num_fewshot=num_fewshot,
                                task_manager=manager, log_samples=False)
 
@@ -141,11 +143,11 @@ def evaluate_tasks(lm, tokenizer, source: str, other_names: list[str], task_mana
         needs = task_needs(other_names, task_manager)
         scores.update(requested_scores(out, other_names, {name: n.metric for name, n in needs.items()},
                                        metric_label(task_manager), {name: n.leaves for name, n in needs.items()}))
+    ruler_names = list(next(iter(ruler_tasks.values()))[1]) if ruler_tasks else []
     runs: dict = {name: {} for name in ruler_names}
-    for length in lengths:
+    for length, (manager, built) in sorted(ruler_tasks.items()):
         t0 = time.perf_counter()
-        metadata = ruler_metadata(length, tokenizer_folder(source, tokenizer, scratch))
-        for name, metrics in task_results(evaluate(ruler_names, TaskManager(metadata=metadata))).items():
+        for name, metrics in task_results(evaluate(list(built.values()), manager)).items():
             runs[name][length] = (metrics, metrics["samples"])
         seconds_by_length[str(length)] = time.perf_counter() - t0
     tasks.update({name: ruler_metrics(by_length) for name, by_length in runs.items()})

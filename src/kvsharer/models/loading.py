@@ -314,7 +314,7 @@ def load_model(
     gpus = requested_gpus() if gpus is None else gpus
     if gpus == 0 and device is not None and str(device).startswith("cuda"):
         device = "cpu"
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     kwargs = dict(dtype=DTYPES[dtype], attn_implementation=attn_implementation)
     from .shapes import RANDOM_PREFIX, random_model
@@ -327,7 +327,6 @@ def load_model(
     if source.startswith(EMBEDDED_PREFIX):
         gguf = embedded_gguf(source[len(EMBEDDED_PREFIX):])
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         _drop_quantizer(model)
     else:
         remote = {}
@@ -337,17 +336,65 @@ def load_model(
         kwargs.update(placement(device, gpus))
         try:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **remote)
-            tokenizer = AutoTokenizer.from_pretrained(source, **remote)
         except OSError as err:
             raise ModelError(
                 f"could not load {source!r}: {err}. Offline? Use a local folder or an embedded model."
             ) from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(source)
     model.eval()
     if device and "device_map" not in kwargs:  # a model spread over GPUs stays where accelerate put it
         model.to(device)
     return model, tokenizer
+
+
+def load_tokenizer(source: str):
+    """The tokenizer :func:`load_model` pairs with ``source`` (a padding token set), loaded without weights;
+    ModelError for ``random:<shape>``, which has none."""
+    check_source(source)
+    from transformers import AutoTokenizer
+
+    from .shapes import RANDOM_PREFIX
+    from .standins import STANDIN_PREFIX, standin_tokenizer_of
+
+    if source.startswith(RANDOM_PREFIX):
+        raise ModelError(f"{source} is a random model of a shape: it has no tokenizer")
+    if source.startswith(STANDIN_PREFIX):
+        return standin_tokenizer_of(source)
+    if source.startswith(EMBEDDED_PREFIX):
+        gguf = embedded_gguf(source[len(EMBEDDED_PREFIX):])
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    else:
+        remote = dict(trust_remote_code=True) if trusts_remote_code(source) else {}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, **remote)
+        except OSError as err:
+            raise ModelError(
+                f"could not load the tokenizer of {source!r}: {err}. Offline? Use a local folder or an embedded model."
+            ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def save_tokenizer(source: str, folder: str | os.PathLike) -> Path:
+    """Save ``source``'s tokenizer (no weights) beside its model config, so that ``AutoTokenizer`` loads from
+    ``folder`` what it loads from :func:`prepare_model`'s folder: it picks the tokenizer class by the config's
+    model type (a Qwen2 stand-in's BPE gets Qwen's pre-tokenizer there, and different token counts)."""
+    from transformers import AutoConfig
+
+    from .standins import STANDIN_PREFIX, standin_shape, transformers_config
+
+    folder = Path(folder)
+    load_tokenizer(source).save_pretrained(folder)
+    if source.startswith(STANDIN_PREFIX):
+        config = transformers_config(standin_shape(source))
+    elif source.startswith(EMBEDDED_PREFIX):
+        gguf = embedded_gguf(source[len(EMBEDDED_PREFIX):])
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    else:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trusts_remote_code(source))
+    config.save_pretrained(folder)
+    return folder
 
 
 def _drop_quantizer(model) -> None:

@@ -105,7 +105,12 @@ def standin_model(source: str, dtype, attn_implementation: str = "sdpa", device:
     torch.manual_seed(seed)
     with torch.device(device or "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
-    return model.eval(), standin_tokenizer(min(TOKENIZER_VOCAB, config.vocab_size))
+    return model.eval(), standin_tokenizer_of(source)
+
+
+def standin_tokenizer_of(source: str):
+    """The tokenizer of ``standin:<hub id>``: the BPE, at most as large as the model's vocabulary."""
+    return standin_tokenizer(min(TOKENIZER_VOCAB, transformers_config(standin_shape(source)).vocab_size))
 
 
 @functools.lru_cache(maxsize=4)

@@ -15,9 +15,10 @@ from ..atomic import atomic_write_text
 from ..cache.compose import apply_setting
 from ..cache.policy import SharingPolicy
 from ..evaluate import result_header
-from ..evaluate.harness import evaluate_tasks, scoring_lm, task_manager_for
+from ..evaluate.harness import evaluate_tasks, scoring_lm, task_manager_for, tokenizer_folder
 from ..evaluate.longctx import context_window
 from ..evaluate.ruler import check_window, parse_lengths, split_ruler
+from ..evaluate.ruler_samples import build_ruler_tasks
 from ..models.loading import DTYPES, check_source, find_parts, load_model, resolve_device, text_config
 from .common import add_setting_arguments, parse_setting
 
@@ -83,24 +84,28 @@ def main(args: argparse.Namespace) -> int:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn,
-                                  device=resolve_device(args.device))
-    window = getattr(text_config(model), "max_position_embeddings", None)
-    check_window(lengths, window)
-    check_max_length(args.max_length, window)
-    policy = policy or SharingPolicy.identity(find_parts(model).n_layers)
+    with tempfile.TemporaryDirectory() as scratch:
+        # RULER's data: generated from the tokenizer and checked for an answer before the model loads
+        ruler_tasks = (build_ruler_tasks(ruler_names, lengths, tokenizer_folder(args.model, Path(scratch)))
+                       if ruler_names else {})
 
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
+        model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn,
+                                      device=resolve_device(args.device))
+        window = getattr(text_config(model), "max_position_embeddings", None)
+        check_window(lengths, window)
+        check_max_length(args.max_length, window)
+        policy = policy or SharingPolicy.identity(find_parts(model).n_layers)
 
-    lm = scoring_lm(HFLM, chunk)(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size,
-                                 max_length=args.max_length)
-    start = time.perf_counter()
-    with apply_setting(model, policy, method), tempfile.TemporaryDirectory() as scratch:
-        tasks, scores, seconds_by_length = evaluate_tasks(lm, tokenizer, args.model, other_names, task_manager,
-                                                          ruler_names, lengths, args.limit, args.num_fewshot,
-                                                          Path(scratch))
-    seconds = time.perf_counter() - start
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+
+        lm = scoring_lm(HFLM, chunk)(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size,
+                                     max_length=args.max_length)
+        start = time.perf_counter()
+        with apply_setting(model, policy, method):
+            tasks, scores, seconds_by_length = evaluate_tasks(lm, other_names, task_manager, ruler_tasks,
+                                                              args.limit, args.num_fewshot)
+        seconds = time.perf_counter() - start
 
     summary = {
         **result_header("evaluate-harness", args.model, args.policy, policy, method, chunk),
