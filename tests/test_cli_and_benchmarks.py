@@ -55,6 +55,14 @@ def test_search_speed_benchmark_smoke(tiny_model_dir, tmp_path):
     assert result["official_candidates_evaluated"] == result["fast_candidates_evaluated"] >= 2
 
 
+def test_shared_context_benchmark_smoke(tiny_model_dir, tmp_path):
+    result = _bench("shared_context.py", "--model", str(tiny_model_dir), "--items", "2", "--context", "30",
+                    "--choice", "3", "--repeats", "1", "--out", str(tmp_path / "shared.json"))
+    # lm-eval feeds 4 x (30 + 2) tokens a question; one prefill of 29, then 1 + 2 per choice
+    assert result["tokens_fed"] == {"lm_eval": 2 * 4 * 32, "ours": 2 * (29 + 4 * 3)}
+    assert result["max_abs_loglikelihood_diff"] < 1e-3 and result["time_ratio"] > 0
+
+
 def test_warm_worker_benchmark_smoke(tiny_model_dir, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"word{i % 37} and more text {i}" for i in range(400)))

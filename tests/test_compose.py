@@ -158,6 +158,51 @@ def test_lm_eval_scores_every_continuation_from_the_compressed_context():
     assert all(abs(e - p) > 1e-3 for e, p in zip(evicted, plain))
 
 
+@pytest.mark.parametrize("share", [False, True])
+def test_one_prefill_per_context_scores_every_choice_as_lm_eval_does(share):
+    """Batch size 1: three multiple-choice items (a 30-40-token context, four choices of 1-4 tokens, two of them
+    one-token) are scored from one prefill of each context. Without a cache method the log-likelihoods and
+    greedy flags are lm-eval's own (one forward per choice over context + choice, with and without KV sharing);
+    the model reads 45 % fewer tokens; with a cache method that keeps everything nothing changes, and with one
+    that evicts every choice is scored from the compressed context."""
+    from lm_eval.models.huggingface import HFLM
+
+    from kvsharer.evaluate.harness import scoring_lm
+    from conftest import make_tokenizer
+
+    model, tokenizer = make_tiny("llama"), make_tokenizer()
+    policy = SharingPolicy(SHARING_MAP) if share else None
+    g = torch.Generator().manual_seed(7)
+    requests = []
+    for n in (30, 36, 40):
+        context = torch.randint(3, 96, (n,), generator=g).tolist()
+        for k in (1, 1, 3, 4):
+            requests.append((("", ""), context, torch.randint(3, 96, (k,), generator=g).tolist()))
+    tokens_read = []
+    counter = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: tokens_read.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+
+    def scores(lm_class, spec=None, chunk=None):
+        tokens_read.clear()
+        lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=1)
+        with apply_setting(model, policy, CacheMethod.parse(spec) if spec else None):
+            return lm._loglikelihood_tokens(requests, disable_tqdm=True), sum(tokens_read)
+
+    reference, reference_tokens = scores(HFLM)
+    plain, plain_tokens = scores(scoring_lm(HFLM, None))
+    counter.remove()
+    assert [ll for ll, _ in plain] == pytest.approx([ll for ll, _ in reference], rel=1e-5, abs=1e-4)
+    assert [greedy for _, greedy in plain] == [greedy for _, greedy in reference]
+    # lm-eval: 3 one-token groups of one forward + 6 forwards of context + choice; ours: context - 1 once, then
+    # the last context token alone (the one-token choices) and with each longer choice but its last token
+    assert plain_tokens == sum(n - 1 + 1 + 3 + 4 for n in (30, 36, 40))
+    assert plain_tokens < 0.6 * reference_tokens
+    kept, _ = scores(scoring_lm(HFLM, 2), "h2o:1.0", 2)
+    assert [ll for ll, _ in kept] == pytest.approx([ll for ll, _ in plain], rel=1e-4, abs=1e-4)
+    evicted, _ = scores(scoring_lm(HFLM, 2), "h2o:0.25", 2)
+    assert all(abs(e - p) > 1e-3 for (e, _), (p, _) in zip(evicted, plain))
+
+
 # ------------------------------------------------------------------------------------------------
 # the stages
 # ------------------------------------------------------------------------------------------------

@@ -96,7 +96,9 @@ def scoring_lm(hflm_class, chunk: int | None):
     (``chunk`` an int) the tokens before that position go through one cache as one prefill, which the method
     then compresses, and the rest in chunks of ``chunk``: every scored token is predicted from the
     compressed context, as after a real prompt's prefill (kvpress scores the same way). A rolling
-    log-likelihood scores every token and so streams everything in chunks."""
+    log-likelihood scores every token and so streams everything in chunks. At batch size 1 (nothing to
+    batch) requests are scored per context instead: the context prefilled once (and compressed), each
+    continuation from a copy of that cache (:mod:`kvsharer.evaluate.shared_context`)."""
     from .streaming import first_scored_position, scored_logits
 
     class ScoringHFLM(hflm_class):
@@ -104,11 +106,35 @@ def scoring_lm(hflm_class, chunk: int | None):
 
         def _loglikelihood_tokens(self, requests, *args, **kwargs):
             # requests: [((context, continuation), context tokens, continuation tokens)]
+            if self.batch_size == 1 and self.backend == "causal" and \
+                    all(len(ctx) + len(cont) <= self.max_length + 1 for _, ctx, cont in requests):
+                return self._by_context(requests, disable=kwargs.get("disable_tqdm", bool(args and args[0])))
             self.longest_continuation = max((len(r[2]) for r in requests), default=None)
             try:
                 return super()._loglikelihood_tokens(requests, *args, **kwargs)
             finally:
                 self.longest_continuation = None
+
+        def _by_context(self, requests, disable: bool) -> list[tuple[float, bool]]:
+            """One prefill per distinct context, every continuation of it scored from that cache
+            (:func:`kvsharer.evaluate.shared_context.score_continuations`)."""
+            from tqdm import tqdm
+
+            from ..cache.hooks import attached_methods
+            from .shared_context import score_continuations, shared_objects
+
+            keep = shared_objects(self.model, attached_methods(self.model))
+            by_context: dict[tuple, list[int]] = {}
+            for i, (_, ctx, _) in enumerate(requests):
+                by_context.setdefault(tuple(ctx), []).append(i)
+            results: list = [None] * len(requests)
+            for ctx, indices in tqdm(by_context.items(), disable=disable or self.rank != 0,
+                                     desc=f"Scoring {len(requests)} continuations of {len(by_context)} contexts"):
+                answers = score_continuations(self.model, ctx, [requests[i][2] for i in indices], keep, chunk)
+                for i, answer in zip(indices, answers):
+                    results[i] = answer
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            return results
 
         def _model_call(self, inps, attn_mask=None, labels=None):
             if attn_mask is not None or labels is not None:  # seq2seq: not a decoder-only cache
