@@ -12,7 +12,7 @@ raises one ``PreflightError`` listing them all, in two groups:
   whose attention is remote code (it would compress nothing);
 * every length a stage runs against the model's window: passkey lengths (up to ``models.<m>.max_length``)
   plus the answer tokens, profile contexts plus the new tokens, the perplexity window, the calibration
-  tokens; RULER lengths too short for ``ruler_cwe``/``ruler_fwe``'s prompt with the model's own tokenizer;
+  tokens; RULER lengths too short for ``ruler_cwe``/``ruler_fwe``/``ruler_vt``'s prompt with the model's own tokenizer;
 * resources, as the rules and the Slurm profile request them: a model's ``mem_mb`` against its weights in
   the config's dtype (every job loads them through host memory; prepare-model converts them on CPU); its
   GPUs against weights + K/V + activations of the largest forward of each rule; a profile without a GPU
@@ -248,7 +248,7 @@ def check_windows(name: str, window: int, config: dict) -> list[str]:
 
 def check_ruler_prompts(name: str, source: str, config: dict) -> list[str]:
     """RULER tasks whose prompt does not fit the lengths run on this model, with the tokenizer its jobs load
-    (lm-eval's ``ruler_cwe``/``ruler_fwe``; :mod:`kvsharer.evaluate.ruler_samples`). Checked for model folders,
+    (lm-eval's ``ruler_cwe``/``ruler_fwe``/``ruler_vt``; :mod:`kvsharer.evaluate.ruler_samples`). Checked for model folders,
     stand-ins and embedded models (a tokenizer here, in a second); a hub model's job checks it before loading."""
     import tempfile
 
