@@ -264,11 +264,10 @@ def check_ruler_prompts(name: str, source: str, config: dict) -> list[str]:
         return []
     from lm_eval.tasks.ruler.common_utils import get_tokenizer
 
-    from .models.loading import save_tokenizer  # torch: only for the models checked here
+    from .models.loading import tokenizer_folder  # torch: only for the models checked here
 
     with tempfile.TemporaryDirectory() as scratch:
-        folder = source if Path(source).is_dir() else str(save_tokenizer(source, scratch))
-        short = too_short(names, lengths, get_tokenizer(folder))
+        short = too_short(names, lengths, get_tokenizer(tokenizer_folder(source, scratch)))
     if not short:
         return []
     return [f"model {name!r}: RULER {'; '.join(short)}: the prompt leaves no room for the task's content, so every "

@@ -79,16 +79,6 @@ def task_results(out: dict) -> dict:
     }
 
 
-def tokenizer_folder(source: str, scratch: Path) -> str:
-    """A folder RULER's generators can load the tokenizer from: the model folder, else ``source``'s tokenizer
-    saved in ``scratch`` the way a prepared model folder holds it (:func:`kvsharer.models.loading.save_tokenizer`)."""
-    from ..models.loading import save_tokenizer
-
-    if Path(source).is_dir():
-        return str(Path(source).resolve())
-    return str(save_tokenizer(source, scratch))
-
-
 def scoring_lm(hflm_class, chunk: int | None):
     """A subclass of lm-eval's ``hflm_class`` whose ``_model_call`` computes only the logits lm-eval may
     score: from the first position any row of the batch scores on (earlier positions are never read; the

@@ -397,6 +397,14 @@ def save_tokenizer(source: str, folder: str | os.PathLike) -> Path:
     return folder
 
 
+def tokenizer_folder(source: str, scratch: str | os.PathLike) -> str:
+    """A folder ``AutoTokenizer`` loads ``source``'s tokenizer from as its jobs do (RULER's generators, preflight):
+    the model folder, else the tokenizer saved in ``scratch`` by :func:`save_tokenizer`."""
+    if Path(source).is_dir():
+        return str(Path(source).resolve())
+    return str(save_tokenizer(source, scratch))
+
+
 def _drop_quantizer(model) -> None:
     """A GGUF checkpoint is dequantized on load; forget the quantizer so the model saves as plain weights."""
     model.hf_quantizer = None

@@ -15,11 +15,12 @@ from ..atomic import atomic_write_text
 from ..cache.compose import apply_setting
 from ..cache.policy import SharingPolicy
 from ..evaluate import result_header
-from ..evaluate.harness import evaluate_tasks, scoring_lm, task_manager_for, tokenizer_folder
+from ..evaluate.harness import evaluate_tasks, scoring_lm, task_manager_for
 from ..evaluate.longctx import context_window
 from ..evaluate.ruler import check_window, parse_lengths, split_ruler
 from ..evaluate.ruler_samples import build_ruler_tasks
-from ..models.loading import DTYPES, check_source, find_parts, load_model, resolve_device, text_config
+from ..models.loading import (DTYPES, check_source, find_parts, load_model, resolve_device, text_config,
+                              tokenizer_folder)
 from .common import add_setting_arguments, parse_setting
 
 log = logging.getLogger("kvsharer")
