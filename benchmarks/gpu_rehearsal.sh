@@ -13,7 +13,9 @@
 #                          runs it is put first on PATH
 #   GPU_JOBS=1             model jobs that share the GPU at once (2 fit an 80 GB GPU at this size; 1 keeps
 #                          the profile's timings alone on the GPU)
-#   REHEARSAL_DEVICE=cpu   the same script on a CPU (heads 8 wide, fp32, no GPU): checks the plumbing
+#   THREADS=4              CPU threads per model job (prepare-model draws a 7B stand-in's random fp16 weights on
+#                          the CPU: about 13 GB, minutes on one thread)
+#   REHEARSAL_DEVICE=cpu   the same script on a CPU (heads 8 wide, fp32, one thread, no GPU): checks the plumbing
 # The jobs fork from one warm process (kvsharer.warm_worker: imports once, never touches CUDA itself;
 # PYTORCH_NVML_BASED_CUDA_CHECK keeps torch.cuda.is_available() from initialising CUDA before a fork).
 # Writes OUT_DIR/gpu_rehearsal.json: wall seconds, the evaluation results and tables written, the GPU, torch's
@@ -32,10 +34,10 @@ export PATH="$OUT/.bin:$PATH" PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}" 
   HF_DATASETS_OFFLINE=1 PYTORCH_NVML_BASED_CUDA_CHECK=1
 
 if [ "${REHEARSAL_DEVICE:-cuda}" = cpu ]; then
-  WIDTH=8 DTYPE=float32 GPUS=0
+  WIDTH=8 DTYPE=float32 GPUS=0 THREADS=1
 else
   python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_rehearsal.sh: no CUDA GPU here (REHEARSAL_DEVICE=cpu runs it on a CPU)')"
-  WIDTH=128 DTYPE=float16 GPUS=1
+  WIDTH=128 DTYPE=float16 GPUS=1 THREADS=${THREADS:-4}
 fi
 python -c "import snakemake, lm_eval, datasets, transformers" 2>/dev/null || {
   echo "gpu_rehearsal.sh: snakemake, lm-eval, datasets and transformers must be importable by $PY (pip install -e '.[pipeline]')" >&2
@@ -44,7 +46,7 @@ python -c "import snakemake, lm_eval, datasets, transformers" 2>/dev/null || {
 
 start=$(date +%s)
 python -m kvsharer rehearsal-config --paper config/paper.yaml --cut ci --models llama2-7b-chat,mistral-7b-instruct \
-  --head-dim "$WIDTH" --dtype "$DTYPE" --gpus "$GPUS" --out "$OUT/config.yaml"
+  --head-dim "$WIDTH" --dtype "$DTYPE" --gpus "$GPUS" --threads "$THREADS" --out "$OUT/config.yaml"
 # one GPU: GPU_JOBS model jobs at a time (--resources gpu=N); CPU jobs beside them
 python -m kvsharer warm-worker -- python -m snakemake --snakefile "$ROOT/Snakefile" --directory "$OUT" \
   --configfile "$OUT/config.yaml" --cores all --resources gpu="${GPU_JOBS:-1}" --keep-going

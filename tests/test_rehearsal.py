@@ -69,6 +69,30 @@ def test_full_width_standin_has_the_checkpoints_parameter_count(hub_id):
     assert standin_shape(f"standin:{hub_id}:128").param_count() == ARCHITECTURES[hub_id].params
 
 
+def test_prepare_model_draws_a_standin_on_a_visible_gpu_and_converts_the_rest_on_the_cpu(monkeypatch, tmp_path):
+    """A full-width stand-in's random weights take minutes on torch's serial CPU generator: prepare-model draws
+    them on a GPU when one is visible to the job and it asks for one; a folder, hub or embedded model, and any
+    job of --gpus 0, is converted on the CPU. The folder records where it was built."""
+    from kvsharer.models import loading
+
+    standin = "standin:mistralai/Mistral-7B-Instruct-v0.3"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("KVSHARER_GPUS", raising=False)
+    assert loading.draw_device(standin) == "cuda"
+    assert loading.draw_device("embedded:smollm2-135m") == "cpu"
+    assert loading.draw_device(str(tmp_path)) == "cpu"
+    monkeypatch.setenv("KVSHARER_GPUS", "0")
+    assert loading.draw_device(standin) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("KVSHARER_GPUS")
+    assert loading.draw_device(standin) == "cpu"
+    folder = loading.prepare_model(standin, tmp_path / "m")
+    assert json.loads((folder / "kvsharer_source.json").read_text())["built_on"] == "cpu"
+    model, _ = loading.load_model(str(folder))
+    drawn, _ = standin_model(standin, torch.float32)  # the same seeded draw, not a fresh one
+    assert torch.equal(model.model.layers[3].mlp.up_proj.weight, drawn.model.layers[3].mlp.up_proj.weight)
+
+
 def test_standin_tokenizer_emits_ids_of_the_models_vocabulary():
     model, tokenizer = standin_model("standin:meta-llama/Llama-2-7b-chat-hf", torch.float32)
     text = "The passkey is 71432. Remember it. def f(x): return x ** 2  # ünïcode"
@@ -124,6 +148,18 @@ def test_rehearsal_config_substitutes_models_tasks_and_text_only():
     findings = check_config(config)
     assert findings.problems == []
     assert not [e for e in findings.environment if "standin:" in e]
+
+
+def test_gpu_rehearsal_config_gives_model_jobs_threads_gpus_and_full_width():
+    """benchmarks/gpu_rehearsal.sh's config: heads 128 wide in fp16, one GPU and several threads per model job
+    (prepare-model draws the random weights on the CPU); a thread count below 1 is refused."""
+    config = rehearsal.rehearsal_config(PAPER, "ci", gpus=1, kinds=KINDS, head_dim=128, dtype="float16",
+                                        models=["llama2-7b-chat"], threads=4)
+    (model,) = config["models"].values()
+    assert (model["source"], model["dtype"], model["threads"], model["gpus"]) == (
+        "standin:" + PAPER["models"]["llama2-7b-chat"]["source"] + ":128", "float16", 4, 1)
+    with pytest.raises(ValueError, match="at least 1"):
+        rehearsal.rehearsal_config(PAPER, "ci", kinds=KINDS, threads=0)
 
 
 def test_task_kinds_are_read_from_lm_evals_registry():

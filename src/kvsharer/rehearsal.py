@@ -142,10 +142,15 @@ def job_mem_mb(config: dict, name: str) -> int:
 
 
 def rehearsal_config(paper: dict, cut: str = "local", gpus: int = 0, kinds: dict[str, str] | None = None,
-                     head_dim: int = HEAD_DIM, dtype: str = REHEARSAL_DTYPE, models: list[str] | None = None) -> dict:
+                     head_dim: int = HEAD_DIM, dtype: str = REHEARSAL_DTYPE, models: list[str] | None = None,
+                     threads: int = 1) -> dict:
     """The rehearsal config of ``paper`` (see the module docstring). ``kinds``: the stand-in kind of each
     harness task (default: read from lm-eval's registry). ``head_dim`` 128 and ``dtype`` float16 give
-    full-width stand-ins for a GPU (benchmarks/gpu_rehearsal.sh); ``models`` keeps only those models."""
+    full-width stand-ins for a GPU (benchmarks/gpu_rehearsal.sh); ``models`` keeps only those models;
+    ``threads`` per model job (1: the test cluster's node has 2 CPUs; a GPU machine gives prepare-model more,
+    which draws a 7B stand-in's random weights on the CPU)."""
+    if threads < 1:
+        raise ValueError(f"threads per model job must be at least 1, got {threads}")
     config = apply_cut(paper, cut)
     if models:  # the paper config's models of these names, whatever the cut keeps
         missing = [m for m in models if m not in paper["models"]]
@@ -155,7 +160,7 @@ def rehearsal_config(paper: dict, cut: str = "local", gpus: int = 0, kinds: dict
     width = "" if head_dim == HEAD_DIM else f":{head_dim}"
     for name, model in config["models"].items():
         hub_id_of(model["source"])  # a clear error for a source without a stored architecture
-        model.update(source=STANDIN_PREFIX + model["source"] + width, dtype=dtype, threads=1, gpus=gpus,
+        model.update(source=STANDIN_PREFIX + model["source"] + width, dtype=dtype, threads=threads, gpus=gpus,
                      batch_size=1)
     config["calibration"]["text"] = REHEARSAL_TEXT
     if "scaling" in config:

@@ -413,16 +413,31 @@ def _drop_quantizer(model) -> None:
     model.is_quantized = False
 
 
+def draw_device(source: str) -> str:
+    """Where :func:`prepare_model` builds ``source``: a stand-in's random weights are drawn on a visible GPU
+    (a full-width 7B stand-in's 13 GB of fp16 weights in seconds; torch's CPU generator is serial, about 25-230 M
+    values a second, so 5 minutes on a GPU machine's CPU); everything else, and any model of a job that
+    asks for no GPU (``--gpus 0``), is converted on the CPU. The draw depends on the device's generator."""
+    from .standins import STANDIN_PREFIX
+
+    if source.startswith(STANDIN_PREFIX) and requested_gpus() > 0 and torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
 def prepare_model(source: str, out_dir: str | os.PathLike, dtype: str = "float32") -> Path:
-    """Materialize ``source`` once as a safetensors folder with its tokenizer (atomically)."""
+    """Materialize ``source`` once as a safetensors folder with its tokenizer (atomically); the folder's
+    ``kvsharer_source.json`` says where it was built (:func:`draw_device`)."""
     out_dir = Path(out_dir)
-    model, tokenizer = load_model(source, dtype=dtype)
+    device = draw_device(source)
+    model, tokenizer = load_model(source, dtype=dtype, device=device)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    meta = {"source": source, "dtype": dtype, "class": type(model).__name__, "weights_sha256": weights_hash(tmp)}
+    meta = {"source": source, "dtype": dtype, "class": type(model).__name__, "built_on": device,
+            "weights_sha256": weights_hash(tmp)}
     (tmp / "kvsharer_source.json").write_text(json.dumps(meta, indent=2) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"width of each stand-in head (default {HEAD_DIM}; 128: the real models' width, for a GPU)")
     parser.add_argument("--dtype", default=REHEARSAL_DTYPE, choices=["float32", "float16", "bfloat16"],
                         help=f"dtype of every model (default {REHEARSAL_DTYPE}: CPU)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads per model job (default 1: the 2-CPU test node; more on a GPU machine, where "
+                             "prepare-model draws a full-width stand-in's random weights on the CPU)")
     parser.add_argument("--models", default="", help="comma-separated model names to keep (default: the cut's)")
     parser.add_argument("--out", type=Path, required=True, help="rehearsal config (YAML)")
 
@@ -32,7 +35,8 @@ def main(args: argparse.Namespace) -> int:
 
     paper = yaml.safe_load(args.paper.read_text())
     models = [m for m in args.models.split(",") if m]
-    config = rehearsal_config(paper, args.cut, args.gpus, head_dim=args.head_dim, dtype=args.dtype, models=models)
+    config = rehearsal_config(paper, args.cut, args.gpus, head_dim=args.head_dim, dtype=args.dtype, models=models,
+                               threads=args.threads)
     header = (f"# rehearsal of {args.paper} (python -m kvsharer rehearsal-config --cut {args.cut}): stand-in models "
               "and tasks, CPU overrides and the cut of kvsharer.rehearsal.CUTS; everything else is the paper's\n")
     args.out.parent.mkdir(parents=True, exist_ok=True)
