@@ -13,8 +13,8 @@
 #                          runs it is put first on PATH
 #   GPU_JOBS=1             model jobs that share the GPU at once (2 fit an 80 GB GPU at this size; 1 keeps
 #                          the profile's timings alone on the GPU)
-#   THREADS=4              CPU threads per model job (prepare-model draws a 7B stand-in's random fp16 weights on
-#                          the CPU: about 13 GB, minutes on one thread)
+#   THREADS=4              CPU threads per model job (prepare-model draws a stand-in's random weights on the GPU
+#                          it sees: on the CPU a 7B stand-in took 5 minutes)
 #   REHEARSAL_DEVICE=cpu   the same script on a CPU (heads 8 wide, fp32, one thread, no GPU): checks the plumbing
 # The jobs fork from one warm process (kvsharer.warm_worker: imports once, never touches CUDA itself;
 # PYTORCH_NVML_BASED_CUDA_CHECK keeps torch.cuda.is_available() from initialising CUDA before a fork).

@@ -147,8 +147,7 @@ def rehearsal_config(paper: dict, cut: str = "local", gpus: int = 0, kinds: dict
     """The rehearsal config of ``paper`` (see the module docstring). ``kinds``: the stand-in kind of each
     harness task (default: read from lm-eval's registry). ``head_dim`` 128 and ``dtype`` float16 give
     full-width stand-ins for a GPU (benchmarks/gpu_rehearsal.sh); ``models`` keeps only those models;
-    ``threads`` per model job (1: the test cluster's node has 2 CPUs; a GPU machine gives prepare-model more,
-    which draws a 7B stand-in's random weights on the CPU)."""
+    ``threads`` per model job (1: the test cluster's node has 2 CPUs; a GPU machine has CPUs to spare)."""
     if threads < 1:
         raise ValueError(f"threads per model job must be at least 1, got {threads}")
     config = apply_cut(paper, cut)

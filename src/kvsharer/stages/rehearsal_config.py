@@ -22,8 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=REHEARSAL_DTYPE, choices=["float32", "float16", "bfloat16"],
                         help=f"dtype of every model (default {REHEARSAL_DTYPE}: CPU)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads per model job (default 1: the 2-CPU test node; more on a GPU machine, where "
-                             "prepare-model draws a full-width stand-in's random weights on the CPU)")
+                        help="CPU threads per model job (default 1: the 2-CPU test node; more on a GPU machine)")
     parser.add_argument("--models", default="", help="comma-separated model names to keep (default: the cut's)")
     parser.add_argument("--out", type=Path, required=True, help="rehearsal config (YAML)")
 
