@@ -657,3 +657,17 @@ def test_ruler_results_beside_the_benchmarks_add_their_columns(tmp_path):
     assert t1.loc[25.0, "hellaswag (acc)"] == pytest.approx(0.55)
     assert cli(["tables", "--policies", str(policy), "--evals", *map(str, evals), str(evals[-1]),
                 "--out-dir", str(out)]) == 2  # the same result twice
+
+
+def test_niah_panel_of_a_setting_a_model_did_not_run_says_so():
+    """InternLM2 in the paper config runs no token methods: its H2O panels are empty and say why."""
+    from kvsharer.report.figures import fig_niah
+
+    cells = pd.DataFrame([
+        dict(model=model, policy_path=None, order=None, metric=None, threshold=None, rate_requested=0.0,
+             cache=cache, length=length, depth=depth, accuracy=1.0)
+        for model, caches in (("llama", ["none", "h2o:0.5"]), ("internlm2", ["none"]))
+        for cache in caches for length in (256, 512) for depth in (0.0, 1.0)])
+    fig = fig_niah(cells, "euclidean", 0.5)
+    empty = [ax.get_title() for ax in fig.axes if any("not run for this model" in t.get_text() for t in ax.texts)]
+    assert empty == ["internlm2: plain + h2o:0.5"]

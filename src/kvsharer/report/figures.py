@@ -306,8 +306,8 @@ def _heatmaps(sub: pd.DataFrame, column: str, label, what: str):
             ax = axes[r * len(keys) + c]
             part = sub[(sub["model"] == model) & (sub[column] == key)]
             ax.set_title(f"{model}: {label(key)}", fontsize=9)
-            if part.empty:
-                no_data(ax)
+            if part.empty:  # e.g. a model whose config leaves out the token methods (token_methods: false)
+                no_data(ax, "not run for this model")
                 continue
             # several policies of one panel (procedures): mean accuracy per cell
             table = (part.assign(accuracy=part["accuracy"].astype(float))
