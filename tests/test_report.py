@@ -671,3 +671,31 @@ def test_niah_panel_of_a_setting_a_model_did_not_run_says_so():
     fig = fig_niah(cells, "euclidean", 0.5)
     empty = [ax.get_title() for ax in fig.axes if any("not run for this model" in t.get_text() for t in ax.texts)]
     assert empty == ["internlm2: plain + h2o:0.5"]
+
+
+def test_search_scaling_axes_read_as_plain_numbers():
+    """The measured panel's log axes say 0.1 s and 5 GFLOPs, not 10^-1 and 5x10^9."""
+    import matplotlib.pyplot as plt
+
+    from kvsharer.report.figures import fig_search_scaling
+
+    grid = [(8, 64, 0.08), (8, 128, 0.16), (16, 64, 0.12), (16, 128, 0.48)]
+    scaling = {
+        "measurements": [dict(layers=layers, hidden=hidden, samples=30, tokens=64, candidates=2,
+                              layers_computed=2 * layers - 1, flops_per_layer_token=24.0 * hidden ** 2, seconds=s)
+                         for layers, hidden, s in grid],
+        "fit": {"throughput_flops": 6e10, "fixed_seconds_per_candidate": 0.01, "r2": 0.99},
+        "projection": [{"model": "Llama-2-7B", "gpu_seconds_expected": 3.4, "gpu_seconds_official_expected": 11.4,
+                        "gpu_seconds_worst": 19.1}],
+        "assumptions": {"gpu_flops": 3.956e14},
+    }
+    fig = fig_search_scaling(scaling)
+    fig.canvas.draw()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            labels = [t.get_text() for t in axis.get_ticklabels(which="both") if t.get_text()]
+            assert not any("times" in t or "^" in t or "e+" in t or "e-" in t for t in labels), labels
+    measured = fig.axes[0]
+    assert "GFLOPs" in measured.get_xlabel()
+    assert {"0.1", "0.2"} <= {t.get_text() for t in measured.yaxis.get_ticklabels(which="both")}
+    plt.close(fig)

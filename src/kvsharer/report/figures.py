@@ -92,17 +92,21 @@ def with_rate_pct(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def log_y(ax) -> None:
-    """Log y axis with plain numbers (12.5, not 1.25x10^1); minor ticks labelled when under a decade."""
-    ax.set_yscale("log")
+def log_scale(ax, axis: str = "y") -> None:
+    """Log y (or x) axis with plain numbers (12.5, not 1.25x10^1); minor ticks labelled when it spans under two
+    decades."""
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    scale = ax.yaxis if axis == "y" else ax.xaxis
     plain_numbers = FuncFormatter(lambda v, _: f"{v:g}")
-    ax.yaxis.set_major_formatter(plain_numbers)
-    low, high = ax.get_ylim()
-    if low > 0 and high / low < 10:
-        ax.yaxis.set_minor_formatter(plain_numbers)
-        ax.tick_params(axis="y", which="minor", labelsize=7)
+    scale.set_major_formatter(plain_numbers)
+    low, high = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    if low > 0 and high / low < 100:  # under a decade every minor tick, under two the 2s and 5s (2, 5, 20, 50)
+        every = high / low < 10
+        scale.set_minor_formatter(FuncFormatter(
+            lambda v, _: f"{v:g}" if every or round(v / 10 ** math.floor(math.log10(v))) in (2, 5) else ""))
+        ax.tick_params(axis=axis, which="minor", labelsize=7)
     else:
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        scale.set_minor_formatter(NullFormatter())
 
 
 BYTE_UNITS = (("GB", 1e9), ("MB", 1e6), ("kB", 1e3))  # decimal: ticks at round byte counts stay round
@@ -177,7 +181,7 @@ def fig_ppl_vs_rate(results: pd.DataFrame, metric: str, threshold: float):
                          style_order=orders, markers=True, dashes=False, errorbar=("pi", 100), ax=ax)
         for value in base.loc[base["model"] == model, "ppl"]:
             ax.axhline(value, color="0.3", linestyle="--", linewidth=1, label="plain model")
-        log_y(ax)
+        log_scale(ax)
         ax.set_xlabel("requested sharing rate (%)")
         ax.set_ylabel("perplexity (log scale)")
         ax.set_title(f"{model} ({metric}, T={threshold:g})")
@@ -253,7 +257,7 @@ def fig_threshold_ablation(results: pd.DataFrame, metric: str, threshold: float)
         if part["ppl"].notna().any():
             sns.lineplot(data=part.dropna(subset=["ppl"]), x="threshold", y="ppl", hue="rate", hue_order=rates,
                          marker="o", ax=ax_ppl)
-            log_y(ax_ppl)
+            log_scale(ax_ppl)
             _legend(ax_ppl, "requested rate")
         else:
             no_data(ax_ppl, "no perplexity results")
@@ -284,7 +288,7 @@ def fig_metric_ablation(results: pd.DataFrame, metric: str, threshold: float):
         metrics = sorted(set(part["metric"]), key=lambda m: (METRICS.index(m) if m in METRICS else 99, m))
         sns.lineplot(data=part, x="rate_pct", y="ppl", hue="metric", hue_order=metrics, style="metric",
                      style_order=metrics, markers=True, dashes=False, ax=ax)
-        log_y(ax)
+        log_scale(ax)
         ax.set_xlabel("requested sharing rate (%)")
         ax.set_ylabel("perplexity (log scale)")
         ax.set_title(f"{model} (dissimilar order, T={threshold:g})")
@@ -350,7 +354,7 @@ def _ppl_vs_kv(ax, frame: pd.DataFrame, hue: str, style: str | None = None, line
                      ax=ax, sort=False)
     else:
         sns.scatterplot(data=frame, x="kv_pct", y="ppl", hue=hue, style=style, s=60, ax=ax)
-    log_y(ax)
+    log_scale(ax)
     ax.set_xlabel("KV cache held (% of plain)")
     ax.set_ylabel("PPL")
     _legend(ax)
@@ -386,16 +390,17 @@ def fig_search_scaling(scaling: dict | None):
         return empty_figure("search scaling", "no search-scaling results")
     fig, (ax_fit, ax_proj) = plt.subplots(1, 2, figsize=(12.5, 4))
     rows = pd.DataFrame(scaling["measurements"])
-    rows["flops"] = rows["layers_computed"] * rows["samples"] * rows["tokens"] * rows["flops_per_layer_token"]
+    # GFLOPs, so that both log axes read as plain numbers (0.2 s at 30 GFLOPs, not 2x10^-1 at 3x10^10)
+    rows["gflops"] = rows["layers_computed"] * rows["samples"] * rows["tokens"] * rows["flops_per_layer_token"] / 1e9
     rows["depth x width"] = rows["layers"].astype(str) + " x " + rows["hidden"].astype(str)
-    sns.scatterplot(data=rows, x="flops", y="seconds", hue="depth x width", s=40, ax=ax_fit)
+    sns.scatterplot(data=rows, x="gflops", y="seconds", hue="depth x width", s=40, ax=ax_fit)
     fit = scaling["fit"]
-    xs = pd.Series(sorted(rows["flops"]))
-    ax_fit.plot(xs, xs / fit["throughput_flops"] + fit["fixed_seconds_per_candidate"] * rows["candidates"].mean(),
+    xs = pd.Series(sorted(rows["gflops"]))
+    ax_fit.plot(xs, xs * 1e9 / fit["throughput_flops"] + fit["fixed_seconds_per_candidate"] * rows["candidates"].mean(),
                 color="0.3", linestyle="--", label=f"fit: {fit['throughput_flops'] / 1e9:.3g} GFLOP/s")
-    ax_fit.set_xscale("log")
-    ax_fit.set_yscale("log")
-    ax_fit.set_xlabel("FLOPs of one search (fast procedure)")
+    log_scale(ax_fit, "x")
+    log_scale(ax_fit)
+    ax_fit.set_xlabel("GFLOPs of one search (fast procedure)")
     ax_fit.set_ylabel("seconds (this machine)")
     ax_fit.set_title(f"measured, R$^2$ = {fit['r2']:.2f}")
     _legend(ax_fit, "layers x hidden")
@@ -406,7 +411,7 @@ def fig_search_scaling(scaling: dict | None):
                                      "gpu_seconds_official_expected": "official, expected candidates",
                                      "gpu_seconds_worst": "fast, every pair tried"})
     sns.barplot(data=proj, x="model", y="seconds", hue="case", ax=ax_proj)
-    ax_proj.set_yscale("log")
+    log_scale(ax_proj)
     ax_proj.set_xlabel("")
     ax_proj.set_ylabel(f"compute seconds at {scaling['assumptions']['gpu_flops'] / 1e12:.0f} TFLOP/s (assumed)")
     ax_proj.set_title("projected search compute")
