@@ -472,7 +472,8 @@ def test_figures_read_at_a_glance(inputs):
         if name.startswith("profile"):
             assert len(fig.legends) == 1 and not any(ax.get_legend() for ax in axes)
             labels = [t.get_text() for t in fig.legends[0].get_texts()]
-            assert labels[:2] == ["sharing only", "+ h2o:0.5"]
+            # the fixture's two methods hold the same bytes and speed: the legend says the first is drawn under
+            assert labels[:2] == ["sharing only (= + h2o:0.5)", "+ h2o:0.5"]
             assert ("from the model shape" in labels) == (name == "profile_memory")
         if name == "profile_memory":  # 1e9 .. 4e9 bytes
             for ax in axes:
@@ -699,3 +700,23 @@ def test_search_scaling_axes_read_as_plain_numbers():
     assert "GFLOPs" in measured.get_xlabel()
     assert {"0.1", "0.2"} <= {t.get_text() for t in measured.yaxis.get_ticklabels(which="both")}
     plt.close(fig)
+
+
+def test_profile_legend_says_which_line_hides_under_another():
+    """H2O and PyramidInfer at one budget hold the same KV bytes: the later-drawn line covers the other's,
+    and the legend says so; where the values differ (throughput) the labels stay plain."""
+    from kvsharer.report.figures import fig_profile_memory, fig_profile_throughput
+
+    rows = [{"model": "tiny", "rate": r, "batch": 1, "context": 32, "kind": "grid", "cache": c,
+             "kv_bytes": 1e6 * (1 - r) * (1 if c == "none" else 0.5),
+             "expected_kv_bytes": 1e6 * (1 - r) * (1 if c == "none" else 0.5),
+             "decode_tok_s": {"none": 100.0, "h2o:0.5": 90.0, "pyramidinfer:0.5": 95.0}[c] * (1 + r)}
+            for r in (0.0, 0.25) for c in ("none", "h2o:0.5", "pyramidinfer:0.5")]
+    profile = pd.DataFrame(rows)
+
+    def labels(fig):
+        return [t.get_text() for t in fig.legends[0].get_texts()][:3]
+
+    assert labels(fig_profile_memory(profile)) == ["sharing only", "+ h2o:0.5 (= + pyramidinfer:0.5)",
+                                                   "+ pyramidinfer:0.5"]
+    assert labels(fig_profile_throughput(profile)) == ["sharing only", "+ h2o:0.5", "+ pyramidinfer:0.5"]

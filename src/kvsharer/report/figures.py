@@ -437,6 +437,22 @@ def _profile_panels(profile: pd.DataFrame | None, what: str):
     return grid_rows
 
 
+def _drawn_under(rows: pd.DataFrame, column: str, methods: list[str]) -> dict[str, str]:
+    """``{method: a later-drawn method with the same value at every point}``: its line is hidden under that
+    one's (H2O and PyramidInfer at one budget hold the same KV bytes), which the legend says."""
+    keys = ["setting", "model", "rate_pct"]
+    values = {m: rows[rows["method"] == m].astype({column: float}).groupby(keys)[column].mean() for m in methods}
+    hidden = {}
+    for k, method in enumerate(methods):
+        mine = values[method]
+        for later in reversed(methods[k + 1:]):  # the last drawn is on top
+            other = values[later]
+            if not mine.empty and mine.index.isin(other.index).all() and np.allclose(mine, other.loc[mine.index]):
+                hidden[method] = later
+                break
+    return hidden
+
+
 MODEL_DASHES = ("", (4, 1.5), (1, 1.2), (3, 1.2, 1, 1.2), (6, 2))  # seaborn dash specs: "" is solid
 
 
@@ -468,7 +484,9 @@ def _fig_profile(profile: pd.DataFrame | None, column: str, ylabel: str, what: s
         ax.set_xlabel("sharing rate (%)")
         ax.set_ylabel(ylabel)
         ax.set_title(setting)
-    handles = [Line2D([], [], color=palette[m], marker="o", label=m) for m in methods]
+    hidden = _drawn_under(rows, column, methods)
+    handles = [Line2D([], [], color=palette[m], marker="o", label=m if m not in hidden else f"{m} (= {hidden[m]})")
+               for m in methods]
     if several:
         handles.append(Line2D([], [], linestyle="none", label="model:"))
         handles += [Line2D([], [], color="0.3", label=m, **({"dashes": d} if d else {})) for m, d in dashes.items()]
