@@ -95,11 +95,11 @@ def with_rate_pct(frame: pd.DataFrame) -> pd.DataFrame:
 def log_scale(ax, axis: str = "y") -> None:
     """Log y (or x) axis with plain numbers (12.5, not 1.25x10^1); minor ticks labelled when it spans under two
     decades."""
-    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
-    scale = ax.yaxis if axis == "y" else ax.xaxis
-    plain_numbers = FuncFormatter(lambda v, _: f"{v:g}")
-    scale.set_major_formatter(plain_numbers)
-    low, high = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    scale, limits, set_scale = ((ax.yaxis, ax.get_ylim, ax.set_yscale) if axis == "y"
+                                else (ax.xaxis, ax.get_xlim, ax.set_xscale))
+    set_scale("log")
+    scale.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    low, high = limits()
     if low > 0 and high / low < 100:  # under a decade every minor tick, under two the 2s and 5s (2, 5, 20, 50)
         every = high / low < 10
         scale.set_minor_formatter(FuncFormatter(
