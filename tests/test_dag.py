@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_config(model_dir: Path) -> dict:
     return {
         "models": {"tiny": {"source": str(model_dir), "dtype": "float32", "batch_size": 4, "threads": 1}},
-        "calibration": {"text": "embedded:pydoc", "eval_fraction": 0.5, "samples": 8, "tokens": 16},
+        "calibration": {"text": "embedded:pydoc", "eval_fraction": 0.5, "samples": 8, "tokens": 16,
+                        "states": True},
         "search": {
             "procedure": "fast", "rates": [0.25, 0.5], "orders": ["dissimilar", "similar", "random", "measured-kl"],
             "measured": {"sources": 2, "refresh": 2},

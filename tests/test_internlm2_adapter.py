@@ -325,6 +325,22 @@ def test_fast_search_replays_remote_code_layers(model):
     assert fast < 1.0
 
 
+def test_a_search_started_from_the_plain_run_replays_remote_code_layers(model):
+    """Started from a stored plain run (no forward of its own yet), the replays still answer with InternLM2's
+    tuples: the plain run records how the layers answer."""
+    from kvsharer.search.greedy import FastEvaluator, plain_run, unpack_plain_run
+
+    ids = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        reference = model.model(input_ids=ids).last_hidden_state
+    accepted, candidate = list(range(8)), [0, 1, 2, 3, 4, 5, 4, 7]
+    fresh = FastEvaluator(model, ids, reference, batch_size=2).similarity(accepted, candidate)
+    started = FastEvaluator(model, ids, reference, batch_size=2)
+    started.start_from(*unpack_plain_run(plain_run(model, ids, batch_size=2)))
+    assert started.tuple_outputs and started.similarity(accepted, candidate) == fresh
+    assert started.layers_run == 2 * 4  # layers 6 and 7 only
+
+
 def test_calibration_passes_its_own_cache_to_remote_code(model):
     """InternLM2's remote code builds a missing cache with the legacy API transformers 5 removed;
     calibration hands it a DynamicCache, and reads the mean K/V of every layer from it."""

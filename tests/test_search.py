@@ -222,3 +222,46 @@ def test_calibration_from_another_model_is_refused(calibrated, tmp_path, monkeyp
     monkeypatch.setattr(search, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
     assert cli(_search_args(other, cal, tmp_path / "p.json", "--rate", "0.25")) == 2
     assert "calibration file was made with model" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------
+# starting from the plain run (stage calibration-states)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order, kw", [("dissimilar", {"threshold": 0.9, "max_candidates": 12}),
+                                       ("measured-kl", {"threshold": 0.5, "sources": 2, "refresh": 2, "screen": 3})])
+def test_a_search_started_from_the_plain_run_finds_the_same_in_fewer_layers(order, kw):
+    """The plain run computed once (what calibration-states writes) gives the same candidates, the same
+    similarities to the last bit and the same policy as a search that computes it itself, for one full forward
+    less (the rebuild of a resumed search starts at its first shared layer too)."""
+    from kvsharer.search.greedy import plain_run
+
+    model = make_tiny("llama")
+    stats = calibrate.collect(model, _input_ids(n=6))
+    settings = SearchSettings(target=3, order=order, batch_size=4, **kw)
+    fresh = run_search(model, stats, settings, progress=False)
+    start = plain_run(model, stats["input_ids"], batch_size=4)
+    started = run_search(model, stats, settings, progress=False, start=start)
+    assert started["map"] == fresh["map"] and started["num_shared"] >= 1
+    assert [(t["pair"], t["similarity"]) for t in started["trace"]] == [(t["pair"], t["similarity"]) for t in fresh["trace"]]
+    assert fresh["layers_computed"] - started["layers_computed"] == 8 * 6  # one forward of 8 layers x 6 samples
+
+
+def test_search_starts_from_a_states_file_only_when_it_fits(calibrated, tmp_path, caplog):
+    model_dir, cal = calibrated
+    caplog.set_level("INFO")
+    states = tmp_path / "states.safetensors"
+    assert cli(["calibration-states", "--model", str(model_dir), "--calibration", str(cal), "--out", str(states)]) == 0
+    settings = ["--rate", "0.25", "--order", "similar", "--threshold", "0.7"]
+    assert cli(_search_args(model_dir, cal, tmp_path / "fresh.json", *settings)) == 0
+    assert cli(_search_args(model_dir, cal, tmp_path / "started.json", *settings, "--start", str(states))) == 0
+    fresh, started = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("fresh", "started"))
+    assert "starting from the plain run" in caplog.text
+    assert started["map"] == fresh["map"] and started["layers_computed"] == fresh["layers_computed"] - 16 * 30
+    assert [t["similarity"] for t in started["trace"]] == [t["similarity"] for t in fresh["trace"]]
+    caplog.clear()  # made at another batch size: float rounding could differ, so it is not used
+    assert cli(_search_args(model_dir, cal, tmp_path / "other.json", *settings, "--batch-size", "7",
+                            "--start", str(states))) == 0
+    assert "not starting from" in caplog.text and "batch_size None (this search: 7)" in caplog.text
+    assert json.loads((tmp_path / "other.json").read_text())["layers_computed"] == fresh["layers_computed"]

@@ -23,6 +23,8 @@ STAGES = {
     "prepare-model": ("kvsharer.stages.prepare_model", "materialize a model (hub id, folder or embedded) as a safetensors folder"),
     "prepare-text": ("kvsharer.stages.prepare_text", "split a corpus into non-overlapping calibration and evaluation text"),
     "calibrate": ("kvsharer.stages.calibrate", "per-layer K/V statistics and reference outputs on N x T calibration tokens"),
+    "calibration-states": ("kvsharer.stages.calibration_states", "the plain model's run on the calibration samples, layer by "
+                                                                 "layer: where every fast search starts"),
     "distances": ("kvsharer.stages.distances", "pairwise layer distance matrix of the calibration KV caches"),
     "search": ("kvsharer.stages.search", "greedy KVSharer policy search (fast or the authors' official procedure)"),
     "profile": ("kvsharer.stages.profile", "KV bytes, peak memory, prefill and decode speed vs sharing rate and token methods"),

@@ -180,6 +180,13 @@ def previous_policy(wildcards):
     return f"results/{wildcards.model}/policies/r{fmt(smaller[-1])}{same}.json" if smaller else []
 
 
+def calibration_states(wildcards):
+    """The plain run a fast search starts from (calibration.states), if the config asks for it."""
+    if S["procedure"] == "fast" and setting("calibration/states"):
+        return f"results/{wildcards.model}/calibration_states.safetensors"
+    return []
+
+
 def after_arg(wildcards, input):
     return f"--after {input.after}" if input.get("after") else ""
 

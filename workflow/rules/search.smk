@@ -8,6 +8,7 @@ rule search:
         model="results/models/{model}",
         calibration="results/{model}/calibration.safetensors",
         after=previous_policy,
+        start=calibration_states,
     output:
         "results/{model}/policies/r{rate}_{order}_{metric}_T{threshold}_s{seed}.json",
     params:
@@ -24,6 +25,7 @@ rule search:
         dtype=lambda w: model_setting(w.model, "dtype"),
         batch=batch_arg,
         after=after_arg,
+        start=lambda w, input: f"--start {input.start}" if input.get("start") else "",
     log:
         "logs/{model}/search/r{rate}_{order}_{metric}_T{threshold}_s{seed}.log",
     conda:
@@ -38,5 +40,5 @@ rule search:
     shell:
         "python -m kvsharer --threads {threads} --gpus {resources.gpu} search --model {input.model} --calibration {input.calibration}"
         " --rate {wildcards.rate} --order {wildcards.order} --metric {wildcards.metric}"
-        " --threshold {wildcards.threshold} --seed {wildcards.seed} --procedure {params.procedure} {params.budget} {params.measured} {params.after}"
+        " --threshold {wildcards.threshold} --seed {wildcards.seed} --procedure {params.procedure} {params.budget} {params.measured} {params.after} {params.start}"
         " --samples {params.samples} --tokens {params.tokens} --dtype {params.dtype} {params.batch} --out {output} > {log} 2>&1"

@@ -23,6 +23,11 @@ Two procedures compute the same similarities:
   4. the forward stops at the final norm: the similarity is on the last hidden state, the LM head is
      not needed.
 
+The plain model's run, layer by layer (every layer's output and K/V on the calibration samples: the state
+every fast search starts from), can be computed once per calibration file (:func:`plain_run`, the stage
+``calibration-states``) and handed to each search (``run_search(..., start=...)``): the search then skips its
+first full forward. It is the same code on the same inputs, so the search finds the same candidates' similarities.
+
 Every evaluated candidate is appended to a journal (``<out>.journal.jsonl``) and flushed; a killed search
 resumes from it: journaled candidates are not re-run (their stored similarity decides, exactly as it did),
 and the fast procedure rebuilds its cached state with one forward of the accepted policy.
@@ -207,6 +212,25 @@ class FastEvaluator:
             self.kv[k] = kv.get(k)
         self.state_map = list(share_map)
 
+    def start_from(self, outputs: list[torch.Tensor], kv: list[tuple[torch.Tensor, torch.Tensor]],
+                   tuple_outputs: bool = False) -> None:
+        """Hold the plain model's run (:func:`plain_run`, on these calibration samples) as this evaluator's
+        state, instead of computing it at the first candidate. ``tuple_outputs``: the model's decoder layers
+        return tuples (remote code), as that run saw."""
+        n_layers = self.parts.n_layers
+        if len(outputs) != n_layers or len(kv) != n_layers:
+            raise ValueError(f"a plain run of {len(outputs)} layers does not fit a model of {n_layers}")
+        if outputs[0].shape[0] != self.input_ids.shape[0]:
+            raise ValueError(f"a plain run on {outputs[0].shape[0]} samples does not fit {self.input_ids.shape[0]}")
+        # each layer's state on that layer's device (a file is read to the CPU; a model may span GPUs)
+        devices = [next(layer.parameters()).device for layer in self.parts.layers]
+        self.outputs = [out.to(dev) for out, dev in zip(outputs, devices)]
+        self.kv = [(key.to(dev), value.to(dev)) for (key, value), dev in zip(kv, devices)]
+        self.state_map, self.tuple_outputs = list(range(n_layers)), tuple_outputs
+
+    def _first_change(self, a: list[int], b: list[int]) -> int:
+        return next((k for k in range(len(a)) if a[k] != b[k]), len(a))
+
     def hidden(self, accepted: list[int], candidate: list[int], keep: bool = True,
                samples: int | None = None) -> torch.Tensor:
         """Last hidden state [N, T, hidden] of ``candidate``, replaying the layers before its first change
@@ -214,10 +238,12 @@ class FastEvaluator:
         ``samples``: only the first ``samples`` calibration samples ([samples, T, hidden]; not kept)."""
         if samples is not None and keep:
             raise ValueError("a candidate measured on part of the samples cannot be kept")
-        if self.state_map != accepted:  # first call, or after resuming from a journal: one full forward
-            _, outputs, kv = self._run(accepted, 0, keep=True)
-            self._commit(accepted, 0, outputs, kv)
-        first = next(k for k in range(len(candidate)) if candidate[k] != accepted[k])
+        if self.state_map != accepted:  # first call, or after resuming from a journal: one forward of the accepted
+            # map, from the first layer where it differs from the state held (none held: from layer 0)
+            first = 0 if self.state_map is None else self._first_change(self.state_map, accepted)
+            _, outputs, kv = self._run(accepted, first, keep=True)
+            self._commit(accepted, first, outputs, kv)
+        first = self._first_change(candidate, accepted)
         last, outputs, kv = self._run(candidate, first, keep=keep, samples=samples)
         self._pending = (list(candidate), first, outputs, kv) if keep else None
         return last
@@ -230,10 +256,36 @@ class FastEvaluator:
         if self._pending is not None and self._pending[0] == candidate:
             self._commit(candidate, self._pending[1], self._pending[2], self._pending[3])
         elif self.state_map is not None and self.state_map != candidate:  # measured without keeping its state
-            first = next(k for k in range(len(candidate)) if candidate[k] != self.state_map[k])
+            first = self._first_change(candidate, self.state_map)
             _, outputs, kv = self._run(candidate, first, keep=True)
             self._commit(candidate, first, outputs, kv)
         self._pending = None
+
+
+def plain_run(model, input_ids: torch.Tensor, batch_size: int | None = None) -> dict[str, torch.Tensor]:
+    """The plain model's run on the calibration samples, layer by layer, as the fast search computes it:
+    ``output.<k>`` [N, T, hidden] (decoder layer k's output) and ``keys.<k>``/``values.<k>`` [N, kv_heads, T,
+    head_dim] (the K/V it stores) for every layer k, and ``tuple_outputs`` [1] (1: the layers return tuples).
+    ``batch_size``: the search's (float rounding depends on it)."""
+    evaluator = FastEvaluator(model, input_ids, reference=None, batch_size=batch_size)
+    identity = list(range(evaluator.parts.n_layers))
+    _, outputs, kv = evaluator._run(identity, 0, keep=True)
+    tensors = {f"output.{k}": v.contiguous() for k, v in outputs.items()}
+    for k, (keys, values) in kv.items():
+        tensors[f"keys.{k}"], tensors[f"values.{k}"] = keys.contiguous(), values.contiguous()
+    tensors["tuple_outputs"] = torch.tensor([int(evaluator.tuple_outputs)])
+    return tensors
+
+
+def unpack_plain_run(tensors: dict[str, torch.Tensor]) -> tuple[list, list, bool]:
+    """(outputs, kv, tuple_outputs) per layer from :func:`plain_run`'s tensors (as read back from its file)."""
+    n_layers = sum(1 for name in tensors if name.startswith("output."))
+    missing = [k for k in range(n_layers) if f"keys.{k}" not in tensors or f"values.{k}" not in tensors]
+    if not n_layers or missing:
+        raise ValueError(f"not a plain run: {n_layers} layer outputs, K/V missing for layers {missing}")
+    return ([tensors[f"output.{k}"] for k in range(n_layers)],
+            [(tensors[f"keys.{k}"], tensors[f"values.{k}"]) for k in range(n_layers)],
+            bool(tensors["tuple_outputs"].item()) if "tuple_outputs" in tensors else False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,32 +378,41 @@ def greedy_search(
 
 
 def run_search(model, stats: dict, settings: SearchSettings, journal: Journal | None = None,
-               progress: bool = True) -> dict:
+               progress: bool = True, start: dict[str, torch.Tensor] | None = None) -> dict:
     """Distances, ranking and the greedy loop for a loaded model and calibration tensors.
 
     ``journal``: the candidates already evaluated (not re-run) and where new ones are recorded (see
-    :func:`journal_header`; the stage keeps it in a file that a killed search resumes from)."""
+    :func:`journal_header`; the stage keeps it in a file that a killed search resumes from).
+    ``start``: the plain model's run on the same samples (:func:`plain_run`), from which the fast procedure
+    starts instead of computing it (ignored by the official procedure, which recomputes everything)."""
     dist = layer_distances(stats["keys"], stats["values"], settings.metric)
-    start = time.perf_counter()
+    began = time.perf_counter()
+
+    def fast() -> FastEvaluator:
+        evaluator = FastEvaluator(model, stats["input_ids"], stats["reference_hidden"], settings.batch_size)
+        if start is not None:
+            evaluator.start_from(*unpack_plain_run(start))
+        return evaluator
+
     if settings.order in MEASURED_ORDERS:
         if settings.procedure != "fast":
             raise ValueError(f"order {settings.order!r} measures candidates with the fast procedure only")
-        evaluator = FastEvaluator(model, stats["input_ids"], stats["reference_hidden"], settings.batch_size)
+        evaluator = fast()
         result = measured_search(dist, settings.target, settings.threshold, evaluator,
                                  OutputLoss(model, stats["reference_hidden"]), MEASURED_ORDERS[settings.order],
                                  settings.sources, settings.refresh, journal, progress,
                                  settings.max_candidates, settings.screen)
-        return _costs(result, start, evaluator, dist.shape[0])
+        return _costs(result, began, evaluator, dist.shape[0])
     ranked = rank_pairs(dist, settings.order, settings.seed)
     if settings.procedure == "official":
         evaluator = OfficialEvaluator(model, stats["input_ids"])
     elif settings.procedure == "fast":
-        evaluator = FastEvaluator(model, stats["input_ids"], stats["reference_hidden"], settings.batch_size)
+        evaluator = fast()
     else:
         raise ValueError(f"unknown procedure {settings.procedure!r}; choose one of {', '.join(PROCEDURES)}")
     result = greedy_search(ranked, dist.shape[0], settings.target, settings.threshold, evaluator,
                            journal, progress, settings.max_candidates)
-    return _costs(result, start, evaluator, dist.shape[0])
+    return _costs(result, began, evaluator, dist.shape[0])
 
 
 def _costs(result: dict, start: float, evaluator, n_layers: int) -> dict:

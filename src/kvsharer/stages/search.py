@@ -4,6 +4,8 @@ with its journal.
 Every evaluated candidate is appended to a journal (``<out>.journal.jsonl``) and flushed; a killed search
 resumes from it: journaled candidates are not re-run (their stored similarity decides, exactly as it did).
 ``--after`` names the policy of the same search to a smaller target, whose journal seeds this one's.
+``--start`` names the plain model's run on the calibration samples (stage ``calibration-states``), from which
+a fast search starts instead of computing it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import logging
 import os
 from dataclasses import asdict
 from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from ..atomic import atomic_write_text
 from ..cache.policy import SharingPolicy
@@ -83,12 +88,28 @@ def open_journal(path: Path | None, header: dict, seed: Path | None = None) -> J
 
 
 def run_journaled(model, stats: dict, settings: SearchSettings, journal_path: Path | None = None,
-                  calibration_hash: str = "", progress: bool = True, seed_journal: Path | None = None) -> dict:
+                  calibration_hash: str = "", progress: bool = True, seed_journal: Path | None = None,
+                  start: dict | None = None) -> dict:
     """:func:`kvsharer.search.greedy.run_search` with its journal kept in ``journal_path``.
 
-    ``seed_journal``: the journal of this search to a smaller target, whose candidates are not re-run."""
+    ``seed_journal``: the journal of this search to a smaller target, whose candidates are not re-run.
+    ``start``: the plain model's run (:func:`kvsharer.search.greedy.plain_run`) to start from."""
     header = journal_header(settings, calibration_hash, stats["keys"].shape[0])
-    return run_search(model, stats, settings, open_journal(journal_path, header, seed_journal), progress)
+    return run_search(model, stats, settings, open_journal(journal_path, header, seed_journal), progress, start)
+
+
+def read_start(path: Path, calibration_hash: str, batch_size: int | None, dtype: str) -> dict | None:
+    """The plain run in ``path`` (stage ``calibration-states``) when it was made from this calibration file at this
+    batch size and dtype (then the search computes exactly what it would have); None, with the reason logged,
+    when not."""
+    with safe_open(str(path), framework="pt") as fh:
+        made = json.loads((fh.metadata() or {}).get("kvsharer", "{}"))
+    want = {"calibration_sha256": calibration_hash, "batch_size": batch_size, "dtype": dtype}
+    differ = [f"{k} {made.get(k)!r} (this search: {v!r})" for k, v in want.items() if made.get(k) != v]
+    if differ:
+        log.warning("not starting from %s: it was made with %s; computing the plain run instead", path, ", ".join(differ))
+        return None
+    return load_file(str(path))
 
 
 def sha256_file(path: str | Path) -> str:
@@ -132,6 +153,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="policy JSON (journal: <out>.journal.jsonl)")
     parser.add_argument("--after", type=Path, default=None,
                         help="policy JSON of the same search to a smaller target: its journal's candidates are not re-run")
+    parser.add_argument("--start", type=Path, default=None,
+                        help="fast procedure: the plain model's run on the calibration samples (from `calibration-states`), "
+                             "from which the search starts instead of computing it")
 
 
 def check_calibration(meta: dict, model: str, samples: int | None, tokens: int | None) -> None:
@@ -183,7 +207,12 @@ def main(args: argparse.Namespace) -> int:
     log.info("search: %s order, %s metric, T=%s, target %d/%d layers, %s procedure", args.order, args.metric,
              args.threshold, target, n_layers, args.procedure)
     seed = args.after.with_name(args.after.name + ".journal.jsonl") if args.after else None
-    result = run_journaled(model, stats, settings, journal, calibration_hash, seed_journal=seed)
+    start = None
+    if args.start is not None and args.procedure == "fast":
+        start = read_start(args.start, calibration_hash, args.batch_size, args.dtype)
+        if start is not None:
+            log.info("starting from the plain run in %s", args.start)
+    result = run_journaled(model, stats, settings, journal, calibration_hash, seed_journal=seed, start=start)
     policy = SharingPolicy(result.pop("map"), {
         "model": args.model, "rate": result["num_shared"] / n_layers, "rate_requested": args.rate,
         **result, "settings": asdict(settings), "calibration": str(args.calibration),
