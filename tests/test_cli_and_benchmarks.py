@@ -53,6 +53,8 @@ def test_search_speed_benchmark_smoke(tiny_model_dir, tmp_path):
                     "--out", str(tmp_path / "speed.json"))
     assert result["same_policy"] and result["target"] == 2
     assert result["official_candidates_evaluated"] == result["fast_candidates_evaluated"] >= 2
+    assert result["started_candidates_evaluated"] == result["fast_candidates_evaluated"]
+    assert result["started_over_fast"] > 0 and result["plain_run_seconds"] > 0
 
 
 def test_shared_context_benchmark_smoke(tiny_model_dir, tmp_path):

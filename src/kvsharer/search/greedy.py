@@ -253,12 +253,12 @@ class FastEvaluator:
         return float(mean_similarity(last, self.reference).mean())  # shortcut 1: stored reference
 
     def accept(self, candidate: list[int]) -> None:
+        """The search moves on from ``candidate``: its state is taken if it was kept. Otherwise (measured on part
+        of the samples, or answered from a journal) the state held stays that of ``state_map``, and the next
+        candidate rebuilds it from the first layer where the two maps differ: one forward for any number of
+        accepted candidates a resumed search replays from its journal."""
         if self._pending is not None and self._pending[0] == candidate:
             self._commit(candidate, self._pending[1], self._pending[2], self._pending[3])
-        elif self.state_map is not None and self.state_map != candidate:  # measured without keeping its state
-            first = self._first_change(candidate, self.state_map)
-            _, outputs, kv = self._run(candidate, first, keep=True)
-            self._commit(candidate, first, outputs, kv)
         self._pending = None
 
 
