@@ -30,7 +30,8 @@ first full forward. It is the same code on the same inputs, so the search finds 
 
 Every evaluated candidate is appended to a journal (``<out>.journal.jsonl``) and flushed; a killed search
 resumes from it: journaled candidates are not re-run (their stored similarity decides, exactly as it did),
-and the fast procedure rebuilds its cached state with one forward of the accepted policy.
+and the fast procedure rebuilds its cached state with one forward of the accepted policy (from its first shared layer
+when the search started from the plain run).
 """
 
 from __future__ import annotations
