@@ -17,7 +17,7 @@ SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").r
 
 # config key (path in the schema) -> the stage options that take its value in the DAG's rules
 OPTIONS = {
-    "models.*.dtype": [("prepare-model", "dtype"), ("calibrate", "dtype"), ("search", "dtype"), ("profile", "dtype"),
+    "models.*.dtype": [("prepare-model", "dtype"), ("calibrate", "dtype"), ("calibration-states", "dtype"), ("search", "dtype"), ("profile", "dtype"),
                        ("evaluate-ppl", "dtype"), ("evaluate-harness", "dtype"), ("evaluate-longctx", "dtype")],
     "models.*.batch_size": [("evaluate-ppl", "batch_size"), ("evaluate-harness", "batch_size")],
     "calibration.eval_fraction": [("prepare-text", "eval_fraction")],

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROFILE = yaml.safe_load((REPO / "slurm" / "config.yaml").read_text())
 # the rules that load a model: models.<m>.gpus GPUs each (the config's, not the profile's); every other rule
 # runs on CPUs only: prepare_model converts the weights on CPU, search_scaling is a CPU measurement
-GPU_RULES = {"calibrate", "search", "evaluate_ppl", "evaluate_ppl_corpus", "evaluate_harness", "evaluate_longctx",
+GPU_RULES = {"calibrate", "calibration_states", "search", "evaluate_ppl", "evaluate_ppl_corpus", "evaluate_harness", "evaluate_longctx",
              "evaluate_ruler", "evaluate_longbench", "profile"}
 # the one-node cluster of .ci/start-slurm.sh has partition `debug` with one (dummy) GPU
 PARTITION = os.environ.get("KVSHARER_SLURM_PARTITION", "debug")

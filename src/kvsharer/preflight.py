@@ -291,7 +291,9 @@ def forwards(config: dict, name: str, window: int) -> dict[str, list[tuple[str, 
     batch = jobs.model_setting(config, name, "batch_size")
     calibration = config["calibration"]
     samples, tokens = calibration.get("samples", 30), calibration.get("tokens", 64)
-    out = {"calibrate": [("calibration", samples, tokens, True)], "search": [("calibration", samples, tokens, True)]}
+    out = {rule: [("calibration", samples, tokens, True)] for rule in ("calibrate", "search")}
+    if calibration.get("states"):  # the same forward, every layer's output and K/V kept
+        out["calibration_states"] = [("calibration", samples, tokens, True)]
     if "ppl" in evaluation:
         out["evaluate_ppl"] = [("perplexity windows", batch, evaluation["ppl"].get("window", 512), True)]
     lengths = jobs.longctx_lengths(config, name) if "longctx" in evaluation else []
