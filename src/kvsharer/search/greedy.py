@@ -150,6 +150,11 @@ class _Replay(nn.Module):
         return (self.output, cache) if self.as_tuple else self.output
 
 
+def _first_change(a: list[int], b: list[int]) -> int:
+    """The first layer whose map entry differs between two maps (their length when none does)."""
+    return next((k for k in range(len(a)) if a[k] != b[k]), len(a))
+
+
 class FastEvaluator:
     """Batched, reference from the calibration file, forwards start at the first changed layer."""
 
@@ -229,9 +234,6 @@ class FastEvaluator:
         self.kv = [(key.to(dev), value.to(dev)) for (key, value), dev in zip(kv, devices)]
         self.state_map, self.tuple_outputs = list(range(n_layers)), tuple_outputs
 
-    def _first_change(self, a: list[int], b: list[int]) -> int:
-        return next((k for k in range(len(a)) if a[k] != b[k]), len(a))
-
     def hidden(self, accepted: list[int], candidate: list[int], keep: bool = True,
                samples: int | None = None) -> torch.Tensor:
         """Last hidden state [N, T, hidden] of ``candidate``, replaying the layers before its first change
@@ -241,10 +243,10 @@ class FastEvaluator:
             raise ValueError("a candidate measured on part of the samples cannot be kept")
         if self.state_map != accepted:  # first call, or after resuming from a journal: one forward of the accepted
             # map, from the first layer where it differs from the state held (none held: from layer 0)
-            first = 0 if self.state_map is None else self._first_change(self.state_map, accepted)
+            first = 0 if self.state_map is None else _first_change(self.state_map, accepted)
             _, outputs, kv = self._run(accepted, first, keep=True)
             self._commit(accepted, first, outputs, kv)
-        first = self._first_change(candidate, accepted)
+        first = _first_change(candidate, accepted)
         last, outputs, kv = self._run(candidate, first, keep=keep, samples=samples)
         self._pending = (list(candidate), first, outputs, kv) if keep else None
         return last

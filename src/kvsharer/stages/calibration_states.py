@@ -21,7 +21,7 @@ from ..atomic import atomic_path
 from ..models.loading import DTYPES, check_source, load_model, resolve_device
 from ..search import calibrate
 from ..search.greedy import plain_run
-from .search import check_calibration, sha256_file
+from .search import check_calibration, sha256_file, states_header
 
 log = logging.getLogger("kvsharer")
 
@@ -36,11 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output .safetensors")
 
 
-def header(calibration: Path, batch_size: int | None, dtype: str) -> dict:
-    """What a search checks before it starts from a states file: the same calibration file, batch and dtype."""
-    return {"calibration_sha256": sha256_file(calibration), "batch_size": batch_size, "dtype": dtype}
-
-
 def main(args: argparse.Namespace) -> int:
     check_source(args.model)
     meta = calibrate.read_meta(args.calibration)
@@ -49,7 +44,7 @@ def main(args: argparse.Namespace) -> int:
     model, _ = load_model(args.model, dtype=args.dtype, device=resolve_device(args.device))
     tensors = {name: t.cpu() for name, t in plain_run(model, stats["input_ids"], args.batch_size).items()}
     with atomic_path(args.out) as tmp:
-        save_file(tensors, str(tmp), metadata={"kvsharer": json.dumps(header(args.calibration, args.batch_size, args.dtype))})
+        save_file(tensors, str(tmp), metadata={"kvsharer": json.dumps(states_header(sha256_file(args.calibration), args.batch_size, args.dtype))})
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     log.info("plain run on %d x %d calibration tokens, %d layers (%.0f MB) written to %s", *stats["input_ids"].shape,
              meta["n_layers"], size / 1e6, args.out)

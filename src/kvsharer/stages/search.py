@@ -98,13 +98,19 @@ def run_journaled(model, stats: dict, settings: SearchSettings, journal_path: Pa
     return run_search(model, stats, settings, open_journal(journal_path, header, seed_journal), progress, start)
 
 
+def states_header(calibration_hash: str, batch_size: int | None, dtype: str) -> dict:
+    """What a plain-run file (stage ``calibration-states``) was made from, written into it and checked by
+    :func:`read_start`: the calibration file, the batch size and the dtype."""
+    return {"calibration_sha256": calibration_hash, "batch_size": batch_size, "dtype": dtype}
+
+
 def read_start(path: Path, calibration_hash: str, batch_size: int | None, dtype: str) -> dict | None:
     """The plain run in ``path`` (stage ``calibration-states``) when it was made from this calibration file at this
     batch size and dtype (then the search computes exactly what it would have); None, with the reason logged,
     when not."""
     with safe_open(str(path), framework="pt") as fh:
         made = json.loads((fh.metadata() or {}).get("kvsharer", "{}"))
-    want = {"calibration_sha256": calibration_hash, "batch_size": batch_size, "dtype": dtype}
+    want = states_header(calibration_hash, batch_size, dtype)
     differ = [f"{k} {made.get(k)!r} (this search: {v!r})" for k, v in want.items() if made.get(k) != v]
     if differ:
         log.warning("not starting from %s: it was made with %s; computing the plain run instead", path, ", ".join(differ))
