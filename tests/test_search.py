@@ -207,6 +207,7 @@ def test_search_output_is_a_policy_with_trace(calibrated, tmp_path):
         (["--rate", "0.25", "--metric", "manhattan"], "unknown distance metric 'manhattan'"),
         (["--rate", "0.25", "--samples", "64"], "calibration file has samples=30, expected 64"),
         (["--rate", "0.25", "--tokens", "32"], "calibration file has tokens=16, expected 32"),
+        (["--rate", "0.25", "--start", "/nonexistent/states.safetensors"], "--start /nonexistent/states.safetensors not found"),
     ],
 )
 def test_bad_search_input_fails_before_loading_a_model(calibrated, tmp_path, monkeypatch, caplog, extra, message):

@@ -194,6 +194,8 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name} must be >= 0 (0: all), got {getattr(args, name)}")
     if args.max_candidates is not None and args.max_candidates < 1:
         raise ValueError(f"--max-candidates must be at least 1, got {args.max_candidates}")
+    if args.start is not None and not args.start.is_file():
+        raise ValueError(f"--start {args.start} not found (run `calibration-states` first)")
     meta = calibrate.read_meta(args.calibration)
     n_layers = meta["n_layers"]
     target = target_layers(n_layers, args.rate, args.layers)
