@@ -50,7 +50,7 @@ MEMORY_MARGIN = 1.5  # preflight's footprint is a lower bound: log-softmax and i
 # 5 of its 7 layers); the cuts give the ranked orders the demo's budget of 40 (measured orders have none)
 # The local cut leaves the measured orders out for CPU time: they have no budget, and each candidate is
 # a forward over the calibration set (measured-kl on Mistral-7B's stand-in: 152 candidates, 184 s, where
-# the ranked search's 40 took 37 s; more for deeper models). CUT=paper and the demo run them.
+# the ranked search's 40 took 37 s). CUT=paper and the demo run them.
 CUTS: dict[str, dict] = {
     "paper": {},
     # make rehearsal: every model, every table and figure, one rate of each kind, the short lengths
