@@ -141,6 +141,15 @@ def _legend(ax, title: str | None = None) -> None:
                   bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
+def _finish(ax, xlabel: str, ylabel: str, title: str, legend: bool = True, legend_title: str | None = None) -> None:
+    """A panel's axis labels and title, then (``legend``) its legend outside it (``_legend``)."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if legend:
+        _legend(ax, legend_title)
+
+
 def main_policy(results: pd.DataFrame, model: str, metric: str, threshold: float, main_rate: float):
     """The dissimilar main policy of ``model`` whose accepted pairs a heatmap marks: the largest requested
     rate <= ``main_rate`` (else the smallest rate), at ``metric`` if there is one, else any metric."""
@@ -182,10 +191,7 @@ def fig_ppl_vs_rate(results: pd.DataFrame, metric: str, threshold: float):
         for value in base.loc[base["model"] == model, "ppl"]:
             ax.axhline(value, color="0.3", linestyle="--", linewidth=1, label="plain model")
         log_scale(ax)
-        ax.set_xlabel("requested sharing rate (%)")
-        ax.set_ylabel("perplexity (log scale)")
-        ax.set_title(f"{model} ({metric}, T={threshold:g})")
-        _legend(ax)
+        _finish(ax, "requested sharing rate (%)", "perplexity (log scale)", f"{model} ({metric}, T={threshold:g})")
     return fig
 
 
@@ -233,10 +239,8 @@ def fig_acceptance_vs_rank(traces: pd.DataFrame, metric: str, rank_bin: int):
         sns.lineplot(data=part, x="rank_mid", y="accepted_fraction", hue="T", hue_order=hue_order, marker="o", ax=ax)
         ax.set_ylim(-0.05, 1.05)
         ax.set_xlim(0, float(part["rank_hi"].max()) + 1)
-        ax.set_xlabel(f"dissimilarity rank (bins of {rank_bin}; 0 = most dissimilar)")
-        ax.set_ylabel("accepted fraction of candidates")
-        ax.set_title(f"{model} ({metric}, dissimilar order)")
-        _legend(ax, "threshold T")
+        _finish(ax, f"dissimilarity rank (bins of {rank_bin}; 0 = most dissimilar)", "accepted fraction of candidates",
+                f"{model} ({metric}, dissimilar order)", legend_title="threshold T")
     return fig
 
 
@@ -261,18 +265,14 @@ def fig_threshold_ablation(results: pd.DataFrame, metric: str, threshold: float)
             _legend(ax_ppl, "requested rate")
         else:
             no_data(ax_ppl, "no perplexity results")
-        ax_ppl.set_xlabel("threshold T")
-        ax_ppl.set_ylabel("perplexity (log scale)")
-        ax_ppl.set_title(f"{model}: PPL vs T ({metric})")
+        _finish(ax_ppl, "threshold T", "perplexity (log scale)", f"{model}: PPL vs T ({metric})", legend=False)
         sns.lineplot(data=part, x="threshold", y="layers_shared", hue="rate", hue_order=rates, marker="o", ax=ax_layers)
         for _, row in part.drop_duplicates("rate").iterrows():
             if not math.isnan(row["target"]):
                 ax_layers.axhline(row["target"], color="0.6", linestyle=":", linewidth=1)
         ax_layers.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax_layers.set_xlabel("threshold T")
-        ax_layers.set_ylabel("layers shared (dotted: target)")
-        ax_layers.set_title(f"{model}: layers shared vs T")
-        _legend(ax_layers, "requested rate")
+        _finish(ax_layers, "threshold T", "layers shared (dotted: target)", f"{model}: layers shared vs T",
+                legend_title="requested rate")
     return fig
 
 
@@ -289,10 +289,8 @@ def fig_metric_ablation(results: pd.DataFrame, metric: str, threshold: float):
         sns.lineplot(data=part, x="rate_pct", y="ppl", hue="metric", hue_order=metrics, style="metric",
                      style_order=metrics, markers=True, dashes=False, ax=ax)
         log_scale(ax)
-        ax.set_xlabel("requested sharing rate (%)")
-        ax.set_ylabel("perplexity (log scale)")
-        ax.set_title(f"{model} (dissimilar order, T={threshold:g})")
-        _legend(ax, "distance metric")
+        _finish(ax, "requested sharing rate (%)", "perplexity (log scale)", f"{model} (dissimilar order, T={threshold:g})",
+                legend_title="distance metric")
     return fig
 
 

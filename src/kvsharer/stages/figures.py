@@ -14,9 +14,9 @@ import seaborn as sns  # noqa: E402
 
 from ..atomic import atomic_path  # noqa: E402
 from ..names import FIGURES  # noqa: E402
-from ..report.collect import collect, load_distances  # noqa: E402
-from ..report.tables import read_profiles, warn_if_no_main  # noqa: E402
-from .tables import add_common_arguments, add_only_argument, check_common_arguments  # noqa: E402
+from ..report.collect import load_distances  # noqa: E402
+from ..report.tables import read_profiles  # noqa: E402
+from .tables import add_common_arguments, add_output_arguments, read_results  # noqa: E402
 
 log = logging.getLogger("kvsharer")
 
@@ -40,16 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scaling", type=Path, help="search-scaling JSON (from `search-scaling`)")
     parser.add_argument("--main-rate", type=float, default=DEFAULT_MAIN_RATE,
                         help="the heatmap marks the main dissimilar policy with the largest rate <= this")
-    parser.add_argument("--out-dir", required=True, type=Path,
-                        help=f"writes <name>.png and <name>.pdf for {', '.join(FIGURES)}")
-    add_only_argument(parser, FIGURES, "figures")
+    add_output_arguments(parser, FIGURES, "figures", "<name>.png and <name>.pdf")
 
 
 def main(args: argparse.Namespace) -> int:
-    check_common_arguments(args)
-    collection = collect(args.policies, args.evals)
+    collection = read_results(args)
     distances = load_distances(args.distances)
-    warn_if_no_main(collection, args.main_metric, args.main_threshold)
     sns.set_theme(style="whitegrid", context="paper")
     scaling = None
     if args.scaling is not None:

@@ -12,7 +12,7 @@ import pandas as pd
 
 from ..atomic import atomic_path, atomic_write_text
 from ..names import TABLES
-from ..report.collect import collect
+from ..report.collect import Collection, collect
 from ..report.tables import (DEFAULT_METRIC, DEFAULT_RANK_BIN, DEFAULT_THRESHOLD, build_tables, markdown, read_profiles,
                              warn_if_no_main)
 
@@ -31,16 +31,22 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", nargs="*", default=[], type=Path, metavar="FILE", help="profile CSVs (from `profile`)")
 
 
-def add_only_argument(parser: argparse.ArgumentParser, names: tuple[str, ...], what: str) -> None:
+def add_output_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...], what: str, files: str) -> None:
+    """``--out-dir`` (where ``files`` are written for every name) and ``--only`` (a subset of ``names``)."""
+    parser.add_argument("--out-dir", required=True, type=Path, help=f"writes {files} for {', '.join(names)}")
     parser.add_argument("--only", nargs="+", choices=names, default=list(names), metavar="NAME",
                         help=f"write only these {what} (default: all; the DAG runs one job per {what[:-1]})")
 
 
-def check_common_arguments(args: argparse.Namespace) -> None:
+def read_results(args: argparse.Namespace) -> Collection:
+    """The policies and evaluations of the common arguments (checked first), warning when none is the main one."""
     if args.rank_bin < 1:
         raise ValueError(f"--rank-bin must be at least 1, got {args.rank_bin}")
     if not math.isfinite(args.main_threshold):
         raise ValueError(f"--main-threshold must be a number, got {args.main_threshold}")
+    collection = collect(args.policies, args.evals)
+    warn_if_no_main(collection, args.main_metric, args.main_threshold)
+    return collection
 
 
 def write_table(frame: pd.DataFrame, out_dir: Path, name: str) -> list[Path]:
@@ -53,15 +59,11 @@ def write_table(frame: pd.DataFrame, out_dir: Path, name: str) -> list[Path]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
-    parser.add_argument("--out-dir", required=True, type=Path,
-                        help=f"writes <name>.csv and <name>.md for {', '.join(TABLES)}")
-    add_only_argument(parser, TABLES, "tables")
+    add_output_arguments(parser, TABLES, "tables", "<name>.csv and <name>.md")
 
 
 def main(args: argparse.Namespace) -> int:
-    check_common_arguments(args)
-    collection = collect(args.policies, args.evals)
-    warn_if_no_main(collection, args.main_metric, args.main_threshold)
+    collection = read_results(args)
     tables = build_tables(collection, args.main_metric, args.main_threshold, args.rank_bin, read_profiles(args.profile))
     for name in args.only:
         frame = tables[name]()
