@@ -38,6 +38,8 @@ STAGES = {
     "rehearsal-config": ("kvsharer.stages.rehearsal_config", "a rehearsal of a paper config: CPU stand-ins of its models and tasks, a stated cut"),
     "tables": ("kvsharer.stages.tables", "paper-style tables (CSV + Markdown) from policy and evaluation files"),
     "figures": ("kvsharer.stages.figures", "report figures (PNG + PDF) from policy, evaluation and distance files"),
+    "docs": ("kvsharer.stages.docs", "generate docs/configuration.md from the config schema and docs/results.md "
+                                     "(+ the README's table) from a results folder"),
     "warm-worker": ("kvsharer.warm_worker", "run a command (e.g. snakemake) whose kvsharer jobs fork from one warm "
                                             "process instead of each importing torch anew"),
 }
