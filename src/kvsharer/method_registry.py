@@ -17,7 +17,7 @@ entry's ``with_sharing`` is the torch-free copy of that declaration that the pla
 rules, the profile); tests/test_method_registry.py checks that the two agree. At most one cache method
 runs at a time.
 
-Adding a method: one file with its class, one :class:`Entry` below (docs/adding_a_cache_method.md).
+Adding a method: one file with its class, one :class:`Entry` below (docs/adding-a-cache-method.md).
 """
 
 from __future__ import annotations
