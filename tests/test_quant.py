@@ -13,7 +13,7 @@ from kvsharer.methods.quant import (
     KVQuantization, QuantizedKVLayer, dequantize, expected_quant_nbytes, pack, quantize, unpack,
 )
 from kvsharer.cache.hooks import attached_methods
-from kvsharer.cache.sharing import KVSharing, SharedLayer
+from kvsharer.cache.sharing import KVSharing, ReturnedKV, SharedLayer
 
 POLICY = [0, 1, 2, 1, 4, 5, 6, 5]  # layers 3 and 7 read layers 1 and 5
 GEN = dict(do_sample=False, pad_token_id=0)
@@ -147,7 +147,7 @@ def test_bytes_are_exact_at_every_step_and_shrink_to_bits_over_16():
                 assert cache_nbytes(cache) == expected_quant_nbytes(model, None, 2, tokens, bits, 8, 5, 4)
                 layer = cache.layers[4]
                 assert layer.qkeys.codes.dtype == torch.uint8 and layer.qkeys.codes.shape == (2, 2, tokens - 5, 2 * bits)
-                assert layer.keys.shape == (2, 2, 5, 16) and layer._returned is None  # dropped after the forward
+                assert layer.keys.shape == (2, 2, 5, 16)
                 if i < steps.shape[1]:
                     model(steps[:, i : i + 1], past_key_values=cache)
     # a realistic head (128 channels, group 32) in fp16: the ratio tends to bits/16 + 2/group_size
@@ -194,7 +194,8 @@ def test_sharing_and_quantization_compose():
             for got, full, new in ((keys, prefill[layer][0], new_k), (values, prefill[layer][1], new_v)):
                 old = dequantize(quantize(full[:, :, :8], 4, 8), 4, 8, full.dtype)
                 assert torch.equal(got, torch.cat([old, full[:, :, 8:], new], dim=-2))
-        assert all(getattr(layer, "_returned", None) is None for layer in cache.layers)
+        taps = [layer.__dict__["update"] for layer in cache.layers if isinstance(layer.__dict__.get("update"), ReturnedKV)]
+        assert taps and all(tap.kv is None for tap in taps)  # the sources' returned K/V dropped after the forward
         with pytest.raises(RuntimeError, match="returned no K/V in this forward"):
             cache.layers[3].update(None, None)
         sharing, attached = attached_methods(model)

@@ -7,8 +7,8 @@ Two small pieces, no forked modeling file:
   keys/values, already updated for the current step because the source is an earlier layer; sequence
   length and mask sizes resolve to the source. Any ``DynamicCache`` — the one ``generate`` builds, one the
   caller passes, or one the hooks create — is *wired* by replacing its shared layers with ``SharedLayer``.
-* ``SkippedProjection`` — stands in for a shared layer's ``k_proj``/``v_proj``: it returns a zero tensor
-  *expanded* to the projection's output shape (no matmul, no allocation). Those values never reach
+* ``SkippedProjection`` — stands in for a shared layer's ``k_proj``/``v_proj``: it returns one row of zeros
+  *expanded* to the projection's output shape (no matmul, one row allocated). Those values never reach
   attention, because the cache returns the source's K/V instead.
 
 ``KVSharing`` is the cache method (:class:`kvsharer.cache.method.KVMethod`) that builds the first and swaps
@@ -23,32 +23,74 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DummyLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer
 
+from ..models.layer_kinds import policy_problems
 from ..models.loading import kv_shape
 from .hooks import attached_methods
 from .method import KVMethod, attach_all
 from .policy import PolicyError, SharingPolicy
 
 
-class SharedLayer(DummyLayer):
-    """Cache layer of a layer that reads ``source``'s K/V and stores none of its own."""
+class ReturnedKV:
+    """Stands in for a source cache layer's ``update`` (an instance attribute, so the layer's class is
+    untouched): calls it and keeps what it *returned* to the source's own attention in this forward.
+
+    That is what a sharer must attend over — not what the layer *stores*: a sliding-window layer returns
+    every token of the forward but keeps only its last ``window - 1``; a quantized one returns full precision
+    but stores codes; an offloaded one returns the on-device tensors and moves its store to the CPU. For a
+    plain layer the returned tensors *are* the stored ones, so nothing extra is held. ``clear()`` (after every
+    decoder forward) drops the reference, so nothing lingers between forwards either."""
+
+    def __init__(self, layer):
+        self.update = layer.update  # the layer's own (bound) update
+        self.kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, key_states, value_states, *args, **kwargs):
+        self.kv = self.update(key_states, value_states, *args, **kwargs)
+        return self.kv
+
+    def clear(self) -> None:
+        self.kv = None
+
+
+def returned_kv(layer) -> ReturnedKV:
+    """The ``ReturnedKV`` of cache layer ``layer`` (installed on first use)."""
+    tap = layer.__dict__.get("update")
+    if not isinstance(tap, ReturnedKV):
+        tap = layer.update = ReturnedKV(layer)
+    return tap
+
+
+class SharedLayer(DummyLayer, CacheLayerMixin):
+    """Cache layer of a layer that reads ``source``'s K/V and stores none of its own.
+
+    A ``DummyLayer`` (stores nothing: offloading and early initialisation skip it) that is also an attention
+    cache layer (``CacheLayerMixin``): ``cache.get_seq_length(i)`` / ``get_mask_sizes(..., i)`` answer for it
+    (Llama 4 asks its own layer), with its source's numbers."""
 
     def __init__(self, source, source_idx: int):
         super().__init__()
-        self.source = source
         self.source_idx = source_idx
+        self.connect(source)
+
+    def connect(self, source) -> None:
+        """Read ``source`` (the source layer's cache layer as finally wired: assembly calls this again after
+        every method has built its layers)."""
+        self.source = source
         self.is_sliding = getattr(source, "is_sliding", False)
+        self._tap = returned_kv(source)
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        """Nothing to allocate: the K/V are the source's."""
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if not self.source.is_initialized or self.source.keys is None:
+        kv = self._tap.kv
+        if kv is None:
             raise RuntimeError(
-                f"shared cache layer reads layer {self.source_idx}, which has not stored K/V yet in this forward"
+                f"shared cache layer reads layer {self.source_idx}, which has returned no K/V yet in this forward"
             )
-        # A source that does not hold its full K/V as plain tensors (quantized, merged) says what it
-        # returned to its own attention in this forward; a plain DynamicLayer just has them.
-        shared_kv = getattr(self.source, "shared_kv", None)
-        keys, values = shared_kv() if shared_kv is not None else (self.source.keys, self.source.values)
+        keys, values = kv
         if key_states is None:
             return keys, values
         # a model spread over GPUs (device_map="auto") may hold the source layer on another GPU
@@ -67,8 +109,71 @@ class SharedLayer(DummyLayer):
         return f"SharedLayer(source={self.source_idx})"
 
 
+class SharedAttentionOfHybrid:
+    """Mixin over a hybrid cache layer (attention + a Mamba / linear-attention state in one object: Falcon-H1,
+    Zamba2's hybrid blocks): the attention part reads the source like a ``SharedLayer`` and stores nothing;
+    the recurrent state stays this layer's own (``get_conv_state`` & co. are the original class's)."""
+
+    _linear = None  # the recurrent-state half's class, set by ``shared_hybrid``
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return SharedLayer.update(self, key_states, value_states, *args, **kwargs)
+
+    connect = SharedLayer.connect
+    get_seq_length = SharedLayer.get_seq_length
+    get_mask_sizes = SharedLayer.get_mask_sizes
+    get_max_length = SharedLayer.get_max_length
+
+    # the attention half holds nothing: only the recurrent half moves, crops and reorders
+    def offload(self):
+        self._linear.offload(self)
+
+    def prefetch(self):
+        self._linear.prefetch(self)
+
+    def reset(self):
+        self._linear.reset(self)
+
+    def crop(self, tokens_to_remove: int):
+        self._linear.crop(self, tokens_to_remove)
+
+    def reorder_cache(self, beam_idx):
+        self._linear.reorder_cache(self, beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int):
+        self._linear.batch_repeat_interleave(self, repeats)
+
+    def batch_select_indices(self, indices):
+        self._linear.batch_select_indices(self, indices)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(source={self.source_idx})"
+
+
+def shared_hybrid(layer, source, source_idx: int):
+    """``layer`` (a hybrid cache layer, still empty) turned into one whose attention reads ``source``."""
+    from transformers.cache_utils import LinearAttentionLayer
+
+    cls = type(layer)
+    shared_cls = type(f"Shared{cls.__name__}", (SharedAttentionOfHybrid, cls), {"_linear": LinearAttentionLayer})
+    shared = shared_cls.__new__(shared_cls)
+    shared.__dict__.update(layer.__dict__)
+    shared.keys = shared.values = None
+    shared.is_initialized = False
+    shared.source_idx = source_idx
+    shared.connect(source)
+    return shared
+
+
+def is_hybrid(layer) -> bool:
+    """A cache layer holding both attention K/V and a recurrent (Mamba / linear-attention) state."""
+    from transformers.cache_utils import CacheLayerMixin, LinearAttentionCacheLayerMixin
+
+    return isinstance(layer, LinearAttentionCacheLayerMixin) and isinstance(layer, CacheLayerMixin)
+
+
 class SkippedProjection(nn.Module):
-    """Replaces a shared layer's k/v projection: zeros expanded to the output shape, no compute."""
+    """Replaces a shared layer's k/v projection: a zero row expanded to the output shape, no compute."""
 
     def __init__(self, original: nn.Linear):
         super().__init__()
@@ -77,7 +182,9 @@ class SkippedProjection(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        return hidden_states.new_zeros(()).expand(*hidden_states.shape[:-1], self.out_features)
+        # one row of zeros, expanded (no matmul; out_features numbers allocated): its last dimension has stride 1,
+        # which code viewing it as complex numbers for RoPE needs (Llama 4)
+        return hidden_states.new_zeros(self.out_features).expand(*hidden_states.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"out_features={self.out_features} (skipped: this layer reads another layer's KV)"
@@ -133,6 +240,9 @@ class KVSharing(KVMethod):
                 f"invalid sharing map: it has {policy.n_layers} entries but {type(model).__name__} has "
                 f"{self.parts.n_layers} decoder layers"
             )
+        problems = policy_problems(policy.map, self.parts.kinds)
+        if problems:
+            raise PolicyError(f"{type(model).__name__} cannot follow this sharing map: " + "; ".join(problems))
         self.policy = policy
         self._originals: dict[tuple[int, str], nn.Module] = {}
 
@@ -144,12 +254,18 @@ class KVSharing(KVMethod):
         src = self.policy.map[i]
         if src == i:
             return layers[i]
-        if getattr(layers[i], "is_sliding", False) != getattr(layers[src], "is_sliding", False):
-            raise PolicyError(
-                f"layer {i} and its source {src} use different attention windows (sliding vs full); "
-                "their caches cannot be shared"
-            )
+        if is_hybrid(layers[i]):  # attention + recurrent state in one layer: only the attention part shares
+            return shared_hybrid(layers[i], layers[src], src)
         return SharedLayer(layers[src], src)
+
+    def end_forward(self, cache, output, kwargs) -> None:
+        """Drop what the sources returned in this forward (a sliding window's full K/V, a dequantized copy)."""
+        if cache is None:
+            return
+        for layer in cache.layers:
+            tap = layer.__dict__.get("update")
+            if isinstance(tap, ReturnedKV):
+                tap.clear()
 
     def on_attach(self) -> None:
         for layer in self.policy.shared_layers:

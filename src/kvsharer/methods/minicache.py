@@ -78,6 +78,7 @@ from torch import nn
 from transformers.cache_utils import CacheLayerMixin
 
 from ..cache.method import KVMethod
+from ..models.layer_kinds import compatible, pair_problem
 from ..models.loading import kv_shape
 
 PAPER_T = 0.6  # interpolation parameter, the paper's default
@@ -405,8 +406,10 @@ class MiniCachePartner(CacheLayerMixin):
 # ---------------------------------------------------------------------------------------------
 
 
-def pairs_for_rate(rate: float, n_layers: int) -> list[tuple[int, int]]:
-    """``round(rate · L)`` adjacent pairs from the deepest layers up: ``(L−2, L−1), (L−4, L−3), …``."""
+def pairs_for_rate(rate: float, n_layers: int, kinds=None) -> list[tuple[int, int]]:
+    """``round(rate · L)`` adjacent pairs from the deepest layers up: ``(L−2, L−1), (L−4, L−3), …``; with
+    ``kinds`` (each layer's attention kind, :mod:`kvsharer.models.layer_kinds`) only pairs of one kind, the
+    deepest first (a pair across kinds is skipped: the walk moves up one layer)."""
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate):
         raise ValueError(f"MiniCache rate must be a number (fraction of layers' KV saved); got {rate!r}")
     n_pairs = math.floor(rate * n_layers + 0.5)
@@ -421,7 +424,19 @@ def pairs_for_rate(rate: float, n_layers: int) -> list[tuple[int, int]]:
             f"most {n_layers // 2} disjoint pairs (rate <= {(n_layers // 2) / n_layers:.4g}); the paper merges "
             f"from the middle layer down, i.e. rate 0.25, and rates up to 0.25 stay in the deeper half"
         )
-    return sorted((n_layers - 2 * k - 2, n_layers - 2 * k - 1) for k in range(n_pairs))
+    if kinds is None:
+        return sorted((n_layers - 2 * k - 2, n_layers - 2 * k - 1) for k in range(n_pairs))
+    pairs, low = [], n_layers - 2
+    while low >= 0 and len(pairs) < n_pairs:
+        if compatible(kinds, low + 1, low):
+            pairs.append((low, low + 1))
+            low -= 2
+        else:
+            low -= 1
+    if len(pairs) < n_pairs:
+        raise ValueError(f"MiniCache rate {rate:g} needs {n_pairs} adjacent layer pairs of one attention kind; "
+                         f"this model has {len(pairs)}")
+    return sorted(pairs)
 
 
 def validate_pairs(pairs: Sequence[Sequence[int]], n_layers: int) -> list[tuple[int, int]]:
@@ -500,7 +515,11 @@ class MiniCache(KVMethod):
         if (rate is None) == (pairs is None):
             raise ValueError("MiniCache takes either a rate or explicit pairs=[(l, l + 1), ...], not both or neither")
         n_layers = self.parts.n_layers
-        self.pairs = pairs_for_rate(rate, n_layers) if pairs is None else validate_pairs(pairs, n_layers)
+        kinds = self.parts.kinds
+        self.pairs = pairs_for_rate(rate, n_layers, kinds) if pairs is None else validate_pairs(pairs, n_layers)
+        problems = [p for a, b in self.pairs for p in [pair_problem(kinds, b, a)] if p]
+        if problems:
+            raise ValueError("MiniCache cannot merge these pairs: " + "; ".join(problems))
         self.rate = len(self.pairs) / n_layers if rate is None else float(rate)
 
     @classmethod

@@ -9,9 +9,9 @@
 
 ``KVQuantization`` is a :class:`~kvsharer.cache.method.KVMethod`: every layer that *stores* K/V holds a
 ``QuantizedKVLayer`` in whatever ``DynamicCache`` the forward gets (or the one the hooks create). With a
-sharing policy, sharers keep their ``SharedLayer``, which asks the source for what it returned to its own
-attention (``shared_kv()``); they store nothing. At the end of every decoder forward (``end_forward``) the
-layers drop those returned tensors, so no full-precision copy of the cache lingers between decoding steps.
+sharing policy, sharers keep their ``SharedLayer``, which reads what the source's ``update`` returned to its
+own attention in this forward (full precision); they store nothing. KV sharing drops those returned tensors at
+the end of every decoder forward, so no full-precision copy of the cache lingers between decoding steps.
 
 The scheme (our own, ~40 lines of torch — see "Why not HQQ" below)
 -------------------------------------------------------------------
@@ -180,7 +180,7 @@ class QuantizedKVLayer(DynamicLayer):
     """Cache of one storing layer: a quantized store + a full-precision window of the last tokens.
 
     ``keys``/``values`` are the window ``[B, H, min(S, residual), D]``; ``qkeys``/``qvalues`` the
-    quantized older tokens. ``shared_kv()`` is what ``update`` returned in the current forward.
+    quantized older tokens.
     """
 
     is_croppable = False  # crop works, but tokens flushed into the store stay quantized: not traceless
@@ -193,7 +193,6 @@ class QuantizedKVLayer(DynamicLayer):
         self.is_sliding = is_sliding  # kept for KV sharing's check; the window itself comes from the mask
         self.qkeys: Quantized | None = None
         self.qvalues: Quantized | None = None
-        self._returned: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # cache API ---------------------------------------------------------------------------------
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -217,23 +216,10 @@ class QuantizedKVLayer(DynamicLayer):
             window_k = window_k[..., overflow:, :].clone()  # clone: a view would keep all of window_k alive
             window_v = window_v[..., overflow:, :].clone()
         self.keys, self.values = window_k, window_v
-        self._returned = (keys, values)
         return keys, values
 
     def _dequantize(self, q: Quantized) -> torch.Tensor:
         return dequantize(q, self.bits, self.group_size, self.dtype)
-
-    def shared_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """What ``update`` returned to this layer's attention in the current forward (for sharers)."""
-        if self._returned is None:
-            raise RuntimeError(
-                f"quantized cache layer {self.layer_idx} has returned no K/V in this forward "
-                "(they are kept only while the decoder forward runs)"
-            )
-        return self._returned
-
-    def end_of_forward(self) -> None:
-        self._returned = None
 
     def get_seq_length(self) -> int:
         if not self.is_initialized:
@@ -263,7 +249,6 @@ class QuantizedKVLayer(DynamicLayer):
             return
         self.keys, self.values = fn(self.keys), fn(self.values)
         self.qkeys, self.qvalues = self.qkeys.map(fn), self.qvalues.map(fn)
-        self._returned = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -294,11 +279,10 @@ class QuantizedKVLayer(DynamicLayer):
         self.values = self.values[..., : self.values.shape[-2] - from_window, :].clone()
         self.qkeys = self.qkeys.map(lambda t: t[..., :keep_q, :].clone())
         self.qvalues = self.qvalues.map(lambda t: t[..., :keep_q, :].clone())
-        self._returned = None
 
     def reset(self) -> None:
         super().reset()
-        self.qkeys = self.qvalues = self._returned = None
+        self.qkeys = self.qvalues = None
 
     def __repr__(self) -> str:
         return (f"QuantizedKVLayer(layer={self.layer_idx}, bits={self.bits}, group_size={self.group_size}, "
@@ -328,13 +312,8 @@ class KVQuantization(KVMethod):
 
     def build_layer(self, i: int, layers):
         if source_of(layers, i) != i:
-            return layers[i]  # a sharer asks its source for what it returned (shared_kv)
+            return layers[i]  # a sharer reads what its source's update returned
         return QuantizedKVLayer(self.bits, self.group_size, self.residual, i, getattr(layers[i], "is_sliding", False))
-
-    def end_forward(self, cache, output, kwargs) -> None:
-        for layer in getattr(cache, "layers", ()):
-            if isinstance(layer, QuantizedKVLayer):
-                layer.end_of_forward()  # no full-precision copy lingers between steps
 
 
 def quantize_kv(model: nn.Module, bits: int, *, group_size: int = 32, residual: int = 32,

@@ -4,8 +4,8 @@ No per-model table for the standard transformers layout: the decoder is ``model.
 layers are the ``nn.ModuleList`` with ``num_hidden_layers`` entries, and a layer's attention is the
 sub-module that owns separate ``k_proj``/``v_proj`` projections and a ``layer_idx`` (which is how it
 talks to the transformers Cache API). Architectures that compute Q, K and V with one fused projection
-need a ``FusedQKVAdapter`` registered in ``FUSED_QKV_ADAPTERS`` under the model class name (InternLM2 has
-one); without one they get an error naming what is missing.
+need a ``FusedQKVAdapter`` registered in ``FUSED_QKV_ADAPTERS`` under the model class name
+(``kvsharer.models.fused_qkv``: their layouts as data); without one they get an error naming what is missing.
 """
 
 from __future__ import annotations
@@ -16,18 +16,18 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # model sources (hub id, folder, embedded:<name>, random:<shape>) are checked torch-free in kvsharer.models.sources
+from .layer_kinds import LATENT, UNKNOWN, LayerKind, layer_kinds, unsupported  # noqa: E402
 from .sources import (DEFAULT_MODEL, EMBEDDED_MODELS, EMBEDDED_PREFIX, ModelError, check_source,  # noqa: E402,F401
                       embedded_gguf)
 
-# Projection names that mean "Q, K and V are one matrix" (cannot skip K/V without an adapter).
-FUSED_QKV_NAMES = ("qkv_proj", "wqkv", "c_attn", "query_key_value", "Wqkv", "W_pack")
+# fused-QKV layouts, their Q-only stand-ins and the adapter registry live in kvsharer.models.fused_qkv
+from .fused_qkv import (FUSED_QKV_ADAPTERS, FUSED_QKV_NAMES, FUSED_QKV_REFUSED, FusedQKVAdapter,  # noqa: E402,F401
+                        GroupedQOnlyProjection, InternLM2Adapter, QOnlyProjection)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -36,119 +36,17 @@ class UnsupportedArchitecture(ValueError):
     """A model whose layout the KV-sharing mechanism cannot handle."""
 
 
-# ----------------------------------------------------------------------------------------------
-# Fused-QKV adapters
-# ----------------------------------------------------------------------------------------------
-
-
-class FusedQKVAdapter:
-    """How to stop a shared layer from computing K/V when Q, K and V come from one fused projection.
-
-    Built once per model from its (text) config. For a layer that reads another layer's K/V, KV sharing
-    replaces ``attention.<projection>`` by ``skip_kv(attention)`` — a module with the same output shape
-    that computes only the Q part — and puts the original back on detach. Whatever the stand-in writes
-    into the K/V part never reaches attention, because the layer's cache returns the source's K/V.
-    Subclasses set ``projection`` and implement ``skip_kv`` (and ``check`` for a helpful refusal).
-    """
-
-    projection: str  # attribute name of the fused projection on the attention module
-
-    def __init__(self, config):
-        self.config = config
-
-    def check(self, attention: nn.Module, idx: int) -> None:
-        """Raise ``UnsupportedArchitecture`` when ``attention`` does not have the layout this adapter expects."""
-
-    def skip_kv(self, attention: nn.Module) -> nn.Module:
-        raise NotImplementedError
-
-
-class GroupedQOnlyProjection(nn.Module):
-    """Stands in for a fused QKV Linear whose rows are grouped per KV head: ``[kv_heads, groups + 2, head_dim]``
-    (the ``groups`` query heads of a KV head, then its key, then its value).
-
-    Computes only the query rows — one matmul per KV head on a contiguous row block of the original
-    weight (a view: no weight is copied) — and writes zeros into the K/V slots, so the output has the
-    original shape and layout. It holds the original ``weight``/``bias`` under the same names, so the
-    model's ``state_dict`` is unchanged while sharing is attached.
-    """
-
-    def __init__(self, original: nn.Linear, kv_heads: int, groups: int, head_dim: int):
-        super().__init__()
-        self.weight = original.weight
-        self.bias = original.bias
-        self.in_features, self.out_features = original.in_features, original.out_features
-        self.kv_heads, self.groups, self.head_dim = kv_heads, groups, head_dim
-        self.calls = 0  # how often it stood in for the real projection (tests read it)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        h, g, d = self.kv_heads, self.groups, self.head_dim
-        out = hidden_states.new_empty(*hidden_states.shape[:-1], h, g + 2, d)
-        out[..., g:, :] = 0  # the K and V slots: never read (the cache returns the source's K/V)
-        block = (g + 2) * d  # rows of one KV head's group in the fused weight
-        for head in range(h):
-            rows = slice(head * block, head * block + g * d)  # its query rows: contiguous
-            bias = None if self.bias is None else self.bias[rows]
-            out[..., head, :g, :] = F.linear(hidden_states, self.weight[rows], bias).unflatten(-1, (g, d))
-        return out.flatten(-3)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, kv_heads={self.kv_heads}, "
-                f"groups={self.groups}, head_dim={self.head_dim} (only Q: this layer reads another layer's KV)")
-
-
-class InternLM2Adapter(FusedQKVAdapter):
-    """InternLM2 (remote code ``modeling_internlm2.py``): one Linear ``attention.wqkv``, rows grouped per KV head.
-
-    Layout, from InternLM's own sources: ``InternLM2Attention.forward`` rearranges the ``wqkv`` output
-    ``"b q (h gs d) -> b q h gs d"`` with ``gs = 2 + num_key_value_groups``, takes
-    ``qkv_states[..., :num_key_value_groups, :]`` as the query heads of each group, ``[..., -2, :]`` as
-    the key and ``[..., -1, :]`` as the value; ``tools/convert2llama.py`` in github.com/InternLM/InternLM
-    splits the weight the same way (``'(h gs d) dim -> h gs d dim'``, then ``torch.split(v,
-    [num_key_value_groups, 1, 1], dim=1)``). ``wqkv`` has a bias when ``config.bias`` is set. Recent
-    versions of ``modeling_internlm2.py`` (those that import ``transformers.cache_utils.Cache``) store
-    K/V with ``past_key_value.update(key_states, value_states, self.layer_idx, cache_kwargs)``, which is
-    where a shared layer gets its source's K/V; older versions concatenate tuples and cannot share.
-    """
-
-    projection = "wqkv"
-
-    def __init__(self, config):
-        super().__init__(config)
-        heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        self.head_dim = config.hidden_size // heads
-        self.groups = heads // self.kv_heads
-
-    def check(self, attention: nn.Module, idx: int) -> None:
-        wqkv = getattr(attention, self.projection)
-        expected = self.kv_heads * (self.groups + 2) * self.head_dim
-        if not isinstance(wqkv, nn.Linear) or wqkv.out_features != expected:
-            raise UnsupportedArchitecture(
-                f"layer {idx}: {type(attention).__name__}.{self.projection} is not a Linear with {expected} outputs "
-                f"({self.kv_heads} KV heads x ({self.groups} query heads + K + V) x {self.head_dim}); "
-                "the InternLM2 adapter does not know this layout"
-            )
-
-    def skip_kv(self, attention: nn.Module) -> nn.Module:
-        return GroupedQOnlyProjection(getattr(attention, self.projection), self.kv_heads, self.groups, self.head_dim)
-
-
-# model class name -> adapter class (built with the model's text config). Register a new fused layout here.
-FUSED_QKV_ADAPTERS: dict[str, Callable[[object], FusedQKVAdapter]] = {"InternLM2ForCausalLM": InternLM2Adapter}
-
-
 @dataclass
 class ModelParts:
     """Where the pieces KV sharing touches live inside a loaded model."""
 
     decoder: nn.Module  # the module whose forward runs the layer loop and builds the cache
     layers: nn.ModuleList  # decoder layers, in order
-    attentions: list[nn.Module]  # attention module of each layer
+    attentions: list[nn.Module | None]  # attention module of each layer (None: a layer with no K/V)
     k_name: str | None  # separate K/V projections (None with a fused-QKV adapter)
     v_name: str | None
     fused: FusedQKVAdapter | None = None  # the adapter of a fused-QKV architecture
+    kinds: list[LayerKind] | None = None  # each layer's attention kind (kvsharer.models.layer_kinds)
 
     @property
     def n_layers(self) -> int:
@@ -158,7 +56,7 @@ class ModelParts:
     def native_attention(self) -> bool:
         """Whether attention is transformers' own code (and so dispatches through its attention-function
         registry, which the token-level methods of ``kvsharer.methods.intra`` plug into); False for remote code."""
-        return all(type(a).__module__.startswith("transformers.") for a in self.attentions)
+        return all(type(a).__module__.startswith("transformers.") for a in self.attentions if a is not None)
 
 
 def text_config(model_or_config):
@@ -175,16 +73,29 @@ def find_parts(model: nn.Module) -> ModelParts:
     if n_layers is None:
         raise UnsupportedArchitecture(f"{cls}: the config has no num_hidden_layers, so decoder layers cannot be found")
     layer_lists = [m for m in decoder.children() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    if not layer_lists:  # get_decoder() did not reach the layer loop (Llama 4): the one module holding the list
+        holders = [m for m in model.modules()
+                   if any(isinstance(c, nn.ModuleList) and len(c) == n_layers for c in m.children())]
+        if len(holders) == 1:
+            decoder = holders[0]
+            layer_lists = [m for m in decoder.children() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
     if len(layer_lists) != 1:
         raise UnsupportedArchitecture(
             f"{cls}: expected exactly one nn.ModuleList of {n_layers} decoder layers directly under "
             f"{type(decoder).__name__}, found {len(layer_lists)}"
         )
     layers = layer_lists[0]
+    kinds = layer_kinds(config)
+    refused = next((k for k in kinds if k.kind in (LATENT, UNKNOWN)), None)
+    if refused is not None:
+        raise UnsupportedArchitecture(f"{cls}: {unsupported(kinds)}")
     factory = FUSED_QKV_ADAPTERS.get(cls)
     adapter = factory(config) if factory is not None else None
     attentions = []
     for idx, layer in enumerate(layers):
+        if not kinds[idx].has_kv:  # a Mamba / linear-attention / MLP-only layer: nothing of it is shared
+            attentions.append(None)
+            continue
         attn = _find_attention(model, layer, idx, adapter)
         if getattr(attn, "layer_idx", idx) != idx:
             raise UnsupportedArchitecture(
@@ -194,8 +105,9 @@ def find_parts(model: nn.Module) -> ModelParts:
         attentions.append(attn)
     if adapter is not None:
         return ModelParts(decoder=decoder, layers=layers, attentions=attentions, k_name=None, v_name=None,
-                          fused=adapter)
-    return ModelParts(decoder=decoder, layers=layers, attentions=attentions, k_name="k_proj", v_name="v_proj")
+                          fused=adapter, kinds=kinds)
+    return ModelParts(decoder=decoder, layers=layers, attentions=attentions, k_name="k_proj", v_name="v_proj",
+                      kinds=kinds)
 
 
 def _find_attention(model: nn.Module, layer: nn.Module, idx: int, adapter: FusedQKVAdapter | None) -> nn.Module:
@@ -204,7 +116,9 @@ def _find_attention(model: nn.Module, layer: nn.Module, idx: int, adapter: Fused
         for _, module in layer.named_modules():
             if isinstance(getattr(module, adapter.projection, None), nn.Module):
                 _check_cache_api(cls, module, idx)
-                adapter.check(module, idx)
+                problem = adapter.problem(module)
+                if problem is not None:
+                    raise UnsupportedArchitecture(f"{cls}: layer {idx}: {problem}")
                 return module
         raise UnsupportedArchitecture(
             f"{cls}: layer {idx} ({type(layer).__name__}) has no attention module with the fused projection "
@@ -220,7 +134,8 @@ def _find_attention(model: nn.Module, layer: nn.Module, idx: int, adapter: Fused
             raise UnsupportedArchitecture(
                 f"{cls}: layer {idx} computes Q, K and V with one fused projection '{fused[0]}' "
                 f"({type(module).__name__}); KV sharing needs separate k_proj/v_proj or a fused-QKV adapter, "
-                f"and no adapter is registered for {cls} in kvsharer.models.loading.FUSED_QKV_ADAPTERS"
+                f"and no adapter is registered for {cls} in kvsharer.models.fused_qkv.FUSED_QKV_ADAPTERS"
+                + (f": {FUSED_QKV_REFUSED[cls]}" if cls in FUSED_QKV_REFUSED else "")
             )
     raise UnsupportedArchitecture(
         f"{cls}: layer {idx} ({type(layer).__name__}) has no attention module with k_proj/v_proj projections"

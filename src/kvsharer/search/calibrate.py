@@ -20,9 +20,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from tqdm import tqdm
-from transformers.cache_utils import DynamicCache
-
+from ..cache.prefill import prefill_cache
 from ..models.loading import find_parts
+
+
+def _per_layer(tensors: list, kinds) -> torch.Tensor:
+    """[L, kv_heads, T, head_dim]: each layer's K (or V) summed over the batch, fp32 on the CPU; a layer with no
+    K/V (Mamba / linear attention: it never shares) gets zeros, so the distances keep one row per layer."""
+    shapes = {tuple(t.shape[1:]) for t, kind in zip(tensors, kinds) if kind.has_kv}
+    if len(shapes) != 1:
+        raise ValueError(f"the attention layers' K/V have different shapes {sorted(shapes)}: calibration "
+                         "needs one [kv_heads, T, head_dim] for every layer")
+    (shape,) = shapes
+    return torch.stack([t.float().sum(0).cpu() if kind.has_kv else torch.zeros(shape)
+                        for t, kind in zip(tensors, kinds)])
 
 
 @torch.inference_mode()
@@ -35,12 +46,12 @@ def collect(model, input_ids: torch.Tensor, batch_size: int | None = None) -> di
     for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="calibrate", unit="batch", leave=False):
         batch = input_ids[start : start + batch_size].to(model.device)
         # an explicit cache: remote code (InternLM2) would otherwise build one through the legacy-cache
-        # API that transformers 5 removed
-        out = parts.decoder(input_ids=batch, past_key_values=DynamicCache(config=model.config), use_cache=True)
+        # API that transformers 5 removed; sliding layers keep every token (kvsharer.cache.prefill)
+        out = parts.decoder(input_ids=batch, past_key_values=prefill_cache(model.config), use_cache=True)
         cache = out.past_key_values
         # (on CPU: a model spread over GPUs holds its layers' caches on different devices)
-        keys = torch.stack([layer.keys.float().sum(0).cpu() for layer in cache.layers[: parts.n_layers]])
-        values = torch.stack([layer.values.float().sum(0).cpu() for layer in cache.layers[: parts.n_layers]])
+        keys = _per_layer([layer.keys for layer in cache.layers[: parts.n_layers]], parts.kinds)
+        values = _per_layer([layer.values for layer in cache.layers[: parts.n_layers]], parts.kinds)
         key_sum = keys if key_sum is None else key_sum + keys
         value_sum = values if value_sum is None else value_sum + values
         hidden.append(out.last_hidden_state.float().cpu())

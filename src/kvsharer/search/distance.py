@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from ..models.layer_kinds import LayerKind, compatible
 from ..names import RANKED_ORDERS
 
 Metric = Callable[[torch.Tensor], torch.Tensor]  # [L, H, T, D] -> [L, L]
@@ -61,16 +62,19 @@ def layer_distances(keys: torch.Tensor, values: torch.Tensor, metric: str = "euc
     return dist
 
 
-def rank_pairs(dist: torch.Tensor, order: str = "dissimilar", seed: int = 0) -> list[tuple[int, int, float]]:
+def rank_pairs(dist: torch.Tensor, order: str = "dissimilar", seed: int = 0,
+               kinds: list[LayerKind] | None = None) -> list[tuple[int, int, float]]:
     """All pairs (i, j) with i > j — layer i would reuse layer j's KV — as (i, j, distance), in search order.
 
     ``dissimilar``: distance descending (the paper); ``similar``: ascending; ``random``: a seeded shuffle.
-    Ties break by (i, j) so the order is deterministic.
+    Ties break by (i, j) so the order is deterministic. ``kinds`` (each layer's attention kind): only pairs of
+    the same kind (full with full, sliding with sliding of the same window; layers without K/V in none).
     """
     if order not in RANKED_ORDERS:
         raise ValueError(f"pair order {order!r} is not a ranking; choose one of {', '.join(RANKED_ORDERS)}")
     n = dist.shape[0]
-    pairs = [(i, j, float(dist[i, j])) for i in range(1, n) for j in range(i)]
+    pairs = [(i, j, float(dist[i, j])) for i in range(1, n) for j in range(i)
+             if kinds is None or compatible(kinds, i, j)]
     pairs.sort(key=lambda p: (p[0], p[1]))
     if order == "dissimilar":
         pairs.sort(key=lambda p: -p[2])

@@ -49,6 +49,7 @@ from tqdm import tqdm
 from .distance import layer_distances, rank_pairs
 from .measured import OutputLoss, measured_search
 from ..names import MEASURED_ORDERS
+from ..cache.prefill import prefill_cache
 from ..models.loading import find_parts
 from ..cache.policy import SharingPolicy, resolve_chains
 from ..cache.sharing import share_kv
@@ -177,7 +178,7 @@ class FastEvaluator:
         n_layers, layers = self.parts.n_layers, self.parts.layers
         originals = list(layers)
         captured: dict[int, list[torch.Tensor]] = {k: [] for k in range(first, n_layers)}
-        kv: dict[int, list] = {k: [] for k in range(first, n_layers) if share_map[k] == k}
+        kv: dict[int, list] = {k: [] for k in range(first, n_layers) if share_map[k] == k and self.parts.kinds[k].has_kv}
         hooks = []
         if keep:
             for k in range(first, n_layers):
@@ -190,7 +191,8 @@ class FastEvaluator:
                     for k in range(first):  # shortcut 3: replay the layers before the first change
                         layers[k] = _Replay(k, self.outputs[k][rows], (self.kv[k][0][rows], self.kv[k][1][rows]) if self.kv[k] else None,
                                             self.tuple_outputs)
-                    out = self.parts.decoder(input_ids=self.input_ids[rows].to(self.model.device), use_cache=True)  # shortcut 4
+                    out = self.parts.decoder(input_ids=self.input_ids[rows].to(self.model.device), use_cache=True,
+                                             past_key_values=prefill_cache(self.model.config))  # shortcut 4
                     last.append(out.last_hidden_state)
                     if keep:
                         for k in kv:
@@ -283,11 +285,11 @@ def plain_run(model, input_ids: torch.Tensor, batch_size: int | None = None) -> 
 def unpack_plain_run(tensors: dict[str, torch.Tensor]) -> tuple[list, list, bool]:
     """(outputs, kv, tuple_outputs) per layer from :func:`plain_run`'s tensors (as read back from its file)."""
     n_layers = sum(1 for name in tensors if name.startswith("output."))
-    missing = [k for k in range(n_layers) if f"keys.{k}" not in tensors or f"values.{k}" not in tensors]
-    if not n_layers or missing:
-        raise ValueError(f"not a plain run: {n_layers} layer outputs, K/V missing for layers {missing}")
+    stored = [k for k in range(n_layers) if f"keys.{k}" in tensors and f"values.{k}" in tensors]
+    if not n_layers or not stored:  # layers without K/V (Mamba / linear attention) have none
+        raise ValueError(f"not a plain run: {n_layers} layer outputs, K/V for {len(stored)} layers")
     return ([tensors[f"output.{k}"] for k in range(n_layers)],
-            [(tensors[f"keys.{k}"], tensors[f"values.{k}"]) for k in range(n_layers)],
+            [(tensors[f"keys.{k}"], tensors[f"values.{k}"]) if k in stored else None for k in range(n_layers)],
             bool(tensors["tuple_outputs"].item()) if "tuple_outputs" in tensors else False)
 
 
@@ -404,9 +406,9 @@ def run_search(model, stats: dict, settings: SearchSettings, journal: Journal | 
         result = measured_search(dist, settings.target, settings.threshold, evaluator,
                                  OutputLoss(model, stats["reference_hidden"]), MEASURED_ORDERS[settings.order],
                                  settings.sources, settings.refresh, journal, progress,
-                                 settings.max_candidates, settings.screen)
+                                 settings.max_candidates, settings.screen, evaluator.parts.kinds)
         return _costs(result, began, evaluator, dist.shape[0])
-    ranked = rank_pairs(dist, settings.order, settings.seed)
+    ranked = rank_pairs(dist, settings.order, settings.seed, find_parts(model).kinds)
     if settings.procedure == "official":
         evaluator = OfficialEvaluator(model, stats["input_ids"])
     elif settings.procedure == "fast":

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..cache.policy import resolve_chains
+from ..models.layer_kinds import LayerKind, compatible
 
 OBJECTIVES = ("kl", "cosine")
 
@@ -100,12 +101,14 @@ def loss_of(scores: dict[str, float], objective: str) -> float:
     return scores["kl"] if objective == "kl" else 1.0 - scores["cosine"]
 
 
-def candidate_pairs(accepted: list[int], dist: torch.Tensor, sources: int | None) -> list[tuple[int, int]]:
-    """(i, j) for every storing layer i and its ``sources`` nearest storing layers j < i, by (i, distance, j)."""
+def candidate_pairs(accepted: list[int], dist: torch.Tensor, sources: int | None,
+                    kinds: list[LayerKind] | None = None) -> list[tuple[int, int]]:
+    """(i, j) for every storing layer i and its ``sources`` nearest storing layers j < i of the same attention
+    kind (``kinds``, None: all layers alike), by (i, distance, j)."""
     storing = [k for k, s in enumerate(accepted) if s == k]
     pairs = []
     for i in storing:
-        near = sorted((float(dist[i, j]), j) for j in storing if j < i)
+        near = sorted((float(dist[i, j]), j) for j in storing if j < i and (kinds is None or compatible(kinds, i, j)))
         pairs += [(i, j) for _, j in (near if sources is None else near[:sources])]
     return pairs
 
@@ -123,6 +126,7 @@ def measured_search(
     progress: bool = True,
     max_candidates: int | None = None,
     screen: int | None = None,
+    kinds: list[LayerKind] | None = None,
 ) -> dict:
     """Greedy over measured candidates; returns map, completeness, trace and counts like ``greedy_search``.
 
@@ -164,7 +168,7 @@ def measured_search(
         return entry
 
     while sum(1 for k, s in enumerate(accepted) if s != k) < target:
-        pairs = candidate_pairs(accepted, dist, sources)
+        pairs = candidate_pairs(accepted, dist, sources, kinds)
         maps = {p: resolve_chains([p[1] if k == p[0] else s for k, s in enumerate(accepted)]) for p in pairs}
         if not pairs:
             stopped = "pairs exhausted"

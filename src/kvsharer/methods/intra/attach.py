@@ -64,11 +64,12 @@ class KVCompression(KVMethod):
     def on_attach(self) -> None:
         self._config_swaps = swap_attention(self.model, self.parts, ATTENTION_NAME)
         for attn in self.parts.attentions:
-            attn._kvsharer_intra = self
+            if attn is not None:
+                attn._kvsharer_intra = self
 
     def on_detach(self) -> None:
         for attn in self.parts.attentions:
-            if getattr(attn, "_kvsharer_intra", None) is self:
+            if attn is not None and getattr(attn, "_kvsharer_intra", None) is self:
                 del attn._kvsharer_intra
         restore_configs(self._config_swaps)
         self._config_swaps = []
