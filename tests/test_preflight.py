@@ -297,3 +297,27 @@ def test_a_cpu_run_holds_the_kv_cache_in_host_memory():
     assert not find(problems, "mem_mb 20000 is less")
     assert find(problems, "rule evaluate_longctx runs on CPU", "asks for 20000 MB")
     assert not find(problems, "rule profile")  # gpus: 0 is the config's own choice: the profile follows it
+
+
+def test_layer_kinds_are_checked_from_a_folders_config_before_any_job(tmp_path):
+    """A folder a researcher adds: multi-head latent attention is refused naming the family and why; a Gemma-3-like
+    mix (5 sliding : 1 full) has only so many layers with an earlier layer of their own kind, so a rate needing
+    more is refused; a rate within them passes."""
+    from transformers import DeepseekV3Config, Gemma3TextConfig
+
+    DeepseekV3Config(vocab_size=300, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16,
+                     q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4,
+                     num_experts_per_tok=2, max_position_embeddings=512).save_pretrained(tmp_path / "mla")
+    layer_types = (["sliding_attention"] * 5 + ["full_attention"]) * 2
+    Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=12, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16, sliding_window=32, layer_types=layer_types,
+                     max_position_embeddings=512).save_pretrained(tmp_path / "gemma")
+    config = {"models": {"mla": {"source": str(tmp_path / "mla")}, "gemma": {"source": str(tmp_path / "gemma")}},
+              "calibration": {"text": "embedded:pydoc"}, "search": {"rates": [0.5, 0.9]},
+              "evaluation": {"longctx": {"lengths": [128]}}}
+    found = pf.check_config(config)
+    assert find(found.problems, r"model 'mla'.*multi-head latent attention")
+    # 12 layers: 9 of the 10 sliding ones and 1 of the 2 full ones can share (10); rate 0.9 needs 11
+    assert find(found.problems, r"model 'gemma': sharing rate 0.9 needs 11 sharing layers, but only 10 of its 12")
+    assert not find(found.problems, r"model 'gemma': sharing rate 0.5")

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from . import jobs, method_registry
 from .cache import footprint
+from .models.layer_kinds import shareable_layers, unsupported
 from .models.shapes import Shape, architecture_of, shape_from_config
 from .models.sources import EMBEDDED_PREFIX, ModelError, check_source
 
@@ -78,6 +79,7 @@ class Findings:
 class ModelInfo:
     shape: Shape | None = None
     native_attention: bool = True  # transformers' own attention (token-level methods plug into it)
+    kinds: list | None = None  # each layer's attention kind, when read from the model's config (else the shape's)
     hub_id: str | None = None  # fetched from the hub by prepare-model
     problems: list[str] = field(default_factory=list)
     environment: list[str] = field(default_factory=list)
@@ -118,6 +120,7 @@ def _build(name: str, source: str, info: ModelInfo) -> None:
         info.problems.append(f"model {name!r}: cannot build {type(config).__name__} ({err})")
         return
     info.native_attention = parts.native_attention
+    info.kinds = parts.kinds
     if info.shape is None or info.shape.layers != parts.n_layers:
         window = getattr(text_config(config), "max_position_embeddings", None) or 0
         shape = info.shape or Shape(parts.n_layers, 0, 0, 1, 1, 0, window)
@@ -187,20 +190,34 @@ def check_cache_specs(specs, token_specs=()) -> tuple[list[str], list[str]]:
     return problems, good
 
 
-def check_depth(name: str, n_layers: int, rates, minicache_rates=()) -> list[str]:
+def check_depth(name: str, n_layers: int, rates, minicache_rates=(), kinds=None) -> list[str]:
+    """Rates the model's depth allows: round(rate × L) layers must be able to share (with ``kinds``, each
+    layer's attention kind: only layers with an earlier layer of their own kind can)."""
     problems = []
+    shareable = n_layers - 1 if kinds is None else len(shareable_layers(kinds))
     for rate in rates:
         if rate > (n_layers - 1) / n_layers or math.floor(rate * n_layers + 0.5) > n_layers - 1:
             problems.append(f"model {name!r}: sharing rate {rate} is impossible for its {n_layers} layers")
+        elif math.floor(rate * n_layers + 0.5) > shareable:
+            problems.append(f"model {name!r}: sharing rate {rate} needs {math.floor(rate * n_layers + 0.5)} sharing "
+                            f"layers, but only {shareable} of its {n_layers} layers have an earlier layer of the same "
+                            "attention kind (layers share only within full, sliding or chunked attention)")
     if minicache_rates:
         from .methods.minicache import pairs_for_rate
 
         for rate in minicache_rates:
             try:
-                pairs_for_rate(rate, n_layers)
+                pairs_for_rate(rate, n_layers, kinds)
             except ValueError as err:
                 problems.append(f"model {name!r}: {err}")
     return problems
+
+
+def check_kinds(name: str, shape: Shape, kinds) -> list[str]:
+    """A model none of whose layers can share (latent attention, unknown layer types, no K/V): one line, why."""
+    reason = unsupported(kinds) if kinds else None
+    family = shape.architecture or shape.family
+    return [f"model {name!r} ({family}) cannot share KV: {reason}"] if reason else []
 
 
 def check_windows(name: str, window: int, config: dict) -> list[str]:
@@ -368,7 +385,11 @@ def check_model(name: str, settings: dict, rates: list[float], lengths: list[int
     if problems or info.shape is None:
         return problems
     shape = info.shape
-    problems += check_depth(name, shape.layers, rates, minicache_rates)
+    kinds = info.kinds or shape.kinds()
+    problems += check_kinds(name, shape, kinds)
+    if problems:
+        return problems
+    problems += check_depth(name, shape.layers, rates, minicache_rates, kinds)
     own = _token_methods(methods)
     if own and not info.native_attention:
         problems.append(

@@ -41,6 +41,15 @@ class Shape:
     remote_code: bool = False  # modeling code from the hub repo (trust_remote_code), not transformers'
     packages: tuple[str, ...] = field(default=())  # Python packages its remote code / tokenizer import
     gated: bool = False  # the hub serves it only with an HF token whose user was granted access
+    layer_types: tuple[str, ...] | None = None  # config.json "layer_types" (None: every layer full attention)
+    sliding_window: int | None = None  # tokens a sliding layer attends over
+
+    def kinds(self):
+        """Each layer's attention kind (kvsharer.models.layer_kinds), from the shape alone."""
+        from .layer_kinds import layer_kinds
+
+        return layer_kinds({"num_hidden_layers": self.layers, "sliding_window": self.sliding_window,
+                            "layer_types": list(self.layer_types) if self.layer_types else None})
 
     @property
     def head_size(self) -> int:
@@ -165,6 +174,8 @@ def shape_from_config(data: dict) -> Shape | None:
             rope_theta=float(text.get("rope_theta") or 10000.0), head_dim=text.get("head_dim"),
             tied_embeddings=bool(data.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
             architecture=(data.get("architectures") or [""])[0], remote_code=bool(data.get("auto_map")),
+            layer_types=tuple(text["layer_types"]) if text.get("layer_types") else None,
+            sliding_window=text.get("sliding_window") if text.get("use_sliding_window", True) else None,
         )
     except (KeyError, TypeError, ValueError):
         return None
