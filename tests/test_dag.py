@@ -226,14 +226,14 @@ def test_preflight_refuses_bad_models_before_any_job(tmp_path, tiny_model_dir):
     assert "sharing rate 0.9 is impossible for its 8 layers" in out
     assert "passkey length 4096 + 8 answer tokens = 4104 exceeds its window of 512 tokens" in out
     assert not (tmp_path / "results").exists()
-    from transformers import Phi3Config  # fused qkv_proj: no adapter, refused by name
+    from transformers import ZayaConfig  # fused qkv_proj (a convolutional attention): no adapter, refused by name
 
-    Phi3Config(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, intermediate_size=128,
-               vocab_size=300, pad_token_id=0, eos_token_id=2, bos_token_id=1).save_pretrained(tmp_path / "phi3")
-    config["models"]["tiny"]["source"] = str(tmp_path / "phi3")
+    ZayaConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+               vocab_size=300, pad_token_id=0, eos_token_id=2, bos_token_id=1).save_pretrained(tmp_path / "zaya")
+    config["models"]["tiny"]["source"] = str(tmp_path / "zaya")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     out = snakemake(tmp_path, "-n", check=False).stdout
-    assert "fused projection 'qkv_proj'" in out and "no adapter is registered for Phi3ForCausalLM" in out
+    assert "fused projection 'qkv_proj'" in out and "no adapter is registered for ZayaForCausalLM" in out
 
 
 def test_paper_config_plans_offline():
