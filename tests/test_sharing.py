@@ -45,8 +45,9 @@ def test_two_of_eight_bytes_and_mechanism(family, tokens):
         for layer, src in TWO_OF_EIGHT.items():
             assert isinstance(cache.layers[layer], SharedLayer)
             assert cache.layers[layer].keys is None and cache.layers[layer].values is None
-            k, v = cache.layers[layer].update(None, None)
-            assert k is cache.layers[src].keys and v is cache.layers[src].values
+            assert cache.layers[layer].source is cache.layers[src]
+            with pytest.raises(RuntimeError, match="returned no K/V"):  # nothing of the forward kept after it
+                cache.layers[layer].update(None, None)
         # the shared layers' k/v projections are stand-ins that were called, never the real Linear
         projections = sharing.skipped_projections()
         assert len(projections) == 4 and all(isinstance(p, SkippedProjection) and p.calls == 1 for p in projections)
@@ -195,9 +196,10 @@ def test_fused_qkv_model_is_refused_with_what_is_missing(monkeypatch):
 def test_sliding_and_full_layers_cannot_share():
     model = make_tiny("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=4,
                       layer_types=["full_attention"] * 4 + ["sliding_attention"] * 4)
-    with share_kv(model, SharingPolicy.from_pairs(8, {5: 2})):
-        with pytest.raises(PolicyError, match="sliding vs full"):
-            model(torch.randint(3, VOCAB, (1, 6)))
+    # refused when attached, before any forward, naming both layers and their kinds
+    with pytest.raises(PolicyError, match=r"layer 5 \(sliding attention \(window 4\)\) cannot read layer 2 \(full attention\)"):
+        share_kv(model, SharingPolicy.from_pairs(8, {5: 2})).attach()
+    assert attached_methods(model) == []
 
 
 def test_policy_json_roundtrip(tmp_path):

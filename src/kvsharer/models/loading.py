@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 # model sources (hub id, folder, embedded:<name>, random:<shape>) are checked torch-free in kvsharer.models.sources
+from .layer_kinds import LATENT, UNKNOWN, LayerKind, layer_kinds, unsupported  # noqa: E402
 from .sources import (DEFAULT_MODEL, EMBEDDED_MODELS, EMBEDDED_PREFIX, ModelError, check_source,  # noqa: E402,F401
                       embedded_gguf)
 
@@ -41,10 +42,11 @@ class ModelParts:
 
     decoder: nn.Module  # the module whose forward runs the layer loop and builds the cache
     layers: nn.ModuleList  # decoder layers, in order
-    attentions: list[nn.Module]  # attention module of each layer
+    attentions: list[nn.Module | None]  # attention module of each layer (None: a layer with no K/V)
     k_name: str | None  # separate K/V projections (None with a fused-QKV adapter)
     v_name: str | None
     fused: FusedQKVAdapter | None = None  # the adapter of a fused-QKV architecture
+    kinds: list[LayerKind] | None = None  # each layer's attention kind (kvsharer.models.layer_kinds)
 
     @property
     def n_layers(self) -> int:
@@ -54,7 +56,7 @@ class ModelParts:
     def native_attention(self) -> bool:
         """Whether attention is transformers' own code (and so dispatches through its attention-function
         registry, which the token-level methods of ``kvsharer.methods.intra`` plug into); False for remote code."""
-        return all(type(a).__module__.startswith("transformers.") for a in self.attentions)
+        return all(type(a).__module__.startswith("transformers.") for a in self.attentions if a is not None)
 
 
 def text_config(model_or_config):
@@ -71,16 +73,29 @@ def find_parts(model: nn.Module) -> ModelParts:
     if n_layers is None:
         raise UnsupportedArchitecture(f"{cls}: the config has no num_hidden_layers, so decoder layers cannot be found")
     layer_lists = [m for m in decoder.children() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    if not layer_lists:  # get_decoder() did not reach the layer loop (Llama 4): the one module holding the list
+        holders = [m for m in model.modules()
+                   if any(isinstance(c, nn.ModuleList) and len(c) == n_layers for c in m.children())]
+        if len(holders) == 1:
+            decoder = holders[0]
+            layer_lists = [m for m in decoder.children() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
     if len(layer_lists) != 1:
         raise UnsupportedArchitecture(
             f"{cls}: expected exactly one nn.ModuleList of {n_layers} decoder layers directly under "
             f"{type(decoder).__name__}, found {len(layer_lists)}"
         )
     layers = layer_lists[0]
+    kinds = layer_kinds(config)
+    refused = next((k for k in kinds if k.kind in (LATENT, UNKNOWN)), None)
+    if refused is not None:
+        raise UnsupportedArchitecture(f"{cls}: {unsupported(kinds)}")
     factory = FUSED_QKV_ADAPTERS.get(cls)
     adapter = factory(config) if factory is not None else None
     attentions = []
     for idx, layer in enumerate(layers):
+        if not kinds[idx].has_kv:  # a Mamba / linear-attention / MLP-only layer: nothing of it is shared
+            attentions.append(None)
+            continue
         attn = _find_attention(model, layer, idx, adapter)
         if getattr(attn, "layer_idx", idx) != idx:
             raise UnsupportedArchitecture(
@@ -90,8 +105,9 @@ def find_parts(model: nn.Module) -> ModelParts:
         attentions.append(attn)
     if adapter is not None:
         return ModelParts(decoder=decoder, layers=layers, attentions=attentions, k_name=None, v_name=None,
-                          fused=adapter)
-    return ModelParts(decoder=decoder, layers=layers, attentions=attentions, k_name="k_proj", v_name="v_proj")
+                          fused=adapter, kinds=kinds)
+    return ModelParts(decoder=decoder, layers=layers, attentions=attentions, k_name="k_proj", v_name="v_proj",
+                      kinds=kinds)
 
 
 def _find_attention(model: nn.Module, layer: nn.Module, idx: int, adapter: FusedQKVAdapter | None) -> nn.Module:
