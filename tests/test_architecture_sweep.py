@@ -1,0 +1,138 @@
+"""KV sharing on every causal-LM architecture transformers ships: each shares exactly, or is refused at attach.
+
+One test per ``model_type`` of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` (the machinery, and what "shares"
+means — three modes equal to an independent K/V-substitution reference within 1e-4 of the logit scale —
+is in ``tests/arch_sweep.py``). Every architecture must ``share`` unless it is listed below:
+
+* ``REFUSED``       — must be refused at attach, with a message containing the reason given here;
+* ``NOT_RUNNABLE``  — the plain tiny model does not build/run in this transformers (out of scope);
+* ``NO_REFERENCE``  — the independent reference does not apply (hand-written attention outside the
+  attention interface): it must still not crash or be refused;
+* ``KNOWN_BROKEN``  — today it crashes or differs from the reference: a strict xfail, so the test
+  fails once it shares — then delete the entry.
+
+A new architecture in a future transformers that crashes, or that this list does not know, fails.
+Rerun one: ``.venv/bin/python -m pytest tests/test_architecture_sweep.py -k <model_type>``;
+the whole table: ``.venv/bin/python tests/arch_sweep.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from arch_sweep import MODEL_TYPES, sweep_one
+
+FUSED = "computes Q, K and V with one fused projection"
+NO_KV_PROJ = "has no attention module with k_proj/v_proj"
+NO_LAYER_LIST = "expected exactly one nn.ModuleList"
+MLA = "multi-head latent attention (kv_lora_rank)"
+UNKNOWN_KIND = "unknown layer type(s)"
+NO_KV = "has no per-token K/V"
+
+REFUSED = {
+    # fused QKV projections without an adapter
+    "codegen": FUSED, "dbrx": FUSED, "fuyu": FUSED, "gpt_neox_japanese": FUSED, "openai-gpt": FUSED,
+    "phi4_multimodal": FUSED, "zaya": FUSED,
+    # attention modules without k_proj/v_proj (BERT-style encoders used as decoders, others)
+    "bert": NO_KV_PROJ, "bert-generation": NO_KV_PROJ, "big_bird": NO_KV_PROJ, "camembert": NO_KV_PROJ,
+    "cpmant": NO_KV_PROJ, "ctrl": NO_KV_PROJ, "data2vec-text": NO_KV_PROJ, "electra": NO_KV_PROJ,
+    "ernie": NO_KV_PROJ, "jetmoe": NO_KV_PROJ, "megatron-bert": NO_KV_PROJ, "prophetnet": NO_KV_PROJ,
+    "rembert": NO_KV_PROJ, "roberta": NO_KV_PROJ, "roberta-prelayernorm": NO_KV_PROJ, "roc_bert": NO_KV_PROJ,
+    "roformer": NO_KV_PROJ, "xlm-roberta": NO_KV_PROJ, "xlm-roberta-xl": NO_KV_PROJ, "xlnet": NO_KV_PROJ,
+    "xmod": NO_KV_PROJ,
+    # no single decoder layer list where kvsharer looks
+    "git": NO_LAYER_LIST, "hrm_text": NO_LAYER_LIST, "longcat_flash": NO_LAYER_LIST, "musicgen": NO_LAYER_LIST,
+    "musicgen_melody": NO_LAYER_LIST, "xlm": NO_LAYER_LIST,
+    "blt": "the config has no num_hidden_layers",
+    # multi-head latent attention: a layer's latent is meaningless under another layer's up-projection
+    "axk1": MLA, "axk2": MLA, "bailing_hybrid": MLA, "deepseek_v2": MLA, "deepseek_v3": MLA, "deepseek_v32": MLA,
+    "glm4_moe_lite": MLA, "glm_moe_dsa": MLA, "hy_v4": MLA, "kimi_linear": MLA, "minicpm3": MLA, "youtu": MLA,
+    # attention kinds kvsharer does not know (compressed / indexed sparse attention)
+    "deepseek_v4": UNKNOWN_KIND, "dots3_note": UNKNOWN_KIND, "dots3_note_text": UNKNOWN_KIND,
+    "qwen4_exp_text": UNKNOWN_KIND,
+    # no attention at all (state-space / recurrent blocks): nothing to share
+    "falcon_mamba": NO_KV, "mamba": NO_KV, "mamba2": NO_KV,
+    "rwkv": NO_KV_PROJ, "xlstm": NO_KV_PROJ,
+    # attention outside the transformers Cache API (no per-layer index)
+    "gpt_neo": "has no layer_idx", "zamba": "layer_idx=None", "zamba2": "layer_idx=-1",
+}
+
+NOT_RUNNABLE = {  # the plain tiny model, without kvsharer
+    "bamba": "disagrees with itself",  # decode differs from the uncached forward by ~0.02
+    "cohere_compass_text": "KeyError: 'full_attention'",
+    "gemma3n": "requires the timm library",
+    "gemma4_assistant": "hidden_size_per_layer_input must be 0",  # a draft model: not built alone here
+    "gemma4_unified_assistant": "set of layer types producing a cache",
+    "moshi": "disagrees with itself",
+    "qwen4_exp": "unsupported operand type(s) for //",
+    "recurrent_gemma": "carries no cache",  # keeps its state inside the model
+    "reformer": "axial_pos_embds",
+}
+
+NO_REFERENCE = {  # fused-QKV attention written by hand: neither the attention interface nor k/v_proj to hook
+    "bloom": "does not dispatch through the attention interface",
+    "falcon": "does not dispatch through the attention interface",
+    "mpt": "does not dispatch through the attention interface",
+}
+
+KNOWN_BROKEN = {  # model_type: what goes wrong today (delete an entry when its fix lands)
+    "inkling_text": "crash: attention mask over 48 keys, K/V of 63 (modeling_inkling.py:175)",
+    "inkling2_text": "crash: attention mask over 48 keys, K/V of 63 (modeling_inkling2.py:385)",
+    "minimax": "crash: DynamicCache has no get_linear_cache (the model needs its own cache class)",
+    "mllama": "crash: a cross-attention layer's cache is initialized with keys None (modeling_mllama.py:83)",
+    "whisper": "wrong with use_cache=False: WhisperDecoder passes no cache to its layers then",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def outcome(model_type: str):
+    torch.set_num_threads(1)
+    return sweep_one(model_type)
+
+
+def _param(model_type: str):
+    if model_type in KNOWN_BROKEN:
+        return pytest.param(model_type, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BROKEN[model_type]))
+    return model_type
+
+
+def test_expectation_lists_name_real_architectures():
+    listed = [*REFUSED, *NOT_RUNNABLE, *NO_REFERENCE, *KNOWN_BROKEN]
+    assert not set(listed) - set(MODEL_TYPES), "listed but not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"
+    assert len(listed) == len(set(listed)), "an architecture is in two lists"
+
+
+@pytest.mark.parametrize("model_type", [_param(mt) for mt in MODEL_TYPES])
+def test_architecture(model_type):
+    result = outcome(model_type)
+    summary = f"{model_type}: {result.outcome} — {result.detail}"
+    if model_type in REFUSED:
+        assert result.outcome == "refused", summary
+        assert REFUSED[model_type] in result.detail, summary
+    elif model_type in NOT_RUNNABLE:
+        assert result.outcome == "not runnable", summary
+        assert NOT_RUNNABLE[model_type] in result.detail, summary
+    elif model_type in NO_REFERENCE:
+        assert result.outcome == "no reference", summary
+        assert NO_REFERENCE[model_type] in result.detail, summary
+    else:
+        assert result.outcome == "shares", summary
+
+
+@pytest.mark.parametrize("model_type", ["llama", "xglm"])  # the interface reference, the projection reference
+def test_reference_tells_sources_apart(model_type):
+    """The reference is not loose: sharing 2->0, 3->1 does not match the reference for 2->1, 3->0."""
+    from arch_sweep import (PROJECTION_REFERENCE, SharingPolicy, build_model, projection_reference_logits,
+                            prompt_ids, reference_logits, run_modes, share_kv, tolerance)
+
+    model, ids = build_model(model_type), prompt_ids()
+    with share_kv(model, SharingPolicy.from_pairs(4, {2: 0, 3: 1})):
+        shared = run_modes(model, ids)["uncached"]  # [2, 48, V]
+    swapped = [0, 1, 1, 0]
+    if model_type in PROJECTION_REFERENCE:
+        other = projection_reference_logits(model, ids, swapped)
+    else:
+        other, _ = reference_logits(model, ids, swapped)
+    assert (shared - other).abs().max().item() > 100 * tolerance(other)
