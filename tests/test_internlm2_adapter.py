@@ -251,8 +251,9 @@ def test_cache_stores_nothing_for_shared_layers_and_decodes(model, tokens):
         for layer in policy.shared_layers:
             assert isinstance(cache.layers[layer], SharedLayer)
             assert cache.layers[layer].keys is None and cache.layers[layer].values is None
-            k, v = cache.layers[layer].update(None, None)
-            assert k is cache.layers[POLICY[layer]].keys and v is cache.layers[POLICY[layer]].values
+            assert cache.layers[layer].source is cache.layers[POLICY[layer]]
+            with pytest.raises(RuntimeError, match="returned no K/V"):  # nothing of the forward kept after it
+                cache.layers[layer].update(None, None)
         assert cache_nbytes(cache) * 8 == plain_bytes * 4  # 4 of 8 layers store K/V
         assert cache_nbytes(cache) == expected_kv_nbytes(model, policy, 2, tokens.shape[1], 4)
         nxt = out.logits[:, -1:].argmax(-1)
