@@ -7,15 +7,22 @@ attention type*, and compares three runs with ``share_kv`` attached — uncached
 token-by-token decode — against an independent reference: the plain model (no kvsharer) whose attention
 function, registered in transformers' ``AttentionInterface``, records the K/V every layer's attention
 receives and hands a sharing layer its source's recorded K/V instead of its own (under its own mask, with
-the model's own eager attention function). The outcome is one of:
+the model's own eager attention function). Attention written by hand, outside that interface, gets a
+fallback reference: hooks that hand a sharer its source's ``k_proj``/``v_proj`` outputs
+(``PROJECTION_REFERENCE``), or a plain ``DynamicCache`` whose ``update`` returns the source's K/V
+(``CACHE_REFERENCE``, fused-QKV models); both are checked against the interface one on Llama
+(tests/test_architecture_sweep.py). The outcome is one of:
 
 * ``shares``        — all three modes equal the reference within ``tolerance`` (see there);
 * ``refused``       — ``UnsupportedArchitecture``/``PolicyError`` when sharing is attached (the message is kept);
 * ``crash``         — any other exception (or a refusal that only comes in the forward, not at attach);
 * ``wrong``         — runs, but differs from the reference (max abs diff per mode);
 * ``not runnable``  — the plain model does not build or run here, or disagrees with itself cached vs uncached;
-* ``no reference``  — the substitution reference does not work for this model (its attention does not
-  dispatch through the attention interface, or the reference with no sharing does not reproduce the model).
+* ``no reference``  — the reference does not work for this model (its attention does not dispatch through
+  the attention interface, the reference with no sharing does not reproduce the model, or the substitution
+  changes nothing).
+
+The tolerance is absolute, 1e-4 of the logit scale: 1e-4 × max(1, max |reference logit|).
 
 ``.venv/bin/python tests/arch_sweep.py [model_type ...]`` prints the status table (markdown).
 """
@@ -32,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 import transformers
-from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedConfig
+from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache, PreTrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import eager_mask
 from transformers.models.auto import modeling_auto
@@ -53,53 +60,59 @@ REFERENCE = "kv_substitute"  # the name the reference attention function is regi
 # ``attribute_map``). Per-layer lists are resized separately (:func:`_resize_layer_lists`).
 SMALL = {
     "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256, "sliding_window": WINDOW,
-    "sliding_window_size": WINDOW, "attention_chunk_size": WINDOW, "attention_window_size": WINDOW,
-    "window_size": WINDOW, "rotary_dim": 8, "is_decoder": True,
-    "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8,  # Gemma3n / Gemma4 per-layer inputs
+    "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256, "rotary_dim": 8, "is_decoder": True,
     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 1,
+    # every name a sliding window / attention chunk goes by
+    "sliding_window": WINDOW, "sliding_window_size": WINDOW, "attention_chunk_size": WINDOW,
+    "attention_window_size": WINDOW, "window_size": WINDOW,
+    # Gemma3n / Gemma4 per-layer inputs
+    "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8,
     # encoder-decoder configs whose decoder is the causal LM (Bart, Whisper …)
     "d_model": 64, "decoder_attention_heads": 4, "encoder_attention_heads": 4, "decoder_ffn_dim": 128,
     "encoder_ffn_dim": 128,
     # mixture of experts
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
-    "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "n_shared_experts": 1, "n_group": 1, "topk_group": 1,
-    # multi-head latent attention (its head_dim is the rope part: not set)
+    "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "n_shared_experts": 1, "n_group": 1,
+    "topk_group": 1,
+    # multi-head latent attention (its head_dim is the rope part: not set, see _shrink)
     "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16,
-    # Mamba / linear attention blocks of hybrids
+    # Mamba / linear-attention blocks of hybrids (chunk 8 divides both 40 and 48)
     "mamba_d_state": 8, "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_chunk_size": 8,
-    "linear_num_heads": 4, "linear_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+    "linear_num_heads": 4, "linear_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16, "linear_value_head_dim": 16,
 }
 LAYER_COUNTS = ("num_hidden_layers", "decoder_layers", "encoder_layers", "num_layers")
 
-# Per model type: extra config arguments on top of SMALL (what the generic sizes get wrong); a dict value
-# patches the sub-config of that name.
+# Per model type: config arguments on top of SMALL (what the generic sizes get wrong); a dict value patches
+# the sub-config of that name.
 PATCHES: dict[str, dict] = {
-    "gemma3n_text": {"num_kv_shared_layers": 0},  # its own cross-layer KV sharing: off (15 layers by default)
+    # layer patterns: at least two attention layers of a kind in few layers
+    "bamba": {"attn_layer_indices": [1, 3]},  # default: no attention layer at all
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"] * 2},  # default: all Mamba
-    "lfm2": {"layer_types": ["conv", "full_attention"] * 2},
-    "lfm2_moe": {"layer_types": ["conv", "full_attention"] * 2},
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},  # attention at 1 and 3 (default: 1 in 8)
+    "lfm2": {"layer_types": ["conv", "full_attention"] * 2},  # default: all full attention
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"] * 2},  # default: none
+    "nemotron_h": {"layers_block_type": ["linear_attention", "full_attention"] * 2},  # default: 1 attention in 4
+    "zamba": {"layers_block_type": ["mamba", "hybrid"] * 2, "attn_layer_period": 2, "attn_layer_offset": 1},
     "gpt_neo": {"attention_types": [[["global", "local"], 2]], "num_layers": 4},
-    "dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},  # set by DbrxConfig on its default sub-config only
+    "gemma3n_text": {"num_kv_shared_layers": 0},  # its own cross-layer KV sharing: off (15 layers by default)
+    # sizes the config validates against each other
     "mamba2": {"num_heads": 8, "head_dim": 16},  # hidden × expand = heads × head_dim
     "falcon_h1": {"mamba_d_ssm": 128},  # = mamba_n_heads × mamba_d_head
-    "xlnet": {"d_head": 16},
-    "zaya": {"num_experts_per_tok": 1},
-    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},  # attention at layers 1 and 3 (default: 1 in 8)
-    "bamba": {"attn_layer_indices": [1, 3]},
-    "nemotron_h": {"layers_block_type": ["linear_attention", "full_attention"] * 2},  # default: 1 attention in 4
+    "xlnet": {"d_head": 16},  # = d_model / n_head
+    "zaya": {"num_experts_per_tok": 1},  # the only value it supports
     "gemma4_assistant": {"hidden_size_per_layer_input": 0},  # the only value it accepts
-    "zamba": {"layers_block_type": ["mamba", "hybrid"] * 2, "attn_layer_period": 2, "attn_layer_offset": 1},  # default: no attention layer at all
+    "dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},  # DbrxConfig sets them on its default only
     "blt": {"encoder_hash_byte_group_vocab": 256, "encoder_config": {"hidden_size_global": 64},
-            "decoder_config": {"hidden_size_global": 64}},  # the only value it supports
+            "decoder_config": {"hidden_size_global": 64}},  # default hash vocabulary: 500k rows
     "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 16,
-                       "indexer_compress_ratio": 4},
+                       "indexer_compress_ratio": 4},  # its indexed layers need an indexer
 }
 PATCHES["qwen4_exp"] = {"text_config": PATCHES["qwen4_exp_text"]}
-PATCHES["dots3_note"] = {"text_config": PATCHES.get("dots3_note_text", {})}
 
 # Layer kinds with no K/V cache of their own to share (recurrent / state-space / convolution / MLP-only blocks).
-NOT_ATTENTION = {"cross_attention", "linear_attention", "mamba", "mamba2", "conv", "recurrent", "mlp", "moe", "rwkv", "ssm", "m", "-"}
+NOT_ATTENTION = {"cross_attention", "linear_attention", "mamba", "mamba2", "conv", "recurrent", "mlp", "moe", "rwkv",
+                 "ssm", "m", "-"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -208,9 +221,9 @@ def layer_kinds(config: PreTrainedConfig) -> list[str | None]:
     """The attention kind of every decoder layer, from the config alone (None: no K/V cache to share).
 
     Sliding kinds carry their window (``sliding_attention:16``) so only equal windows pair."""
-    n = getattr(config, "num_hidden_layers", None) or 0
+    n = _get(config, "num_hidden_layers") or 0
     window = next((getattr(config, name) for name in ("sliding_window", "sliding_window_size", "window_size")
-                   if isinstance(getattr(config, name, None), int)), None)
+                   if isinstance(_get(config, name), int)), None)
     if isinstance(getattr(config, "layer_types", None), list):
         raw = list(config.layer_types)
     elif isinstance(getattr(config, "layers_block_type", None), list):  # Zamba, Nemotron-H
@@ -381,6 +394,45 @@ def projection_reference_logits(model, ids: torch.Tensor, share_map: list[int]) 
 PROJECTION_REFERENCE = {"gptj", "mvp", "trocr", "xglm"}
 
 
+class SubstitutingCache(DynamicCache):
+    """A plain ``DynamicCache`` whose ``update`` hands a sharing layer its source's K/V [B, kv_heads, T, d].
+
+    The sharer still stores its own K/V (so its mask sizes are its own); only what attention gets changes."""
+
+    def __init__(self, share_map: list[int], **kwargs):
+        super().__init__(**kwargs)
+        self.share_map = share_map
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        src = self.share_map[layer_idx]
+        if src == layer_idx:
+            return keys, values
+        return self.layers[src].keys, self.layers[src].values
+
+
+def cache_reference_logits(model, ids: torch.Tensor, share_map: list[int]) -> torch.Tensor:
+    """Fallback reference for fused-QKV attention written by hand (neither the attention interface nor
+    k/v projections to hook): the plain model's cached prefill [B, 48, V] with a :class:`SubstitutingCache`.
+    It substitutes where kvsharer does (the cache), so it checks the rest: skipped projections, masks, the
+    three modes; used for the models in ``CACHE_REFERENCE`` (full attention only)."""
+    with torch.no_grad():
+        cache = SubstitutingCache(list(share_map), config=model.config)
+        return model(ids, past_key_values=cache, use_cache=True).logits.float()
+
+
+CACHE_REFERENCE = {"bloom", "falcon", "mpt"}
+
+
+def reference_for(model_type: str, model, ids: torch.Tensor, share_map: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """The model type's reference logits [B, 48, V], and the layers whose attention it saw."""
+    if model_type in PROJECTION_REFERENCE:
+        return projection_reference_logits(model, ids, share_map), list(range(len(share_map)))
+    if model_type in CACHE_REFERENCE:
+        return cache_reference_logits(model, ids, share_map), list(range(len(share_map)))
+    return reference_logits(model, ids, share_map)
+
+
 # ------------------------------------------------------------------------------------------------
 # One architecture
 # ------------------------------------------------------------------------------------------------
@@ -478,13 +530,8 @@ def _sweep(model_type: str) -> Outcome:
 
     # 5. the independent reference (plain model, K/V substituted inside attention)
     try:
-        if model_type in PROJECTION_REFERENCE:
-            identity = projection_reference_logits(model, ids, list(range(n_layers)))
-            reference = projection_reference_logits(model, ids, policy.map)
-            ran = list(range(n_layers))
-        else:
-            identity, ran = reference_logits(model, ids, list(range(n_layers)))
-            reference, _ = reference_logits(model, ids, policy.map)
+        identity, ran = reference_for(model_type, model, ids, list(range(n_layers)))
+        reference, _ = reference_for(model_type, model, ids, policy.map)
     except Exception as err:
         return out("no reference", "reference run failed: " + _first_line(err), pairs=pairs)
     attention_layers = [i for i, k in enumerate(kinds) if k is not None]
@@ -529,6 +576,7 @@ if __name__ == "__main__":
     results = []
     for mt in chosen:
         results.append(sweep_one(mt))
-        print(f"{mt}: {results[-1].outcome} ({results[-1].seconds:.1f}s) {results[-1].detail}", file=sys.stderr, flush=True)
+        last = results[-1]
+        print(f"{mt}: {last.outcome} ({last.seconds:.1f}s) {last.detail}", file=sys.stderr, flush=True)
     print(table(results))
     print(f"\n{len(results)} architectures in {time.perf_counter() - started:.0f} s")

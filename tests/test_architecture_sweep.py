@@ -71,10 +71,7 @@ NOT_RUNNABLE = {  # the plain tiny model, without kvsharer
     "reformer": "axial_pos_embds",
 }
 
-NO_REFERENCE = {  # fused-QKV attention written by hand: neither the attention interface nor k/v_proj to hook
-    "bloom": "does not dispatch through the attention interface",
-    "falcon": "does not dispatch through the attention interface",
-    "mpt": "does not dispatch through the attention interface",
+NO_REFERENCE: dict[str, str] = {  # model_type: why no independent reference applies (none today)
 }
 
 KNOWN_BROKEN = {  # model_type: what goes wrong today (delete an entry when its fix lands)
@@ -121,18 +118,26 @@ def test_architecture(model_type):
         assert result.outcome == "shares", summary
 
 
-@pytest.mark.parametrize("model_type", ["llama", "xglm"])  # the interface reference, the projection reference
+@pytest.mark.parametrize("model_type", ["llama", "xglm", "bloom"])  # interface, projection, cache reference
 def test_reference_tells_sources_apart(model_type):
     """The reference is not loose: sharing 2->0, 3->1 does not match the reference for 2->1, 3->0."""
-    from arch_sweep import (PROJECTION_REFERENCE, SharingPolicy, build_model, projection_reference_logits,
-                            prompt_ids, reference_logits, run_modes, share_kv, tolerance)
+    from arch_sweep import SharingPolicy, build_model, prompt_ids, reference_for, run_modes, share_kv, tolerance
 
     model, ids = build_model(model_type), prompt_ids()
     with share_kv(model, SharingPolicy.from_pairs(4, {2: 0, 3: 1})):
         shared = run_modes(model, ids)["uncached"]  # [2, 48, V]
-    swapped = [0, 1, 1, 0]
-    if model_type in PROJECTION_REFERENCE:
-        other = projection_reference_logits(model, ids, swapped)
-    else:
-        other, _ = reference_logits(model, ids, swapped)
+    other, _ = reference_for(model_type, model, ids, [0, 1, 1, 0])
     assert (shared - other).abs().max().item() > 100 * tolerance(other)
+
+
+def test_fallback_references_agree_with_the_attention_interface_one():
+    """Where all three apply (Llama: attention interface, k/v_proj, full attention), they give the same logits."""
+    from arch_sweep import (build_model, cache_reference_logits, projection_reference_logits, prompt_ids,
+                            reference_logits, tolerance)
+
+    model, ids = build_model("llama"), prompt_ids()
+    share_map = [0, 1, 0, 1]
+    want, _ = reference_logits(model, ids, share_map)  # [2, 48, V]
+    for fallback in (projection_reference_logits, cache_reference_logits):
+        got = fallback(model, ids, share_map)
+        assert (got - want).abs().max().item() <= tolerance(want), fallback.__name__
