@@ -10,7 +10,7 @@ registry where the family's attention dispatches through it, else at the family'
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -43,7 +43,6 @@ class Family:
     attn: str = "sdpa"  # the families without SDPA support run eager
     split: str | None = None  # reference by the family's own split method (None: its attention function)
     hook_chunks: bool = False  # reference at MPT's Wqkv(x).chunk(3)
-    extra: dict = field(default_factory=dict)
 
 
 # hidden 64, 4 heads of 16 everywhere

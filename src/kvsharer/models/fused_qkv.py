@@ -6,23 +6,20 @@ projection by a ``QOnlyProjection``: same output shape and layout, only the quer
 the original weight), zeros in the key/value rows — never read, because the layer's cache returns the
 source's K/V.
 
-Every layout we know is "``blocks`` blocks of rows, each: query rows, then key/value rows" (``QKVLayout``):
+Every layout we know is "``blocks`` blocks of rows, each: its query rows, then its key/value rows"
+(``QKVLayout``; ``d`` = head_dim):
 
-==========================  ==========================  ============  =================  =============
-layout                      families                    blocks        query rows/block   K/V rows/block
-==========================  ==========================  ============  =================  =============
-concatenated ``[q | k | v]``  Phi-3/Phi-4, MPT, GPT-2,   1             heads x d          2 x kv_heads x d
-                            Falcon multi-query,
-                            GPTBigCode multi-query
-interleaved ``[h, 3, d]``     GPT-NeoX, Persimmon, Bloom,  heads         d                  2 x d
-                            Falcon (old, MHA),
-                            GPTBigCode (MHA)
-grouped ``[kv_h, g + 2, d]``  InternLM2, Falcon           kv_heads      groups x d         2 x d
-                            (new decoder architecture)
-==========================  ==========================  ============  =================  =============
+* concatenated ``[q | k | v]`` — 1 block: heads x d query rows, 2 x kv_heads x d key/value rows.
+  Phi-3 / Phi-4 (``qkv_proj``), MPT (``Wqkv``), GPT-2 (``c_attn``, a ``Conv1D``: weight ``[in, out]``),
+  Falcon multi-query and GPTBigCode multi-query (one key head, one value head).
+* interleaved ``[heads, 3, d]`` — one block per head: d query rows, 2 x d key/value rows.
+  GPT-NeoX, Persimmon, Bloom (``query_key_value``), Falcon's classic multi-head layout, GPTBigCode multi-head
+  (``c_attn``).
+* grouped ``[kv_heads, groups + 2, d]`` — one block per KV head: its groups x d query rows, 2 x d key/value rows.
+  InternLM2 (``wqkv``), Falcon's new decoder architecture (``query_key_value``).
 
-A family is one ``FusedQKVFamily`` (which attribute, which layout from its config, Linear or GPT-2's
-``Conv1D``). ``FUSED_QKV_ADAPTERS`` maps a model CLASS NAME (the ``architectures`` entry of ``config.json``,
+A family is one ``FusedQKVFamily`` (which attribute, which layout from its config; ``Linear`` or ``Conv1D`` is
+read off the module). ``FUSED_QKV_ADAPTERS`` maps a model CLASS NAME (the ``architectures`` entry of ``config.json``,
 which ``kvsharer.models.loading.trusts_remote_code`` also reads) to the adapter factory of its family;
 ``FUSED_QKV_REFUSED`` says why a fused architecture we looked at has none.
 """
