@@ -101,14 +101,13 @@ PATCHES: dict[str, dict] = {
     "falcon_h1": {"mamba_d_ssm": 128},  # = mamba_n_heads × mamba_d_head
     "xlnet": {"d_head": 16},  # = d_model / n_head
     "zaya": {"num_experts_per_tok": 1},  # the only value it supports
-    "gemma4_assistant": {"hidden_size_per_layer_input": 0},  # the only value it accepts
     "dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},  # DbrxConfig sets them on its default only
     "blt": {"encoder_hash_byte_group_vocab": 256, "encoder_config": {"hidden_size_global": 64},
             "decoder_config": {"hidden_size_global": 64}},  # default hash vocabulary: 500k rows
     "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16, "indexer_budget": 16,
                        "indexer_compress_ratio": 4},  # its indexed layers need an indexer
 }
-PATCHES["qwen4_exp"] = {"text_config": PATCHES["qwen4_exp_text"]}
+PATCHES["qwen4_exp"] = PATCHES["qwen4_exp_text"]  # the same model class (Qwen4ExpForCausalLM)
 
 # Layer kinds with no K/V cache of their own to share (recurrent / state-space / convolution / MLP-only blocks).
 NOT_ATTENTION = {"cross_attention", "linear_attention", "mamba", "mamba2", "conv", "recurrent", "mlp", "moe", "rwkv",
@@ -177,10 +176,11 @@ def _shrink(config_cls, n_layers: int, patch: dict) -> PreTrainedConfig:
         if per_layer in own:
             own.setdefault("num_hidden_layers", len(own[per_layer]))
     kwargs.update(own)
+    subs = {k: v for k, v in patch.items() if isinstance(v, dict)}  # sub-config patches, as dicts
     try:  # the config's defaults for what is not set here (per-layer lists of its default depth, sub-configs)
-        default = config_cls(**kwargs)
+        default = config_cls(**kwargs, **subs)
     except Exception:
-        default = config_cls(**own)
+        default = config_cls(**own, **subs)
     for name in fields:  # sub-configs (text_config, vision_config, …): shrunk the same way
         sub = _get(default, name)
         if isinstance(sub, PreTrainedConfig):
