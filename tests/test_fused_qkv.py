@@ -25,7 +25,7 @@ from transformers.pytorch_utils import Conv1D
 
 from kvsharer import SharingPolicy, attach, detach, share_kv
 from kvsharer.cache.hooks import attached_methods, restore_configs, swap_attention
-from kvsharer.models.fused_qkv import FUSED_QKV_ADAPTERS, QKVLayout, QOnlyProjection
+from kvsharer.models.fused_qkv import FUSED_QKV_ADAPTERS, QKVLayout, QOnlyProjection, query_weight
 from kvsharer.models.loading import UnsupportedArchitecture, find_parts
 
 VOCAB = 96
@@ -272,6 +272,10 @@ def test_shared_layers_compute_only_q(name, tokens):
         assert ran == []  # the real fused projections of the shared layers never ran
         for layer, stand_in in zip((2, 3), stand_ins):
             assert stand_in.calls == 1 and stand_in.rows == blocks * q  # it computed the query rows alone
+            # ... from a view of the original weight (the same storage: nothing copied)
+            view = query_weight(stand_in.weight, stand_in.layout, stand_in.conv1d)  # [blocks, q, in]
+            assert stand_in.weight is originals[layer].weight and view.shape == (blocks, q, 64)
+            assert view.untyped_storage().data_ptr() == originals[layer].weight.untyped_storage().data_ptr()
             got = stand_in(x).unflatten(-1, (blocks, q + kv))  # [2, 5, blocks, q + kv]
             full = originals[layer](x).unflatten(-1, (blocks, q + kv))
             torch.testing.assert_close(got[..., :q], full[..., :q], rtol=1e-6, atol=1e-6)
