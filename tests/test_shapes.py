@@ -20,6 +20,9 @@ def test_parameter_counts_follow_from_the_shape(hub_id):
     """The stored counts are the checkpoints' (Llama-2 7B: 6,738,415,616, ...); the shape must reproduce them
     exactly, so a mistyped layer count, width or vocabulary shows up here."""
     shape = ARCHITECTURES[hub_id]
+    if shape.architecture.endswith("ForConditionalGeneration"):  # the count includes a vision tower: not stored
+        assert shape.params is None
+        pytest.skip(f"{hub_id}: a multimodal checkpoint, only its text decoder is described")
     assert shape.params is not None
     assert shape.param_count() == shape.params
 
@@ -46,7 +49,8 @@ def test_fused_qkv_models_have_an_adapter_and_name_their_packages():
     assert fused  # InternLM2
     for hub_id, shape in fused.items():
         assert shape.architecture in FUSED_QKV_ADAPTERS, hub_id
-        assert shape.remote_code and {"einops", "sentencepiece"} <= set(shape.packages), hub_id
+        if shape.remote_code:  # InternLM2's modeling file imports them; Phi-4 is transformers' own code
+            assert {"einops", "sentencepiece"} <= set(shape.packages), hub_id
 
 
 def test_random_shapes_are_table_entries():

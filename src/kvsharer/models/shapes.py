@@ -33,7 +33,7 @@ class Shape:
     rope_theta: float = 10000.0
     rope_scaling: str | None = None  # e.g. "llama3 x8 from 8192", "dynamic x2"; None: plain RoPE
     head_dim: int | None = None  # None: hidden // heads
-    fused_qkv: bool = False  # Q, K and V from one projection (needs a FusedQKVAdapter in kvsharer.models.loading)
+    fused_qkv: bool = False  # Q, K and V from one projection (needs a FusedQKVAdapter in kvsharer.models.fused_qkv)
     qkv_bias: bool = False
     tied_embeddings: bool = False
     params: int | None = None  # parameters of the checkpoint (None: not a published checkpoint)
@@ -41,6 +41,8 @@ class Shape:
     remote_code: bool = False  # modeling code from the hub repo (trust_remote_code), not transformers'
     packages: tuple[str, ...] = field(default=())  # Python packages its remote code / tokenizer import
     gated: bool = False  # the hub serves it only with an HF token whose user was granted access
+    qk_norm: bool = False  # RMSNorm on each query and key head (Qwen3, Gemma 3): 2 x head_dim weights a layer
+    norms: int = 2  # RMSNorms around attention and MLP per layer (Gemma 2/3: 4)
     layer_types: tuple[str, ...] | None = None  # config.json "layer_types" (None: every layer full attention)
     sliding_window: int | None = None  # tokens a sliding layer attends over
 
@@ -60,11 +62,12 @@ class Shape:
         return self.layers, self.hidden, self.intermediate, self.heads, self.kv_heads, self.vocab
 
     def param_count(self) -> int:
-        """Parameters from the shape: embeddings (+ LM head unless tied), per layer Q/K/V/O (+ QKV biases),
-        gated MLP and two RMSNorm weights, and the final norm."""
+        """Parameters from the shape: embeddings (+ LM head unless tied), per layer Q/K/V/O (+ QKV biases, + Q/K
+        norms), gated MLP and its RMSNorm weights, and the final norm."""
         q, kv = self.heads * self.head_size, self.kv_heads * self.head_size
         attention = self.hidden * (q + 2 * kv) + q * self.hidden + ((q + 2 * kv) if self.qkv_bias else 0)
-        layer = attention + 3 * self.hidden * self.intermediate + 2 * self.hidden
+        attention += 2 * self.head_size if self.qk_norm else 0
+        layer = attention + 3 * self.hidden * self.intermediate + self.norms * self.hidden
         embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
         return self.layers * layer + embeddings + self.hidden
 
@@ -72,8 +75,11 @@ class Shape:
         return (self.params or self.param_count()) * dtype_bytes
 
     def kv_bytes(self, batch: int, tokens: int, dtype_bytes: int) -> int:
-        """K/V of every layer (no sharing) for ``batch`` sequences of ``tokens`` tokens."""
-        return 2 * self.layers * batch * self.kv_heads * tokens * self.head_size * dtype_bytes
+        """K/V of every layer (no sharing) for ``batch`` sequences of ``tokens`` tokens; a sliding-window layer
+        holds at most its window (layers without K/V: nothing)."""
+        held = sum(min(tokens, k.window) if k.kind in ("sliding", "chunked") and k.window else tokens
+                   for k in self.kinds() if k.has_kv)
+        return 2 * held * batch * self.kv_heads * self.head_size * dtype_bytes
 
 
 _LLAMA2 = dict(vocab=32000, max_positions=4096, gated=True)
@@ -100,6 +106,19 @@ ARCHITECTURES: dict[str, Shape] = {
                                                 architecture="MistralForCausalLM", gated=True),
     "Qwen/Qwen2.5-7B-Instruct": Shape(28, 3584, 18944, 28, 4, 152064, 32768, family="qwen2", rope_theta=1000000.0,
                                       qkv_bias=True, params=7_615_616_512, architecture="Qwen2ForCausalLM"),
+    # current models beyond the paper's layout (a researcher adds them through the config):
+    # Gemma 3: 5 sliding-window (1,024-token) layers to 1 global; sharing pairs within each kind. The checkpoint
+    # is multimodal (Gemma3ForConditionalGeneration: its count includes a vision tower), so no count is stored
+    "google/gemma-3-12b-it": Shape(48, 3840, 15360, 16, 8, 262208, 131072, family="gemma3_text",
+                                   rope_theta=1000000.0, rope_scaling="linear x8", head_dim=256, qk_norm=True,
+                                   norms=4, tied_embeddings=True, architecture="Gemma3ForConditionalGeneration",
+                                   gated=True, sliding_window=1024,
+                                   layer_types=(("sliding_attention",) * 5 + ("full_attention",)) * 8),
+    "Qwen/Qwen3-8B": Shape(36, 4096, 12288, 32, 8, 151936, 40960, family="qwen3", rope_theta=1000000.0, head_dim=128,
+                           qk_norm=True, params=8_190_735_360, architecture="Qwen3ForCausalLM"),
+    # Phi-4: Q, K and V from one fused qkv_proj ([q | k | v] rows), transformers' own Phi3 code
+    "microsoft/phi-4": Shape(40, 5120, 17920, 40, 10, 100352, 16384, family="phi3", rope_theta=250000.0,
+                             fused_qkv=True, params=14_659_507_200, architecture="Phi3ForCausalLM"),
     # the embedded demo model (embedded:smollm2-135m-instruct, a GGUF of this checkpoint)
     "HuggingFaceTB/SmolLM2-135M-Instruct": Shape(30, 576, 1536, 9, 3, 49152, 8192, rope_theta=100000.0,
                                                  tied_embeddings=True, params=134_515_008),

@@ -31,13 +31,17 @@ TOKENIZER_CORPUS = "embedded:pydoc"
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]  # bos, eos, pad: ids 0, 1, 2
 
 # transformers model_type of the stand-in: the real one where transformers ships the code
-BUILT_AS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "internlm2": "llama"}
+BUILT_AS = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "internlm2": "llama", "qwen3": "qwen3",
+            "gemma3_text": "gemma3_text", "phi3": "phi3"}
+CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+           "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM"}
 # Shape.rope_scaling (as the table writes it) -> transformers' rope parameters
 ROPE_SCALING = {
     "llama3 x8 from 8192": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                             "original_max_position_embeddings": 8192},
     "dynamic x2": {"rope_type": "dynamic", "factor": 2.0},
     "dynamic": {"rope_type": "dynamic", "factor": 2.0},  # InternLM2-20B: factor not in the table (see shapes.py)
+    "linear x8": {"rope_type": "linear", "factor": 8.0},
 }
 
 
@@ -73,10 +77,10 @@ def standin_shape(source: str) -> Shape:
     if built_as is None:
         raise ValueError(f"no stand-in for {hub_id}: transformers model_type {real.family!r} has no "
                          f"stand-in class (known: {', '.join(BUILT_AS)})")
+    # InternLM2 is built with Llama's code (separate k/v); Phi-3/4's own class keeps its fused qkv_proj
     return replace(real, hidden=hidden, intermediate=intermediate, head_dim=head_dim, params=None,
-                   family=built_as, fused_qkv=False, remote_code=False, packages=(), gated=False,
-                   architecture={"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                                 "qwen2": "Qwen2ForCausalLM"}[built_as])
+                   family=built_as, fused_qkv=real.fused_qkv and not real.remote_code, remote_code=False,
+                   packages=(), gated=False, architecture=CLASSES[built_as])
 
 
 def transformers_config(shape: Shape):
@@ -86,8 +90,16 @@ def transformers_config(shape: Shape):
     extra = {}
     if shape.rope_scaling is not None:
         extra["rope_scaling"] = ROPE_SCALING[shape.rope_scaling]
+    if shape.family == "gemma3_text":  # RoPE per layer type: the global layers' base and scaling, local 10k plain
+        extra = {"rope_parameters": {
+            "full_attention": {**extra.get("rope_scaling", {"rope_type": "default"}), "rope_theta": shape.rope_theta},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}
     if shape.family == "llama" and shape.qkv_bias:
         extra["attention_bias"] = True
+    if shape.layer_types is not None:  # Gemma 3: its sliding and global layers, the window at its real size
+        extra.update(layer_types=list(shape.layer_types))
+    if shape.family in ("mistral", "qwen2", "qwen3", "gemma3_text", "phi3"):  # the real window (None: none; a
+        extra["sliding_window"] = shape.sliding_window  # config class's default, Mistral's 4096, would add one)
     return AutoConfig.for_model(
         shape.family, vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
         num_hidden_layers=shape.layers, num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
