@@ -6,8 +6,8 @@ is in ``tests/arch_sweep.py``). Every architecture must ``share`` unless it is l
 
 * ``REFUSED``       — must be refused at attach, with a message containing the reason given here;
 * ``NOT_RUNNABLE``  — the plain tiny model does not build/run in this transformers (out of scope);
-* ``NO_REFERENCE``  — the independent reference does not apply (hand-written attention outside the
-  attention interface): it must still not crash or be refused;
+* ``NO_REFERENCE``  — no independent reference applies (attention outside the attention interface with
+  no fallback in ``arch_sweep``): it must still run with sharing attached, neither crash nor be refused;
 * ``KNOWN_BROKEN``  — today it crashes or differs from the reference: a strict xfail, so the test
   fails once it shares — then delete the entry.
 
@@ -78,15 +78,21 @@ KNOWN_BROKEN = {  # model_type: what goes wrong today (delete an entry when its 
     "inkling_text": "crash: attention mask over 48 keys, K/V of 63 (modeling_inkling.py:175)",
     "inkling2_text": "crash: attention mask over 48 keys, K/V of 63 (modeling_inkling2.py:385)",
     "minimax": "crash: DynamicCache has no get_linear_cache (the model needs its own cache class)",
-    "mllama": "crash: a cross-attention layer's cache is initialized with keys None (modeling_mllama.py:83)",
+    "mllama": "crash: a SharedLayer says is_initialized but its keys are None; Mllama reads layer.keys.numel() "
+              "for every layer (modeling_mllama.py:83)",
     "whisper": "wrong with use_cache=False: WhisperDecoder passes no cache to its layers then",
 }
 
 
 @functools.lru_cache(maxsize=None)
 def outcome(model_type: str):
+    """The sweep of one architecture (once per session), on one thread: tiny models run faster so."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    return sweep_one(model_type)
+    try:
+        return sweep_one(model_type)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _param(model_type: str):
