@@ -33,8 +33,10 @@ NO_KV = "has no per-token K/V"
 
 REFUSED = {
     # fused QKV projections without an adapter
-    "codegen": FUSED, "dbrx": FUSED, "fuyu": FUSED, "gpt_neox_japanese": FUSED, "openai-gpt": FUSED,
+    "codegen": FUSED, "dbrx": FUSED, "gpt_neox_japanese": FUSED, "openai-gpt": FUSED,
     "phi4_multimodal": FUSED, "zaya": FUSED,
+    # its modeling code refuses any cache but its own class (MiniMaxCache, which grows its layers lazily)
+    "minimax": "keeps its states in a cache class of its own",
     # attention modules without k_proj/v_proj (BERT-style encoders used as decoders, others)
     "bert": NO_KV_PROJ, "bert-generation": NO_KV_PROJ, "big_bird": NO_KV_PROJ, "camembert": NO_KV_PROJ,
     "cpmant": NO_KV_PROJ, "ctrl": NO_KV_PROJ, "data2vec-text": NO_KV_PROJ, "electra": NO_KV_PROJ,
@@ -74,14 +76,7 @@ NOT_RUNNABLE = {  # the plain tiny model, without kvsharer
 NO_REFERENCE: dict[str, str] = {  # model_type: why no independent reference applies (none today)
 }
 
-KNOWN_BROKEN = {  # model_type: what goes wrong today (delete an entry when its fix lands)
-    "inkling_text": "crash: attention mask over 48 keys, K/V of 63 (modeling_inkling.py:175)",
-    "inkling2_text": "crash: attention mask over 48 keys, K/V of 63 (modeling_inkling2.py:385)",
-    "minimax": "crash: DynamicCache has no get_linear_cache (the model needs its own cache class)",
-    "mllama": "crash: a SharedLayer says is_initialized but its keys are None; Mllama reads layer.keys.numel() "
-              "for every layer (modeling_mllama.py:83)",
-    "whisper": "wrong with use_cache=False: WhisperDecoder passes no cache to its layers then",
-}
+KNOWN_BROKEN: dict[str, str] = {}  # model_type: what goes wrong today (delete an entry when its fix lands)
 
 
 @functools.lru_cache(maxsize=None)

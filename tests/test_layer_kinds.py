@@ -179,3 +179,32 @@ def test_a_model_with_latent_attention_is_refused_when_parts_are_found():
         model = DeepseekV3ForCausalLM(config)
     with pytest.raises(UnsupportedArchitecture, match="multi-head latent attention"):
         find_parts(model)
+
+
+def test_a_static_cache_shares_as_the_dynamic_one(mixed):
+    """transformers' StaticCache (fixed buffers, sliding ones of the window's size, what torch.compile needs): the
+    sharers' cache layers hold nothing, and decoding through it gives the substitution reference's logits."""
+    import arch_sweep
+    from transformers import StaticCache
+
+    from kvsharer import cache_nbytes
+
+    ids = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
+    share_map = SharingPolicy.from_pairs(8, {3: 2, 7: 4}).map
+    want = arch_sweep.reference_logits(mixed, ids, share_map)[0]
+    with torch.no_grad(), share_kv(mixed, SharingPolicy(share_map)):
+        cache = StaticCache(config=mixed.config, max_cache_len=16)
+        out = mixed(ids[:, :8], past_key_values=cache, use_cache=True)
+        steps = [out.logits]
+        for t in range(8, 12):
+            out = mixed(ids[:, t : t + 1], past_key_values=cache, use_cache=True,
+                        cache_position=torch.tensor([t]))
+            steps.append(out.logits)
+    assert (torch.cat(steps, dim=1) - want).abs().max() < 1e-4
+    assert cache.layers[3].keys is None and cache.layers[7].keys is None
+    plain = StaticCache(config=mixed.config, max_cache_len=16)
+    with torch.no_grad():
+        mixed(ids[:, :8], past_key_values=plain, use_cache=True)
+    # the two sharers' buffers are gone: one sliding (window 4) and one full (16) of the 8 layers
+    per_token = plain.layers[0].keys[:, :, :1].numel() * 4 * 2
+    assert cache_nbytes(plain) - cache_nbytes(cache) == per_token * (plain.layers[3].keys.shape[-2] + 16)

@@ -77,6 +77,8 @@ class CacheHooks:
             cache = DynamicCache(config=self.model.config)
         if cache is not None:
             kwargs["past_key_values"] = assemble_cache(cache, methods, self.parts.n_layers)
+            if not use_cache:  # a decoder that hands its layers no cache without it (Whisper's) must get ours
+                kwargs["use_cache"] = True
         self._stack[-1] = (cache, created and not use_cache)
         return args, kwargs
 

@@ -40,10 +40,23 @@ class KVMethod:
     shares = False  # True for KV sharing itself
     with_sharing = True  # composes with KV sharing (False: a rival of sharing)
     always_wires = False  # also wires a cache the forward asked not to keep (use_cache=False)
+    replaces_layers = False  # gives every layer that stores K/V a cache layer of its own class (``own_layer``)
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.parts: ModelParts = find_parts(model)
+        if self.replaces_layers:
+            hybrid = [i for i, kind in enumerate(self.parts.kinds) if kind.has_kv and kind.recurrent]
+            if hybrid:
+                raise CombinationError(
+                    f"{self.title} replaces the cache layer of every layer that stores K/V, but layer {hybrid[0]} "
+                    f"of {type(model).__name__} keeps a recurrent (Mamba / linear-attention) state in the same cache "
+                    "layer: it would be lost. KV sharing alone works on this model")
+
+    def own_layer(self, i: int, layers: Sequence) -> bool:
+        """Whether layer ``i`` gets a cache layer of this method: it stores K/V itself (not a sharer, not a
+        Mamba / linear-attention or MLP-only layer, whose cache objects stay as they are)."""
+        return self.parts.kinds[i].has_kv and getattr(layers[i], "source_idx", i) == i
 
     @classmethod
     def from_spec(cls, model: nn.Module, spec) -> "KVMethod":

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer
 
-from ..models.layer_kinds import policy_problems
-from ..models.loading import kv_shape
+from ..models.layer_kinds import layer_kinds, policy_problems
+from ..models.loading import kv_shape, text_config
 from .hooks import attached_methods
 from .method import KVMethod, attach_all
 from .policy import PolicyError, SharingPolicy
@@ -43,15 +43,19 @@ class ReturnedKV:
     decoder forward) drops the reference, so nothing lingers between forwards either."""
 
     def __init__(self, layer):
+        self.layer = layer
         self.update = layer.update  # the layer's own (bound) update
         self.kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.before: tuple[int, int, tuple[int, int]] | None = None  # (seq length, query, mask sizes) before it
 
     def __call__(self, key_states, value_states, *args, **kwargs):
+        query = key_states.shape[-2]
+        self.before = (self.layer.get_seq_length(), query, self.layer.get_mask_sizes(query))
         self.kv = self.update(key_states, value_states, *args, **kwargs)
         return self.kv
 
     def clear(self) -> None:
-        self.kv = None
+        self.kv = self.before = None
 
 
 def returned_kv(layer) -> ReturnedKV:
@@ -71,6 +75,7 @@ class SharedLayer(DummyLayer, CacheLayerMixin):
 
     def __init__(self, source, source_idx: int):
         super().__init__()
+        self.is_initialized = False  # it holds no keys (code that reads a layer's keys when initialized skips it)
         self.source_idx = source_idx
         self.connect(source)
 
@@ -96,10 +101,17 @@ class SharedLayer(DummyLayer, CacheLayerMixin):
         # a model spread over GPUs (device_map="auto") may hold the source layer on another GPU
         return keys.to(key_states.device), values.to(key_states.device)
 
+    # A sharer answers as its source did at the same point of the forward: before the source's update. Masks are
+    # usually built before any layer runs, but some models ask each layer for its own just before its update
+    # (Inkling), when the source has already added this forward's tokens.
     def get_seq_length(self) -> int:
-        return self.source.get_seq_length()
+        before = self._tap.before
+        return before[0] if before is not None else self.source.get_seq_length()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        before = self._tap.before
+        if before is not None and before[1] == query_length:
+            return before[2]
         return self.source.get_mask_sizes(query_length)
 
     def get_max_length(self) -> int:
@@ -213,10 +225,16 @@ def cache_nbytes(cache: Cache | None) -> int:
 
 
 def expected_kv_nbytes(model, policy: SharingPolicy | None, batch: int, tokens: int, dtype_bytes: int) -> int:
-    """K/V bytes from the model shape alone: 2 × stored layers × batch × kv_heads × tokens × head_dim × bytes."""
+    """K/V bytes from the model shape alone: 2 × batch × kv_heads × head_dim × bytes × the tokens every storing
+    layer holds after ``tokens`` tokens — all of them, but a sliding-window (or chunked) layer keeps its last
+    ``window − 1`` (transformers' ``DynamicSlidingWindowLayer``) and a layer with no K/V (Mamba / linear
+    attention) none; a layer that shares holds nothing."""
     n_layers, kv_heads, head_dim = kv_shape(model)
-    stored = n_layers - (policy.num_shared if policy else 0)
-    return 2 * stored * batch * kv_heads * tokens * head_dim * dtype_bytes
+    share_map = policy.map if policy else list(range(n_layers))
+    kinds = layer_kinds(text_config(model))
+    held = sum(min(tokens, kind.window - 1) if kind.window else tokens
+               for layer, kind in enumerate(kinds) if kind.has_kv and share_map[layer] == layer)
+    return 2 * held * batch * kv_heads * head_dim * dtype_bytes
 
 
 class KVSharing(KVMethod):

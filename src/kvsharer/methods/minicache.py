@@ -506,6 +506,7 @@ class MiniCache(KVMethod):
 
     title = "MiniCache"
     with_sharing = False  # a rival of KV sharing, compared with it at equal KV bytes
+    replaces_layers = True
 
     def __init__(self, model: nn.Module, rate: float | None = None, *, pairs=None, t: float = PAPER_T,
                  gamma: float = PAPER_GAMMA):

@@ -299,6 +299,7 @@ class KVQuantization(KVMethod):
 
     title = "KV quantization"
     with_sharing = True  # sources quantized once; sharers read what their source dequantized
+    replaces_layers = True
 
     def __init__(self, model: nn.Module, bits: int, *, group_size: int = 32, residual: int = 32):
         super().__init__(model)
@@ -311,8 +312,8 @@ class KVQuantization(KVMethod):
         return cls(model, int(spec.value), group_size=quant_group_size(model))
 
     def build_layer(self, i: int, layers):
-        if source_of(layers, i) != i:
-            return layers[i]  # a sharer reads what its source's update returned
+        if not self.own_layer(i, layers):
+            return layers[i]  # a sharer reads what its source's update returned; a layer without K/V keeps its own
         return QuantizedKVLayer(self.bits, self.group_size, self.residual, i, getattr(layers[i], "is_sliding", False))
 
 

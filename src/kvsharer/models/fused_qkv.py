@@ -268,6 +268,20 @@ FUSED_QKV_ADAPTERS: dict[str, Callable[[object], FusedQKVAdapter]] = {
     "MptForCausalLM": _adapter(MPT),
 }
 
+# text config model_type -> the registry's class name: a multimodal model whose text decoder is one of these
+# families (Fuyu's is Persimmon) finds its adapter through its text config
+BY_MODEL_TYPE: dict[str, str] = {"phi3": "Phi3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM",
+                                 "persimmon": "PersimmonForCausalLM", "bloom": "BloomForCausalLM",
+                                 "falcon": "FalconForCausalLM", "gpt2": "GPT2LMHeadModel",
+                                 "gpt_bigcode": "GPTBigCodeForCausalLM", "mpt": "MptForCausalLM"}
+
+
+def adapter_factory(model_class: str, config) -> Callable[[object], FusedQKVAdapter] | None:
+    """The adapter of a model class, else of its text decoder's family (``config``: its text config)."""
+    return FUSED_QKV_ADAPTERS.get(model_class) or FUSED_QKV_ADAPTERS.get(
+        BY_MODEL_TYPE.get(getattr(config, "model_type", None), ""))
+
+
 # fused architectures looked at and left without an adapter: model class name -> why
 FUSED_QKV_REFUSED: dict[str, str] = {
     "ZayaForCausalLM": (

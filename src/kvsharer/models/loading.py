@@ -26,7 +26,7 @@ from .sources import (DEFAULT_MODEL, EMBEDDED_MODELS, EMBEDDED_PREFIX, ModelErro
                       embedded_gguf)
 
 # fused-QKV layouts, their Q-only stand-ins and the adapter registry live in kvsharer.models.fused_qkv
-from .fused_qkv import (FUSED_QKV_ADAPTERS, FUSED_QKV_NAMES, FUSED_QKV_REFUSED, FusedQKVAdapter,  # noqa: E402,F401
+from .fused_qkv import (FUSED_QKV_ADAPTERS, adapter_factory, FUSED_QKV_NAMES, FUSED_QKV_REFUSED, FusedQKVAdapter,  # noqa: E402,F401
                         GroupedQOnlyProjection, InternLM2Adapter, QOnlyProjection)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -85,11 +85,16 @@ def find_parts(model: nn.Module) -> ModelParts:
             f"{type(decoder).__name__}, found {len(layer_lists)}"
         )
     layers = layer_lists[0]
+    own_cache = _own_cache_class(decoder)
+    if own_cache is not None:
+        raise UnsupportedArchitecture(
+            f"{cls}: its modeling code keeps its states in a cache class of its own ({own_cache}) and refuses any "
+            "other, so the cache layers KV sharing and the cache methods build cannot be given to it")
     kinds = layer_kinds(config)
     refused = next((k for k in kinds if k.kind in (LATENT, UNKNOWN)), None)
     if refused is not None:
         raise UnsupportedArchitecture(f"{cls}: {unsupported(kinds)}")
-    factory = FUSED_QKV_ADAPTERS.get(cls)
+    factory = adapter_factory(cls, config)
     adapter = factory(config) if factory is not None else None
     attentions = []
     for idx, layer in enumerate(layers):
@@ -108,6 +113,18 @@ def find_parts(model: nn.Module) -> ModelParts:
                           fused=adapter, kinds=kinds)
     return ModelParts(decoder=decoder, layers=layers, attentions=attentions, k_name="k_proj", v_name="v_proj",
                       kinds=kinds)
+
+
+def _own_cache_class(decoder: nn.Module) -> str | None:
+    """A ``DynamicCache`` subclass defined in the decoder's own modeling file (MiniMax's ``MiniMaxCache``), if any."""
+    import sys
+
+    from transformers.cache_utils import DynamicCache
+
+    module = sys.modules.get(type(decoder).__module__)
+    own = [name for name, c in vars(module).items() if isinstance(c, type) and issubclass(c, DynamicCache)
+           and c.__module__ == module.__name__] if module is not None else []
+    return own[0] if own else None
 
 
 def _find_attention(model: nn.Module, layer: nn.Module, idx: int, adapter: FusedQKVAdapter | None) -> nn.Module:

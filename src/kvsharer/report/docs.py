@@ -185,7 +185,6 @@ CAPTIONS = {
     "minicache": "MiniCache vs KVSharer (dissimilar order) at the same rate, i.e. about equal KV bytes.",
 }
 HEADLINE = "search_procedures"  # the README's table is cut from it
-HEADLINE_COLUMNS = ("rate (%)", "method", "KV (% of plain)", "PPL", "mean_acc")
 README_MARKERS = ("<!-- results-table:start -->", "<!-- results-table:end -->")
 
 
@@ -284,23 +283,21 @@ def provenance_lines(prov: dict) -> list[str]:
 
 
 def headline_table(results: Path) -> str:
-    """The README's table: plain, the paper's order and the best measured order at every rate, from
-    ``search_procedures`` (PPL, KV held, the second corpus' PPL where there is one, mean accuracy)."""
+    """The README's table: the plain model, the ranked orders, the measured ones and MiniCache at every rate, cut
+    from ``search_procedures`` (KV held, PPL, PPL on every further corpus, mean task accuracy)."""
     headers, rows = parse_markdown_table((results / "tables" / f"{HEADLINE}.md").read_text())
     if not rows:
         return "(no results yet)\n"
+    method = headers.index("method")
+    shown = [row for row in rows if row[method] in ("plain", "dissimilar", "similar", "MiniCache")
+             or row[method].startswith(("measured", "random"))]
     corpora = [h for h in headers if h.startswith("ppl:")]
-    keep = [h for h in ("rate (%)", "method", "KV (% of plain)", "PPL", *corpora, "mean_acc") if h in headers]
-    index = [headers.index(h) for h in keep]
-    picked = [[row[i] for i in index] for row in rows
-              if row[headers.index("method")] in ("plain", "dissimilar", "similar", "MiniCache")
-              or row[headers.index("method")].startswith("measured")]
-    models = {row[headers.index("model")] for row in rows}
-    if len(models) > 1:
-        keep, picked = ["model", *keep], [[row[headers.index("model")], *p] for row, p in zip(rows, picked)]
-    names = {"rate (%)": "rate %", "KV (% of plain)": "KV held %", "mean_acc": "passage acc."}
-    numeric = [h not in ("model", "method") for h in keep]
-    return render_markdown_table([names.get(h, h) for h in keep], picked, numeric)
+    keep = [h for h in ("rate (%)", "method", "KV (% of plain)", "PPL", *corpora, "mean acc") if h in headers]
+    if len({row[headers.index("model")] for row in rows}) > 1:
+        keep.insert(0, "model")
+    names = {"rate (%)": "rate %", "KV (% of plain)": "KV held %", "mean acc": "mean task acc."}
+    return render_markdown_table([names.get(h, h) for h in keep], [[row[headers.index(h)] for h in keep] for row in shown],
+                                 [h not in ("model", "method") for h in keep])
 
 
 def results_page(results: Path, source: str) -> str:
@@ -320,6 +317,11 @@ def results_page(results: Path, source: str) -> str:
         "## Provenance",
         "",
         *provenance_lines(prov),
+        "",
+        "PPL vs sharing rate per pair order (`results/figures/ppl_vs_rate.png` of this run, copied by `python -m "
+        "kvsharer docs snapshot`):",
+        "",
+        "![PPL vs sharing rate per pair order](ppl_vs_rate.png)",
         "",
     ]
     for name in TABLES:

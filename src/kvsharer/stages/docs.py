@@ -5,7 +5,8 @@
   README's small table between its ``<!-- results-table:start/end -->`` markers;
 * ``docs snapshot --results results --out DIR``: copy a finished run's ``tables/*.md`` and
   ``<model>/run_meta.json`` (a few KB) to ``DIR`` with ``snapshot.json`` (the command that made the run, when
-  its files were written), for ``docs results`` to read in a checkout without the run.
+  its files were written), for ``docs results`` to read in a checkout without the run; and its headline figure
+  to ``docs/ppl_vs_rate.png``.
 
 ``--check`` writes nothing and exits 1 when a page differs from what would be written (CI, tests).
 Torch-free, like the whole report.
@@ -27,6 +28,7 @@ log = logging.getLogger("kvsharer")
 
 SCHEMA = Path("workflow/schemas/config.schema.yaml")
 SNAPSHOT_DIR = Path("docs/results-snapshot")
+HEADLINE_FIGURE = Path("docs/ppl_vs_rate.png")  # the README's and results.md's figure, from the snapshot's run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the page (default docs/configuration.md, docs/results.md) or the snapshot folder")
     parser.add_argument("--command", dest="run_command", default=None,
                         help="snapshot: the command that made the run, as recorded (e.g. 'make demo')")
+    parser.add_argument("--figure-out", type=Path, default=HEADLINE_FIGURE,
+                        help=f"snapshot: where the run's figures/{HEADLINE_FIGURE.name} is copied (default {HEADLINE_FIGURE}; "
+                             "'' : not copied)")
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 when a generated page differs from the file")
 
@@ -92,6 +97,10 @@ def main(args: argparse.Namespace) -> int:
         files = snapshot(args.results, args.out, args.run_command)
         log.info("snapshot of %s: %d files, %d bytes -> %s", args.results, len(files),
                  sum(p.stat().st_size for p in files), args.out)
+        figure = args.results / "figures" / HEADLINE_FIGURE.name
+        if str(args.figure_out) not in ("", ".") and figure.exists():
+            shutil.copyfile(figure, args.figure_out)
+            log.info("figure %s -> %s", figure, args.figure_out)
         return 0
     if not (args.results / "tables").is_dir():
         raise FileNotFoundError(f"{args.results}/tables does not exist: run `make demo` first, or read the "

@@ -38,6 +38,7 @@ class KVCompression(KVMethod):
 
     title = "a token-level method (compress_kv)"
     with_sharing = True  # one CompressedLayer per sharing group, at its source
+    replaces_layers = True
 
     def __init__(self, model: nn.Module, method: TokenMethod):
         if not isinstance(method, TokenMethod):
@@ -53,11 +54,11 @@ class KVCompression(KVMethod):
         return cls(model, make_method(spec.name, spec.value))
 
     def build_layer(self, i: int, layers):
-        if source_of(layers, i) != i:
-            return layers[i]  # a sharer reads its source's CompressedLayer
+        if not self.own_layer(i, layers):
+            return layers[i]  # a sharer reads its source's CompressedLayer; a layer without K/V keeps its own
         share_map = [source_of(layers, j) for j in range(len(layers))]
         group = [j for j, src in enumerate(share_map) if src == i]  # [i, its sharers...]
-        sources = [j for j, src in enumerate(share_map) if src == j]  # storing layers, in depth order
+        sources = [j for j, src in enumerate(share_map) if src == j and self.parts.kinds[j].has_kv]  # storing, by depth
         sliding = getattr(layers[i], "is_sliding", False)
         return CompressedLayer(self.method, i, group, sources.index(i), len(sources), sliding)
 
