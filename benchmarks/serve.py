@@ -56,7 +56,7 @@ def _args(argv=None):
                    help="let vLLM compile / capture graphs (GPU); default eager (CPU: no torch.compile wait)")
     p.add_argument("--fp8", default="plain,spread25%", metavar="ARMS",
                    help="these arms again with kv_cache_dtype=fp8 (comma list; empty: none)")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads of the engine (OMP_NUM_THREADS, no binding)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of the engine (OMP_NUM_THREADS, no binding)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "results" / "benchmarks" / "serve.json"))
     return p.parse_args(argv)
@@ -157,7 +157,15 @@ def main(argv=None) -> int:
             policy = arms[name]
             key = name if kv_dtype == "auto" else f"{name}+fp8"
             print(f"arm {key}: {policy.num_shared} of {layers} layers share", flush=True)
-            arm = run_arm(LLM, SamplingParams, args.model, serving_overrides(args.model, policy), kv_dtype, args, prompts)
+            try:
+                arm = run_arm(LLM, SamplingParams, args.model, serving_overrides(args.model, policy), kv_dtype, args,
+                              prompts)
+            except Exception as err:  # an fp8 cache this build cannot run is reported, not fatal
+                if kv_dtype == "auto":
+                    raise
+                results[key] = {"kv_cache_dtype": kv_dtype, "error": f"{type(err).__name__}: {err}"}
+                print(f"  {key} failed: {results[key]['error']}", flush=True)
+                continue
             bytes_per_block_layer = args.block_size * 2 * kv_heads * head_dim * (1 if kv_dtype == "fp8" else elem)
             arm.update(shared_layers=policy.num_shared, storing_layers=layers - policy.num_shared,
                        map=policy.map, kv_blocks_expected=budget // (bytes_per_block_layer * (layers - policy.num_shared)))
@@ -166,7 +174,8 @@ def main(argv=None) -> int:
                   f"{arm['max_concurrency']} (observed {arm['max_running_observed']}), "
                   f"{arm['output_tokens_per_s']:.1f} tok/s, latency {arm['latency_mean_s']:.2f} s", flush=True)
     plain = results["plain"]
-    for key, arm in results.items():
+    measured = {key: arm for key, arm in results.items() if "error" not in arm}
+    for key, arm in measured.items():
         arm["ratio_to_plain"] = {m: arm[m] / plain[m] for m in
                                  ("kv_blocks", "max_concurrency", "max_running_observed", "output_tokens_per_s",
                                   "latency_mean_s", "ttft_mean_s")}
@@ -177,12 +186,13 @@ def main(argv=None) -> int:
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "dtype": args.dtype,
         "threads": args.threads, "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
         "policies_note": "spread*: SharingPolicy.spread (not searched); blocks and concurrency depend only on k",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT))
+                             else sys.executable, *sys.argv]),
         "arms": results,
     }
     atomic_write_text(args.out, json.dumps(out, indent=2) + "\n")
     print(f"{'arm':<16}{'k':>3}{'blocks':>8}{'x':>7}{'L/(L-k)':>9}{'conc.':>7}{'x':>7}{'tok/s':>8}{'x':>7}{'lat s':>7}{'x':>7}")
-    for key, arm in results.items():
+    for key, arm in measured.items():
         r = arm["ratio_to_plain"]
         print(f"{key:<16}{arm['shared_layers']:>3}{arm['kv_blocks']:>8}{r['kv_blocks']:>7.3f}{arm['expected_ratio']:>9.3f}"
               f"{arm['max_concurrency']:>7}{r['max_concurrency']:>7.3f}{arm['output_tokens_per_s']:>8.1f}"
