@@ -39,8 +39,9 @@ sys.path.insert(0, str(ROOT / "src"))
 
 def _args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(ROOT / ".venv-serve" / "models" / "smollm2-135m-instruct-float32"),
-                   help="a prepared model folder (python -m kvsharer prepare-model --out ...)")
+    p.add_argument("--model", default=None,
+                   help="a prepared model folder (python -m kvsharer prepare-model --out ...); default: the demo "
+                        "model, converted once into .venv-serve/models/ by the main environment (.venv)")
     p.add_argument("--rates", default="0.125,0.25,0.375", help="spread policies at these sharing rates")
     p.add_argument("--policy", action="append", default=[], metavar="NAME=FILE", help="more policies (repeatable)")
     p.add_argument("--kv-cache-mib", type=float, default=96.0, help="the KV-cache budget of every arm")
@@ -132,6 +133,10 @@ def main(argv=None) -> int:
     from kvsharer.serving.vllm_plugin import register
 
     register()
+    if args.model is None:
+        from kvsharer.serving.demo import prepare_demo_model
+
+        args.model = str(prepare_demo_model())
     config = read_config(args.model)
     layers = config["num_hidden_layers"]
     kv_heads = config["num_key_value_heads"]

@@ -20,7 +20,6 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ import pytest
 
 from kvsharer.cache.policy import SharingPolicy
 from kvsharer.serving.compare import diff
+from kvsharer.serving.demo import prepare_demo_model
 from kvsharer.serving.overrides import MAP_KEY, ServingError, serving_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,15 +132,7 @@ def _demo_model() -> Path:
     prepared); cached inside .venv-serve, which only exists where the serving test runs."""
     if os.environ.get("KVSHARER_SERVE_MODEL"):
         return Path(os.environ["KVSHARER_SERVE_MODEL"])
-    folder = ROOT / ".venv-serve" / "models" / "smollm2-135m-instruct-float32"
-    if not (folder / "model.safetensors").exists():
-        scratch = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(scratch, ignore_errors=True)
-        subprocess.run([sys.executable, "-m", "kvsharer", "--threads", "1", "prepare-model",
-                        "--source", "embedded:smollm2-135m-instruct", "--dtype", "float32", "--out", str(scratch)],
-                       check=True, cwd=ROOT)
-        scratch.rename(folder)
-    return folder
+    return prepare_demo_model(python=sys.executable)
 
 
 @pytest.mark.slow
