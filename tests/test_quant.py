@@ -196,7 +196,7 @@ def test_sharing_and_quantization_compose():
                 assert torch.equal(got, torch.cat([old, full[:, :, 8:], new], dim=-2))
         taps = [layer.__dict__["update"] for layer in cache.layers if isinstance(layer.__dict__.get("update"), ReturnedKV)]
         assert taps and all(tap.kv is None for tap in taps)  # the sources' returned K/V dropped after the forward
-        with pytest.raises(RuntimeError, match="returned no K/V in this forward"):
+        with pytest.raises(RuntimeError, match="returned no K/V yet in this forward"):
             cache.layers[3].update(None, None)
         sharing, attached = attached_methods(model)
         assert quantization.attached and attached is quantization
