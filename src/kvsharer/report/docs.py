@@ -282,22 +282,34 @@ def provenance_lines(prov: dict) -> list[str]:
     return lines
 
 
+def _rounded(cell: str, digits: int) -> str:
+    try:
+        value = float(cell)
+    except ValueError:
+        return cell
+    return f"{value:.{digits}f}"
+
+
 def headline_table(results: Path) -> str:
-    """The README's table: the plain model, the ranked orders, the measured ones and MiniCache at every rate, cut
-    from ``search_procedures`` (KV held, PPL, PPL on every further corpus, mean task accuracy)."""
+    """The README's table: the plain model, the paper's order, the opposite one, the measured orders and MiniCache
+    at every rate, cut from ``search_procedures`` (KV held, PPL, PPL on every further corpus, mean task accuracy),
+    rounded for reading (results.md has the table's own 4 decimals)."""
     headers, rows = parse_markdown_table((results / "tables" / f"{HEADLINE}.md").read_text())
     if not rows:
         return "(no results yet)\n"
     method = headers.index("method")
     shown = [row for row in rows if row[method] in ("plain", "dissimilar", "similar", "MiniCache")
-             or row[method].startswith(("measured", "random"))]
+             or row[method].startswith("measured")]
     corpora = [h for h in headers if h.startswith("ppl:")]
     keep = [h for h in ("rate (%)", "method", "KV (% of plain)", "PPL", *corpora, "mean acc") if h in headers]
     if len({row[headers.index("model")] for row in rows}) > 1:
         keep.insert(0, "model")
-    names = {"rate (%)": "rate %", "KV (% of plain)": "KV held %", "mean acc": "mean task acc."}
-    return render_markdown_table([names.get(h, h) for h in keep], [[row[headers.index(h)] for h in keep] for row in shown],
-                                 [h not in ("model", "method") for h in keep])
+    names = {"rate (%)": "rate %", "KV (% of plain)": "KV held %", "PPL": "PPL", "mean acc": "mean task acc.",
+             **{c: f"PPL {c[4:]}" for c in corpora}}
+    digits = {"KV (% of plain)": 1, "PPL": 2, "mean acc": 2, **{c: 2 for c in corpora}}
+    table = [[_rounded(row[headers.index(h)], digits[h]) if h in digits else row[headers.index(h)] for h in keep]
+             for row in shown]
+    return render_markdown_table([names.get(h, h) for h in keep], table, [h not in ("model", "method") for h in keep])
 
 
 def results_page(results: Path, source: str) -> str:
