@@ -273,6 +273,7 @@ def provenance_lines(prov: dict) -> list[str]:
     lines = [
         f"- **run**: `{prov.get('command') or 'not recorded'}`; started {prov['started']} (first `run_meta.json`), "
         f"tables written by {prov['tables_written']}",
+        *([f"- **note**: {prov['note']}"] if prov.get("note") else []),
         f"- **commit**: `{prov['commit']}`",
         f"- **config**: sha256 `{prov['config_sha256']}` (the whole config is in each `run_meta.json`)",
         *[f"  - {line}" for line in _config_summary(prov["config"])],

@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the page (default docs/configuration.md, docs/results.md) or the snapshot folder")
     parser.add_argument("--command", dest="run_command", default=None,
                         help="snapshot: the command that made the run, as recorded (e.g. 'make demo')")
+    parser.add_argument("--note", default=None,
+                        help="snapshot: what else a reader should know about the run (e.g. the machine was shared)")
     parser.add_argument("--figure-out", type=Path, default=HEADLINE_FIGURE,
                         help=f"snapshot: where the run's figures/{HEADLINE_FIGURE.name} is copied (default {HEADLINE_FIGURE}; "
                              "'' : not copied)")
@@ -65,8 +67,10 @@ def _write(path: Path, text: str, check: bool) -> bool:
     return True
 
 
-def snapshot(results: Path, out: Path, command: str | None) -> list[Path]:
+def snapshot(results: Path, out: Path, command: str | None, note: str | None = None) -> list[Path]:
     record = run_record(results, command)  # refuses a folder without a finished run
+    if note:
+        record["note"] = note
     if out.exists():
         shutil.rmtree(out)
     written = []
@@ -94,7 +98,7 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError("docs snapshot needs --out (e.g. docs/results-snapshot)")
         if args.check:
             raise ValueError("docs snapshot has no --check")
-        files = snapshot(args.results, args.out, args.run_command)
+        files = snapshot(args.results, args.out, args.run_command, args.note)
         log.info("snapshot of %s: %d files, %d bytes -> %s", args.results, len(files),
                  sum(p.stat().st_size for p in files), args.out)
         figure = args.results / "figures" / HEADLINE_FIGURE.name
