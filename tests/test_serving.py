@@ -10,7 +10,8 @@ here) and skips with the reason elsewhere. It compares, on the demo model, greed
   log-probabilities within ``LOGPROB_TOL`` nats up to the first divergence;
 * plain transformers and plain vLLM, the same way;
 
-and checks that vLLM allocated the KV blocks of ``L - k`` layers instead of ``L`` for the same budget.
+and checks that vLLM allocated the KV blocks of ``L - k`` layers instead of ``L`` for the same budget and that
+the shared layers computed no K/V (their ``qkv_proj`` replaced by a Q-only projection).
 """
 
 from __future__ import annotations
@@ -116,6 +117,23 @@ def test_nothing_else_in_the_package_imports_the_serving_code():
     assert "kvsharer.serving.overrides" in _imports(src / "kvsharer" / "serving" / "vllm_plugin.py", "kvsharer.serving")
 
 
+def test_q_only_projection_computes_the_q_columns_alone():
+    torch = pytest.importorskip("torch")
+    from kvsharer.serving.vllm_models import QOnlyProjection
+
+    torch.manual_seed(0)
+    full = torch.nn.Linear(16, 8 + 2 * 4, bias=True)
+    proj = QOnlyProjection(full, q_size=8, kv_size=4)
+    x = torch.randn(5, 16)
+    out, bias = proj(x)
+    assert bias is None and out.shape == (5, 16)
+    torch.testing.assert_close(out[:, :8], full(x)[:, :8])
+    assert torch.count_nonzero(out[:, 8:]) == 0
+    assert [name for name, _ in proj.named_parameters()] == []  # vLLM counts loaded parameters
+    with pytest.raises(ServingError, match="q \\+ 2 kv"):
+        QOnlyProjection(full, q_size=8, kv_size=2)
+
+
 # --- end to end: vLLM vs transformers --------------------------------------------------------------------
 
 
@@ -150,9 +168,15 @@ def test_vllm_generations_equal_transformers_with_and_without_sharing(tmp_path):
     subprocess.run([sys.executable, "-m", "kvsharer.serving.compare", "transformers", *common, "--prompts", "6",
                     "--out", str(tmp_path / "hf.json")], check=True, cwd=ROOT, env=env)
     budget = 256 << 20
-    subprocess.run([python, "-m", "kvsharer.serving.compare", "vllm", *common, "--kv-cache-bytes", str(budget),
-                    "--prompts-from", str(tmp_path / "hf.json"), "--out", str(tmp_path / "vllm.json")],
-                   check=True, cwd=ROOT, env=env)
+    served_run = subprocess.run([python, "-m", "kvsharer.serving.compare", "vllm", *common, "--kv-cache-bytes",
+                                 str(budget), "--prompts-from", str(tmp_path / "hf.json"), "--out",
+                                 str(tmp_path / "vllm.json")], cwd=ROOT, env=env, capture_output=True, text=True)
+    log = served_run.stdout + served_run.stderr
+    assert served_run.returncode == 0, log[-5000:]
+    # the plugin bound the shared layers and replaced their K/V projections (logged by the engine's worker)
+    k = policy.num_shared
+    assert f"KVSharer: {k} of {layers} layers read another layer's KV cache" in log, log[-5000:]
+    assert f"KVSharer: {k} of {k} shared layers compute no K/V" in log, log[-5000:]
     hf = json.loads((tmp_path / "hf.json").read_text())
     served = json.loads((tmp_path / "vllm.json").read_text())
     result = diff(hf, served)

@@ -6,7 +6,8 @@ same attention kind: :mod:`kvsharer.models.layer_kinds`) and returns the ``hf_ov
 * ``architectures``: ``KVSharer<Arch>`` — registered by :mod:`kvsharer.serving.vllm_plugin`, it is vLLM's own
   ``<Arch>`` class, whose attention layers are bound to their sources' caches after the model is built;
 * ``kvsharer_share_map``: the policy's map (``map[l] = s``: layer ``l`` reads layer ``s``'s K/V);
-* ``kvsharer_base_architecture``: the architecture it wraps.
+* ``kvsharer_base_architecture``: the architecture it wraps;
+* ``kvsharer_skip_kv``: whether shared layers skip computing K/V (``skip_kv``; default yes).
 
 vLLM copies these fields into the model's config (``hf_overrides``), in the engine process too.
 """
@@ -24,6 +25,7 @@ from ..models.layer_kinds import layer_kinds, pair_problem, unsupported
 PREFIX = "KVSharer"
 MAP_KEY = "kvsharer_share_map"
 BASE_KEY = "kvsharer_base_architecture"
+SKIP_KEY = "kvsharer_skip_kv"  # False: shared layers keep computing (and discarding) their K/V
 
 # vLLM architectures whose decoder attention is one ``Attention`` per layer (a KV cache of its own that
 # ``kv_sharing_target_layer_name`` can redirect). Llama / Mistral / Qwen2 / Qwen3 are the demo's and the
@@ -85,7 +87,8 @@ def base_architecture(config: dict[str, Any]) -> str:
 
 
 def serving_overrides(model: str | os.PathLike | dict,
-                      policy: SharingPolicy | str | os.PathLike | list[int] | None) -> dict[str, Any]:
+                      policy: SharingPolicy | str | os.PathLike | list[int] | None,
+                      skip_kv: bool = True) -> dict[str, Any]:
     """``hf_overrides`` for ``vllm.LLM`` / ``vllm serve --hf-overrides`` that serve ``model`` with ``policy``.
 
     ``None`` or an identity policy: ``{}`` (plain vLLM). Raises :class:`ServingError` naming every pair
@@ -103,4 +106,4 @@ def serving_overrides(model: str | os.PathLike | dict,
     problems = policy_problems_for(config, policy)
     if problems:
         raise ServingError("vLLM cannot serve this policy: " + "; ".join(problems))
-    return {"architectures": [PREFIX + arch], MAP_KEY: list(policy.map), BASE_KEY: arch}
+    return {"architectures": [PREFIX + arch], MAP_KEY: list(policy.map), BASE_KEY: arch, SKIP_KEY: skip_kv}

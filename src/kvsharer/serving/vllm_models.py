@@ -9,19 +9,26 @@ which the CPU runner inherits): a shared layer gets no KV-cache spec, hence no b
 source's cache tensor (``initialize_kv_cache``) and skips the cache write in ``Attention.forward``; its
 attention reads the source's K/V from the cache, in prefill as in decode.
 
-What a shared layer still does: its fused ``qkv_proj`` still computes K and V (and rotary embeds K);
-they are thrown away (vLLM 0.32: ``Attention.forward`` skips only ``unified_kv_cache_update``).
+vLLM itself would still compute a shared layer's K and V (its fused ``qkv_proj``) and throw them away
+(``Attention.forward`` skips only the cache write). After the checkpoint's weights are loaded
+(``load_weights``), each shared layer's ``qkv_proj`` is replaced by :class:`QOnlyProjection`, which keeps only
+the Q rows of the weight and multiplies by those alone, returning zeros in the K/V columns (never read:
+the layer attends over its source's cache). This needs an unquantized ``qkv_proj`` with ``q_size`` /
+``kv_size`` on its attention module (Llama, Mistral, Qwen2, Qwen3, Gemma 2/3, Phi-3 in vLLM); elsewhere,
+with ``load_format=dummy`` (no ``load_weights``) or with ``kvsharer_skip_kv: false`` in the overrides, the
+projection is left as it is and the K/V are computed and discarded.
 """
 
 from __future__ import annotations
 
 import importlib
 
+import torch
 from torch import nn
 
 from ..cache.policy import SharingPolicy
 from ..models.layer_kinds import layer_kinds, pair_problem
-from .overrides import BASE_KEY, MAP_KEY, PREFIX, ServingError
+from .overrides import BASE_KEY, MAP_KEY, PREFIX, SKIP_KEY, ServingError
 
 _classes: dict[str, type] = {}
 
@@ -93,6 +100,47 @@ def bind_shared_layers(model: nn.Module, vllm_config) -> list[tuple[str, str]]:
     return bound
 
 
+class QOnlyProjection(nn.Module):
+    """Stands in for a shared layer's fused ``qkv_proj`` after weight loading: ``x @ W_q^T (+ b_q)`` into the
+    Q columns of a ``[..., q + 2 kv]`` output whose K/V columns are zero (the layer's K/V are never read)."""
+
+    def __init__(self, original: nn.Module, q_size: int, kv_size: int):
+        super().__init__()
+        weight = original.weight
+        if weight.shape[0] != q_size + 2 * kv_size:
+            raise ServingError(f"qkv_proj has {weight.shape[0]} output rows, not q + 2 kv = {q_size + 2 * kv_size}")
+        # buffers, not parameters: vLLM's loaded-weights check counts parameters
+        self.register_buffer("q_weight", weight.detach()[:q_size].clone(), persistent=False)
+        bias = getattr(original, "bias", None)
+        self.register_buffer("q_bias", None if bias is None else bias.detach()[:q_size].clone(), persistent=False)
+        self.q_size, self.kv_size = q_size, kv_size
+
+    def forward(self, x: torch.Tensor):
+        out = x.new_zeros(*x.shape[:-1], self.q_size + 2 * self.kv_size)
+        out[..., : self.q_size] = torch.nn.functional.linear(x, self.q_weight, self.q_bias)
+        return out, None
+
+    def extra_repr(self) -> str:
+        return f"q_size={self.q_size}, kv_size={self.kv_size} (K/V not computed: KV sharing)"
+
+
+def skip_shared_kv_projections(model: nn.Module, bound: list[tuple[str, str]]) -> list[str]:
+    """Replace the ``qkv_proj`` of every shared layer's attention module by a :class:`QOnlyProjection`;
+    returns the attention layer names done (those whose projection is not an unquantized fused QKV stay)."""
+    shared = {layer for layer, _ in bound}
+    done = []
+    for module in list(model.modules()):
+        attn, proj = getattr(module, "attn", None), getattr(module, "qkv_proj", None)
+        if attn is None or proj is None or getattr(attn, "layer_name", None) not in shared:
+            continue
+        method = type(getattr(proj, "quant_method", None)).__name__
+        if method != "UnquantizedLinearMethod" or not hasattr(module, "q_size") or not hasattr(module, "kv_size"):
+            continue
+        module.qkv_proj = QOnlyProjection(proj, module.q_size, module.kv_size)
+        done.append(attn.layer_name)
+    return done
+
+
 def _make(name: str) -> type:
     from vllm.logger import init_logger
     from vllm.model_executor.models.registry import _VLLM_MODELS
@@ -110,10 +158,20 @@ def _make(name: str) -> type:
         if getattr(hf_config, BASE_KEY, base_arch) != base_arch:
             raise ServingError(f"{name} was asked for a {getattr(hf_config, BASE_KEY)} model")
         self.kvsharer_bound = bind_shared_layers(self, vllm_config)
+        self.kvsharer_config = hf_config
         logger.info("KVSharer: %d of %d layers read another layer's KV cache: %s", len(self.kvsharer_bound),
                     len(attention_layers(self)), ", ".join(f"{a} -> {b}" for a, b in self.kvsharer_bound))
 
-    cls = type(name, (base,), {"__init__": __init__, "__module__": __name__, "__qualname__": name,
+    def load_weights(self, weights):
+        loaded = base.load_weights(self, weights)
+        if getattr(self.kvsharer_config, SKIP_KEY, True):
+            done = skip_shared_kv_projections(self, self.kvsharer_bound)
+            logger.info("KVSharer: %d of %d shared layers compute no K/V (Q-only projection)", len(done),
+                        len(self.kvsharer_bound))
+        return loaded
+
+    cls = type(name, (base,), {"__init__": __init__, "load_weights": load_weights,
+                               "__module__": __name__, "__qualname__": name,
                                "__doc__": f"vLLM's {base_arch} serving a KVSharer policy ({__name__})."})
     return cls
 
