@@ -34,6 +34,22 @@ def test_generate_rejects_bad_policy_and_model(tiny_model_dir, tmp_path, caplog)
     assert "neither an existing folder nor a hub id" in caplog.text
 
 
+def test_a_policy_across_layer_kinds_is_refused_before_the_weights_load(tmp_path, caplog):
+    """A folder holding only config.json (no weights: loading would fail otherwise) of a model with sliding and
+    full layers: a policy pairing the two kinds is refused from the config alone, naming both layers."""
+    from transformers import Qwen2Config
+
+    Qwen2Config(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=300, use_sliding_window=True, sliding_window=8,
+                layer_types=["full_attention", "sliding_attention"] * 2).save_pretrained(tmp_path / "mixed")
+    bad = tmp_path / "cross.json"
+    bad.write_text(json.dumps({"map": [0, 1, 1, 3]}))  # full layer 2 -> sliding layer 1
+    assert cli(["evaluate-ppl", "--model", str(tmp_path / "mixed"), "--policy", str(bad), "--text", "embedded:pydoc",
+                "--out", str(tmp_path / "ppl.json")]) == 2
+    assert "layer 2 (full attention) cannot read layer 1 (sliding attention (window 8))" in caplog.text
+    assert not (tmp_path / "ppl.json").exists()
+
+
 def _bench(script: str, *args: str) -> dict:
     out = Path(args[args.index("--out") + 1])
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True)

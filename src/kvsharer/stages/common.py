@@ -26,8 +26,34 @@ def parse_setting(args: argparse.Namespace):
     from ..evaluate.streaming import check_chunk
 
     policy = SharingPolicy.from_json(args.policy) if args.policy else None
+    if policy is not None:
+        check_policy_kinds(policy, getattr(args, "model", None))
     method = CacheMethod.parse(args.cache)
     if method is not None:
         method.check_policy(policy)
     check_chunk(getattr(args, "chunk", None))
     return policy, method
+
+
+def check_policy_kinds(policy, model: str | None) -> None:
+    """Refuse a policy whose pairs the model's layer kinds rule out, from the model folder's ``config.json`` (or the
+    shape table), before its weights load; a model known neither way is checked when the policy is attached."""
+    import json
+    from pathlib import Path
+
+    from ..cache.policy import PolicyError
+    from ..models.layer_kinds import layer_kinds, policy_problems
+    from ..models.shapes import architecture_of
+
+    if not model:
+        return
+    config = Path(model) / "config.json"
+    if config.is_file():
+        kinds = layer_kinds(json.loads(config.read_text()))
+    elif architecture_of(model) is not None:
+        kinds = architecture_of(model).kinds()
+    else:
+        return
+    problems = policy_problems(policy.map, kinds)
+    if problems:
+        raise PolicyError(f"policy {policy.map} does not fit {model}: " + "; ".join(problems))
