@@ -5,9 +5,11 @@
 For every arm — ``plain`` and one policy per ``--rates`` entry (``SharingPolicy.spread``: round(rate x L)
 odd layers reading the layer before; *not* searched policies: blocks and concurrency depend only on how
 many layers share) plus any ``--policy NAME=FILE`` (e.g. a policy the search wrote) — one vLLM engine is
-built with the same ``kv_cache_memory_bytes`` (``--kv-cache-mib``) and ``--block-size``, then the same
-request set (``--requests`` prompts of ``--prompt-tokens`` random token ids, ``--new-tokens`` greedy tokens
-each, EOS ignored, all submitted at once) runs through it. Recorded per arm:
+built with the same ``kv_cache_memory_bytes`` (``--kv-cache-mib``) and ``--block-size``; all engines are
+built first and kept, then ``--repeats`` rounds run the same request set (``--requests`` prompts of
+``--prompt-tokens`` random token ids, ``--new-tokens`` greedy tokens each, EOS ignored, all submitted at
+once) through every arm in turn, a different arm first each round (arms side by side in time, so a load
+change on the machine hits all of them). Recorded per arm (timings: the median over the rounds):
 
 * ``kv_blocks``: the blocks vLLM allocated (``cache_config.num_gpu_blocks``), and the exact expectation
   ``budget // (block bytes per layer x layers that store K/V)``;
@@ -46,7 +48,7 @@ def _args(argv=None):
     p.add_argument("--policy", action="append", default=[], metavar="NAME=FILE", help="more policies (repeatable)")
     p.add_argument("--kv-cache-mib", type=float, default=96.0, help="the KV-cache budget of every arm")
     p.add_argument("--block-size", type=int, default=32)
-    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--requests", type=int, default=48)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--max-num-seqs", type=int, default=256)
@@ -58,14 +60,14 @@ def _args(argv=None):
     p.add_argument("--fp8", default="plain,spread25%", metavar="ARMS",
                    help="these arms again with kv_cache_dtype=fp8 (comma list; empty: none)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of the engine (OMP_NUM_THREADS, no binding)")
+    p.add_argument("--repeats", type=int, default=2, help="rounds over all arms (medians reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "results" / "benchmarks" / "serve.json"))
     return p.parse_args(argv)
 
 
-def run_arm(llm_cls, params_cls, model, overrides, kv_dtype, args, prompts):
-    from vllm.sampling_params import RequestOutputKind
-
+def build_arm(llm_cls, model, overrides, kv_dtype, args):
+    """One engine at the fixed budget: (LLM, KV blocks, seconds to build)."""
     budget = int(args.kv_cache_mib * (1 << 20))
     started = time.perf_counter()
     llm = llm_cls(model=model, dtype=args.dtype, enforce_eager=args.eager, seed=args.seed,
@@ -73,18 +75,15 @@ def run_arm(llm_cls, params_cls, model, overrides, kv_dtype, args, prompts):
                   max_model_len=args.prompt_tokens + args.new_tokens, block_size=args.block_size,
                   max_num_seqs=args.max_num_seqs, kv_cache_memory_bytes=budget, kv_cache_dtype=kv_dtype,
                   hf_overrides=overrides, disable_log_stats=True)
-    load = time.perf_counter() - started
+    return llm, llm.llm_engine.vllm_config.cache_config.num_gpu_blocks, time.perf_counter() - started
+
+
+def run_set(llm, params, prompts, tag: str) -> dict:
+    """The whole request set through ``llm``'s engine, all submitted at once: tokens/s and latencies."""
     engine = llm.llm_engine
-    blocks = engine.vllm_config.cache_config.num_gpu_blocks
-    params = params_cls(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True, detokenize=False,
-                        output_kind=RequestOutputKind.DELTA)
-    # one warm-up request (first-call allocations), not timed
-    engine.add_request("warmup", {"prompt_token_ids": prompts[0]}, params)
-    while engine.has_unfinished_requests():
-        engine.step()
     t0 = time.perf_counter()
     for i, ids in enumerate(prompts):
-        engine.add_request(str(i), {"prompt_token_ids": ids}, params)
+        engine.add_request(f"{tag}-{i}", {"prompt_token_ids": ids}, params)
     first, done, tokens, running = {}, {}, 0, 0
     while engine.has_unfinished_requests():
         outs = engine.step()
@@ -101,22 +100,13 @@ def run_arm(llm_cls, params_cls, model, overrides, kv_dtype, args, prompts):
         running = max(running, stepping)
     wall = time.perf_counter() - t0
     latencies = sorted(done.values())
-    per_request = math.ceil((args.prompt_tokens + args.new_tokens) / args.block_size)
-    result = {
-        "kv_cache_dtype": kv_dtype, "kv_blocks": blocks, "block_size": args.block_size,
-        "max_concurrency": min(blocks // per_request, args.max_num_seqs),
-        "max_running_observed": running,
+    return {
         "output_tokens": tokens, "wall_s": wall, "output_tokens_per_s": tokens / wall,
         "latency_mean_s": statistics.fmean(latencies), "latency_p50_s": latencies[len(latencies) // 2],
         "latency_p90_s": latencies[min(len(latencies) - 1, int(0.9 * len(latencies)))],
-        "ttft_mean_s": statistics.fmean(first.values()), "load_s": load,
+        "ttft_mean_s": statistics.fmean(first.values()), "max_running_observed": running,
         "requests_finished": len(done),
     }
-    del llm, engine
-    import gc
-
-    gc.collect()
-    return result
 
 
 def main(argv=None) -> int:
@@ -156,15 +146,20 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"--fp8 names arms {unknown} that this run does not have ({', '.join(arms)})")
     elem = {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
-    results = {}
+    from vllm.sampling_params import RequestOutputKind
+
+    params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True, detokenize=False,
+                            output_kind=RequestOutputKind.DELTA)
+    per_request = math.ceil((args.prompt_tokens + args.new_tokens) / args.block_size)
+    # every engine is built first and kept: the rounds then run the arms interleaved (side by side in time)
+    results, engines = {}, {}
     for kv_dtype, names in (("auto", list(arms)), ("fp8", fp8_arms)):
         for name in names:
             policy = arms[name]
             key = name if kv_dtype == "auto" else f"{name}+fp8"
             print(f"arm {key}: {policy.num_shared} of {layers} layers share", flush=True)
             try:
-                arm = run_arm(LLM, SamplingParams, args.model, serving_overrides(args.model, policy), kv_dtype, args,
-                              prompts)
+                llm, blocks, load = build_arm(LLM, args.model, serving_overrides(args.model, policy), kv_dtype, args)
             except Exception as err:  # an fp8 cache this build cannot run is reported, not fatal
                 if kv_dtype == "auto":
                     raise
@@ -172,23 +167,48 @@ def main(argv=None) -> int:
                 print(f"  {key} failed: {results[key]['error']}", flush=True)
                 continue
             bytes_per_block_layer = args.block_size * 2 * kv_heads * head_dim * (1 if kv_dtype == "fp8" else elem)
-            arm.update(shared_layers=policy.num_shared, storing_layers=layers - policy.num_shared,
-                       map=policy.map, kv_blocks_expected=budget // (bytes_per_block_layer * (layers - policy.num_shared)))
-            results[key] = arm
-            print(f"  blocks {arm['kv_blocks']} (expected {arm['kv_blocks_expected']}), concurrency "
-                  f"{arm['max_concurrency']} (observed {arm['max_running_observed']}), "
-                  f"{arm['output_tokens_per_s']:.1f} tok/s, latency {arm['latency_mean_s']:.2f} s", flush=True)
+            results[key] = {
+                "kv_cache_dtype": kv_dtype, "kv_blocks": blocks, "block_size": args.block_size,
+                "kv_blocks_expected": budget // (bytes_per_block_layer * (layers - policy.num_shared)),
+                "max_concurrency": min(blocks // per_request, args.max_num_seqs),
+                "shared_layers": policy.num_shared, "storing_layers": layers - policy.num_shared,
+                "map": policy.map, "load_s": load, "rounds": [],
+            }
+            run_set(llm, params, prompts[:1], f"{key}-warmup")  # first-call allocations, not timed
+            engines[key] = llm
+            print(f"  blocks {blocks} (expected {results[key]['kv_blocks_expected']}), concurrency "
+                  f"{results[key]['max_concurrency']}", flush=True)
+    keys = list(engines)
+    for r in range(args.repeats):
+        order = keys[r % len(keys):] + keys[: r % len(keys)]  # a different arm goes first each round
+        for key in order:
+            one = run_set(engines[key], params, prompts, f"{key}-{r}")
+            results[key]["rounds"].append(one)
+            print(f"  round {r + 1} {key}: {one['output_tokens_per_s']:.1f} tok/s, latency {one['latency_mean_s']:.2f} s",
+                  flush=True)
+    for key in keys:
+        rounds = results[key]["rounds"]
+        for metric in ("output_tokens_per_s", "latency_mean_s", "latency_p50_s", "latency_p90_s", "ttft_mean_s",
+                       "max_running_observed"):
+            results[key][metric] = statistics.median(one[metric] for one in rounds)
+        # the arm / plain ratio within each round (plain ran in the same round), then its median
+        results[key]["tokens_per_s_ratio_by_round"] = [
+            one["output_tokens_per_s"] / base["output_tokens_per_s"]
+            for one, base in zip(rounds, results["plain"]["rounds"])]
     plain = results["plain"]
     measured = {key: arm for key, arm in results.items() if "error" not in arm}
     for key, arm in measured.items():
         arm["ratio_to_plain"] = {m: arm[m] / plain[m] for m in
                                  ("kv_blocks", "max_concurrency", "max_running_observed", "output_tokens_per_s",
                                   "latency_mean_s", "ttft_mean_s")}
+        arm["ratio_to_plain"]["output_tokens_per_s_within_rounds_median"] = statistics.median(
+            arm["tokens_per_s_ratio_by_round"])
         arm["expected_ratio"] = layers / arm["storing_layers"] * (elem if arm["kv_cache_dtype"] == "fp8" else 1)
     out = {
         "benchmark": "serve", "engine": f"vllm {vllm.__version__}", "model": args.model, "layers": layers,
         "kv_cache_bytes": budget, "block_size": args.block_size, "requests": args.requests,
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "dtype": args.dtype,
+        "repeats": args.repeats,
         "threads": args.threads, "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
         "policies_note": "spread*: SharingPolicy.spread (not searched); blocks and concurrency depend only on k",
         "command": " ".join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT))
