@@ -21,7 +21,7 @@ if [ "${1:-}" = "--smoke" ]; then
   PY=${PYTHON:-.venv-serve/bin/python}
   OUT=${1:-results/gpu_serve_smoke}
   MODELS=tiny-llama
-  ARGS=(--dtype float32 --kv-cache-mib 4 --requests 8 --prompt-tokens 16 --new-tokens 8 --fp8 "")
+  ARGS=(--dtype float32 --kv-cache-mib 4 --requests 8 --prompt-tokens 16 --new-tokens 8 --fp8 "" --one-at-a-time)
 else
   PY=${PYTHON:-python}
   OUT=${1:-results/gpu_serve}
@@ -30,7 +30,7 @@ else
             'gpu_serve.sh: no CUDA GPU on this machine (--smoke runs the same pipeline at toy size on the CPU)')"
   # 8 GiB of KV cache for every arm; 512 requests of 512 prompt + 256 new tokens fill it several times over
   ARGS=(--dtype float16 --kv-cache-mib "${KV_MIB:-8192}" --block-size 16 --requests "${REQUESTS:-512}"
-        --prompt-tokens 512 --new-tokens 256 --max-num-seqs 1024 --no-eager --fp8 "plain,spread25%")
+        --prompt-tokens 512 --new-tokens 256 --max-num-seqs 1024 --no-eager --fp8 "plain,spread25%" --one-at-a-time)
 fi
 
 mkdir -p "$OUT"

@@ -9,7 +9,7 @@ built with the same ``kv_cache_memory_bytes`` (``--kv-cache-mib``) and ``--block
 built first and kept, then ``--repeats`` rounds run the same request set (``--requests`` prompts of
 ``--prompt-tokens`` random token ids, ``--new-tokens`` greedy tokens each, EOS ignored, all submitted at
 once) through every arm in turn, a different arm first each round (arms side by side in time, so a load
-change on the machine hits all of them). Recorded per arm (timings: the median over the rounds):
+change on the machine hits all of them; ``--one-at-a-time`` measures one engine after the other instead). Recorded per arm (timings: the median over the rounds):
 
 * ``kv_blocks``: the blocks vLLM allocated (``cache_config.num_gpu_blocks``), and the exact expectation
   ``budget // (block bytes per layer x layers that store K/V)``;
@@ -61,6 +61,9 @@ def _args(argv=None):
                    help="these arms again with kv_cache_dtype=fp8 (comma list; empty: none)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads of the engine (OMP_NUM_THREADS, no binding)")
     p.add_argument("--repeats", type=int, default=2, help="rounds over all arms (medians reported)")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="build, measure (all rounds) and free one engine after the other instead of keeping all "
+                        "and interleaving the arms (for engines too large to hold together: a 7B model on one GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "results" / "benchmarks" / "serve.json"))
     return p.parse_args(argv)
@@ -107,6 +110,16 @@ def run_set(llm, params, prompts, tag: str) -> dict:
         "ttft_mean_s": statistics.fmean(first.values()), "max_running_observed": running,
         "requests_finished": len(done),
     }
+
+
+def rounds(engines, keys, results, params, prompts, repeats) -> None:
+    """``repeats`` rounds of the request set through every engine of ``keys``, a different one first each round."""
+    for r in range(repeats):
+        for key in keys[r % len(keys):] + keys[: r % len(keys)]:
+            one = run_set(engines[key], params, prompts, f"{key}-{r}")
+            results[key]["rounds"].append(one)
+            print(f"  round {r + 1} {key}: {one['output_tokens_per_s']:.1f} tok/s, latency {one['latency_mean_s']:.2f} s",
+                  flush=True)
 
 
 def main(argv=None) -> int:
@@ -176,25 +189,25 @@ def main(argv=None) -> int:
             }
             run_set(llm, params, prompts[:1], f"{key}-warmup")  # first-call allocations, not timed
             engines[key] = llm
+            if args.one_at_a_time:  # all rounds now, then free the engine (GPU: one 7B engine at a time fits)
+                rounds(engines, [key], results, params, prompts, args.repeats)
+                del engines[key], llm
+                import gc
+
+                gc.collect()
             print(f"  blocks {blocks} (expected {results[key]['kv_blocks_expected']}), concurrency "
                   f"{results[key]['max_concurrency']}", flush=True)
-    keys = list(engines)
-    for r in range(args.repeats):
-        order = keys[r % len(keys):] + keys[: r % len(keys)]  # a different arm goes first each round
-        for key in order:
-            one = run_set(engines[key], params, prompts, f"{key}-{r}")
-            results[key]["rounds"].append(one)
-            print(f"  round {r + 1} {key}: {one['output_tokens_per_s']:.1f} tok/s, latency {one['latency_mean_s']:.2f} s",
-                  flush=True)
-    for key in keys:
-        rounds = results[key]["rounds"]
+    if not args.one_at_a_time:
+        rounds(engines, list(engines), results, params, prompts, args.repeats)
+    for key in [k for k in results if "error" not in results[k]]:
+        done_rounds = results[key]["rounds"]
         for metric in ("output_tokens_per_s", "latency_mean_s", "latency_p50_s", "latency_p90_s", "ttft_mean_s",
                        "max_running_observed"):
-            results[key][metric] = statistics.median(one[metric] for one in rounds)
+            results[key][metric] = statistics.median(one[metric] for one in done_rounds)
         # the arm / plain ratio within each round (plain ran in the same round), then its median
         results[key]["tokens_per_s_ratio_by_round"] = [
             one["output_tokens_per_s"] / base["output_tokens_per_s"]
-            for one, base in zip(rounds, results["plain"]["rounds"])]
+            for one, base in zip(done_rounds, results["plain"]["rounds"])]
     plain = results["plain"]
     measured = {key: arm for key, arm in results.items() if "error" not in arm}
     for key, arm in measured.items():
