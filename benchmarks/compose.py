@@ -117,7 +117,7 @@ def main(argv=None) -> int:
 
     model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
     n_layers = find_parts(model).n_layers
-    policy = spread_policy(n_layers, args.rate)
+    policy = spread_policy(model, args.rate)
     make_method(args.method, args.budget)  # validate before any compute
     vocab = model.config.vocab_size
     tokens = torch.randint(3, vocab, (args.batch, args.prompt_tokens), generator=torch.Generator().manual_seed(0))

@@ -132,6 +132,7 @@ def main(argv=None) -> int:
 
     from kvsharer.atomic import atomic_write_text
     from kvsharer.cache.policy import SharingPolicy
+    from kvsharer.models.layer_kinds import layer_kinds
     from kvsharer.serving.overrides import read_config, serving_overrides
     from kvsharer.serving.vllm_plugin import register
 
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     arms: dict[str, SharingPolicy] = {"plain": SharingPolicy.identity(layers)}
     for rate in (float(r) for r in args.rates.split(",") if r):
-        arms[f"spread{rate * 100:g}%"] = SharingPolicy.spread(layers, rate)
+        arms[f"spread{rate * 100:g}%"] = SharingPolicy.spread(layers, rate, layer_kinds(config))
     for spec in args.policy:
         name, _, path = spec.partition("=")
         arms[name] = SharingPolicy.from_json(path)

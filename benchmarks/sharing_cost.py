@@ -24,9 +24,10 @@ from kvsharer.atomic import atomic_write_text
 from kvsharer.models.loading import find_parts, load_model
 
 
-def spread_policy(n_layers: int, rate: float) -> SharingPolicy:
-    """round(rate × L) odd layers, evenly spread, each reading the even layer before it."""
-    return SharingPolicy.spread(n_layers, rate)
+def spread_policy(model, rate: float) -> SharingPolicy:
+    """round(rate × L) layers, evenly spread, each reading the layer of its attention kind before it."""
+    parts = find_parts(model)
+    return SharingPolicy.spread(parts.n_layers, rate, parts.kinds)
 
 
 def prefill(model, tokens) -> tuple[float, int]:
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
 
     model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
     n_layers = find_parts(model).n_layers
-    policy = spread_policy(n_layers, args.rate)
+    policy = spread_policy(model, args.rate)
     vocab = model.config.vocab_size
     tokens = torch.randint(0, vocab, (args.batch, args.tokens), generator=torch.Generator().manual_seed(0)).to(args.device)
 

@@ -208,3 +208,19 @@ def test_a_static_cache_shares_as_the_dynamic_one(mixed):
     # the two sharers' buffers are gone: one sliding (window 4) and one full (16) of the 8 layers
     per_token = plain.layers[0].keys[:, :, :1].numel() * 4 * 2
     assert cache_nbytes(plain) - cache_nbytes(cache) == per_token * (plain.layers[3].keys.shape[-2] + 16)
+
+
+def test_the_spread_policy_of_the_profile_pairs_within_kinds():
+    """The profile's and the benchmarks' spread policy: the same odd-reads-even map as ever on a uniform model,
+    and on Gemma 3's 5 sliding : 1 full only pairs of one kind (the local rehearsal's profile job hit this)."""
+    from kvsharer.models.layer_kinds import layer_kinds
+
+    uniform = SharingPolicy.spread(8, 0.25, layer_kinds({"num_hidden_layers": 8}))
+    assert uniform.map == SharingPolicy.spread(8, 0.25).map == [0, 0, 2, 3, 4, 4, 6, 7]
+    kinds = layer_kinds({"num_hidden_layers": 12, "sliding_window": 8,
+                         "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 2})
+    for rate in (0.125, 0.25, 0.375):
+        policy = SharingPolicy.spread(12, rate, kinds)
+        assert policy.num_shared == round(rate * 12) and not policy_problems(policy.map, kinds)
+    with pytest.raises(PolicyError, match="at most 6 of 12"):  # 5 pairs among the 10 sliding layers, 1 full pair
+        SharingPolicy.spread(12, 0.75, kinds)

@@ -106,17 +106,25 @@ class SharingPolicy:
         return self.num_shared / self.n_layers
 
     @classmethod
-    def spread(cls, n_layers: int, rate: float, **meta: Any) -> "SharingPolicy":
-        """round(rate × L) odd layers, evenly spread over the depth, each reading the even layer before it.
+    def spread(cls, n_layers: int, rate: float, kinds: Sequence[Any] | None = None, **meta: Any) -> "SharingPolicy":
+        """round(rate × L) layers, evenly spread over the depth, each reading the layer of its kind before it: the
+        2nd, 4th, … layer of each attention kind reads the 1st, 3rd, … (``kinds``: each layer's
+        ``kvsharer.models.layer_kinds.LayerKind``; None: all alike, so odd layers read the even one before).
 
         Not a searched policy: for measuring what sharing costs (bytes, time), which depends on how many
         layers share, not on which."""
-        odd = list(range(1, n_layers, 2))
+        groups: dict[Any, list[int]] = {}
+        for layer in range(n_layers):
+            kind = None if kinds is None else kinds[layer]
+            if kind is None or kind.has_kv:
+                groups.setdefault(None if kind is None else (kind.kind, kind.window), []).append(layer)
+        source = {group[i]: group[i - 1] for group in groups.values() for i in range(1, len(group), 2)}
+        odd = sorted(source)
         k = int(rate * n_layers + 0.5)
         if not 0 <= k <= len(odd):
             raise PolicyError(f"rate {rate} gives {k} shared layers; a spread policy allows at most {len(odd)} of {n_layers}")
         chosen = {odd[(i * len(odd)) // k] for i in range(k)}
-        return cls([layer - 1 if layer in chosen else layer for layer in range(n_layers)], dict(meta))
+        return cls([source[layer] if layer in chosen else layer for layer in range(n_layers)], dict(meta))
 
     def is_identity(self) -> bool:
         return self.num_shared == 0

@@ -159,7 +159,8 @@ def profile(model, name: str, rates: list[float], methods, batches: list[int], c
     from ..models.loading import find_parts
     from ..cache.policy import SharingPolicy
 
-    n_layers = find_parts(model).n_layers
+    parts = find_parts(model)
+    n_layers = parts.n_layers
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     # a rival of sharing (MiniCache), not an add-on: profiled at rate 0 only
     settings = [(r, m) for r in rates for m in methods if not (m is not None and not m.with_sharing and r > 0)]
@@ -169,7 +170,7 @@ def profile(model, name: str, rates: list[float], methods, batches: list[int], c
     rows = []
     run_once(model, SharingPolicy.identity(n_layers), None, 1, min(contexts), 2)  # warm-up
     for rate, method, batch, context in tqdm(grid, desc="profile", unit="config"):
-        policy = SharingPolicy.spread(n_layers, rate)
+        policy = SharingPolicy.spread(n_layers, rate, parts.kinds)
         kind = "grid"
         if batch is None:
             kind = "max_batch"
