@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,57 @@ def test_tables_hold_the_numbers_the_stages_computed(dag_run):
         for ext in ("png", "pdf"):
             assert (res / "figures" / f"{name}.{ext}").stat().st_size > 1000
 
+
+
+def test_each_table_and_figure_reads_exactly_the_results_it_shows(dag_run, tmp_path):
+    """A table or figure job is given only the results it reads (REPORT_INPUTS, workflow/rules/common.smk), so that
+    it runs as soon as they exist: built from every result of the DAG instead, every table and figure is the same
+    file."""
+    from kvsharer.names import FIGURES, TABLES
+
+    res = dag_run / "results"
+    files = lambda pattern: sorted(str(p.relative_to(dag_run)) for p in res.glob(pattern))
+    every = ["--policies", *files("tiny/policies/*.json"), "--evals", *files("tiny/eval/*/*.json"),
+             "--profile", *files("tiny/profile.csv"), "--main-metric", "euclidean", "--main-threshold", "0.5"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    for stage, extra in (("tables", []), ("figures", ["--distances", *files("tiny/distances/*.json"),
+                                                      "--scaling", "results/scaling/search_scaling.json"])):
+        subprocess.run([sys.executable, "-m", "kvsharer", stage, *every, *extra, "--out-dir", str(tmp_path / stage)],
+                       cwd=dag_run, env=env, check=True, capture_output=True)
+    for folder, names, exts in (("tables", TABLES, ("csv", "md")), ("figures", FIGURES, ("png", "pdf"))):
+        for name in names:
+            for ext in exts:
+                built = (tmp_path / folder / f"{name}.{ext}").read_bytes()
+                assert built == (res / folder / f"{name}.{ext}").read_bytes(), f"{folder}/{name}.{ext}"
+
+
+def _dry_run_jobs(out: str) -> tuple[dict[str, int], list[tuple[str, str, int]]]:
+    """A dry run's "Job stats" ({rule: jobs}) and its jobs: (rule, output, priority)."""
+    stats = out.split("Job stats:")[1].split("total")[0]
+    jobs = [(rule, (re.findall(r"output: (.*)", body) or [""])[0], int((re.findall(r"priority: (\d+)", body) or [0])[0]))
+            for rule, body in re.findall(r"^(?:local)?rule (\w+):\n((?:    .*\n)*)", out, re.M)]
+    return {rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)$", stats, re.M)}, jobs
+
+
+def test_the_headline_figure_and_table_need_only_the_searches_and_ppl_they_show(tmp_path, tiny_model_dir):
+    """ppl_vs_rate and order_ablation (PPL vs rate of every order at the main metric and T) wait for no task,
+    profile, distance, ablation or further-corpus job, and every job they need outranks those (rule priorities:
+    Snakemake does not pass a job's priority on to the jobs of its inputs), so they are written first."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config(tiny_model_dir)))
+    stats, chain = _dry_run_jobs(snakemake(tmp_path, "-n", "results/figures/ppl_vs_rate.png",
+                                           "results/tables/order_ablation.md").stdout)
+    # 2 rates x (dissimilar, similar, 2 random seeds, measured-kl), their PPL and the plain model's
+    assert stats == {"prepare_model": 1, "prepare_text": 1, "calibrate": 1, "calibration_states": 1, "search": 10,
+                     "evaluate_ppl": 11, "figure": 1, "table": 1}
+    stats, jobs = _dry_run_jobs(snakemake(tmp_path, "-n").stdout)
+    assert len(jobs) == sum(stats.values()) and {"profile", "evaluate_harness", "distances"} <= set(stats)
+    needed = {output for _, output, _ in chain}
+    # the two jobs every job waits for aside, the headline's chain runs before any other job that is ready beside
+    # it (make_tasks, a second's work, before the task jobs)
+    first = [priority for rule, output, priority in jobs if output in needed and rule not in ("prepare_model",
+                                                                                                "prepare_text")]
+    rest = {rule: priority for rule, output, priority in jobs if output not in needed and rule != "make_tasks"}
+    assert len(first) == len(chain) - 2 and min(first) > max(rest.values()), rest
 
 def test_results_notebook_runs_headless_on_the_dag_results(dag_run):
     """notebooks/results.ipynb, executed by a Jupyter kernel in the DAG's folder (as if opened there): no

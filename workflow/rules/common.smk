@@ -38,6 +38,39 @@ def all_policies():
     return list(dict.fromkeys(names))  # ordered, no duplicates
 
 
+def policy_matches(name, order=None, metric=None, threshold=None):
+    """A policy ('r0.25_measured-kl_euclidean_T0.5_s0') of this order / metric / threshold (None: any); never the
+    plain model."""
+    if name == "plain" or "+" in name:  # the plain model, a setting with a cache method
+        return False
+    _rate, *fields, _seed = name.split("_")  # order, metric, T<threshold>
+    wanted = (order, metric, None if threshold is None else f"T{fmt(threshold)}")
+    return all(want is None or got == want for got, want in zip(fields, wanted))
+
+
+# The headline figure and table (ppl_vs_rate, order_ablation: PPL vs rate of every order at the main metric and
+# threshold, report.smk) and the jobs they need run before the rest: Snakemake does not pass a job's priority on to
+# the jobs of its inputs, so each rule of their chain states its own. Calibration 20 (every search waits for it),
+# the measured searches 10 (the longest chain), the other searches at the main metric and T and the PPL of every
+# policy the headline reads HEADLINE_PRIORITY, the task jobs 5, the rest (profile, ablations, corpora) 0.
+HEADLINE = {"figure": "ppl_vs_rate", "table": "order_ablation"}
+HEADLINE_PRIORITY = 8
+
+
+def headline_setting(policy):
+    """The plain model or a policy at the main metric and threshold, without a cache method: the PPL the
+    headline figure and table read."""
+    return policy == "plain" or policy_matches(policy, metric=MAIN_METRIC, threshold=MAIN_T)
+
+
+def search_priority(wildcards):
+    """A measured search first (the DAG's longest chain: each rate starts from the smaller rate's journal), then the
+    other searches at the main metric and threshold (the headline reads them), then the ablations'."""
+    if wildcards.order.startswith("measured"):
+        return 10
+    return HEADLINE_PRIORITY if (wildcards.metric, wildcards.threshold) == (MAIN_METRIC, fmt(MAIN_T)) else 0
+
+
 def table1_policies(orders=None):
     """Plain model, the paper's method (dissimilar order) and the measured orders at every rate (the tasks and
     passkey score what the measured search found on calibration text, not only its PPL); `orders`
@@ -253,6 +286,82 @@ def all_evals():
     return (eval_files("ppl") + corpus_eval_files() + eval_files("harness") + eval_files("longctx") + eval_files("ruler")
             + eval_files("longbench"))
 
+
+# The report: which results each table and figure reads (report.smk gives each job exactly these, so that it runs
+# as soon as they exist and reruns when one of them changes).
+
+
+def _family(label):
+    """A setting's cache family from its label ('h2o-0.5': intra, 'minicache-0.25': minicache), 'none' without one."""
+    return method_registry.family_of(method_registry.spec_of_label(label)) if label else "none"
+
+
+def _report_inputs(policies=None, evals=None, profile=False, distances=False, scaling=False):
+    """{policies, evals, profile, distances, scaling}: the result files a table or figure reads. `policies(name)`
+    keeps a policy; `evals(family, file)` an evaluation of the plain model or of a kept policy, by its cache
+    method's family ('none' without one) and its file (ppl, ppl_<corpus>, harness, ruler, longbench, longctx)."""
+    names = [p for p in dict.fromkeys(all_policies() + compose_policies()) if policies and policies(p)]
+    kept = {"plain", *names}
+    out = []
+    for path in all_evals() if evals else []:
+        _, setting, file = path.rsplit("/", 2)  # results/<model>/eval/<policy>[+<label>]/<file>.json
+        policy, _, label = setting.partition("+")
+        if policy in kept and evals(_family(label), file.removesuffix(".json")):
+            out.append(path)
+    return {
+        "policies": [f"results/{m}/policies/{p}.json" for m in config["models"] for p in names],
+        "evals": out,
+        "profile": profile_files() if profile else [],
+        "distances": distance_files() if distances else [],
+        "scaling": scaling_files() if scaling else [],
+    }
+
+
+_MAIN_ORDERS = lambda p: policy_matches(p, metric=MAIN_METRIC, threshold=MAIN_T)  # every order at the main metric and T
+_PAPER = lambda p: policy_matches(p, "dissimilar", MAIN_METRIC, MAIN_T)  # the paper's policies
+_METRICS = lambda p: policy_matches(p, "dissimilar", threshold=MAIN_T)  # the metric ablation's (and the main one)
+_THRESHOLDS = lambda p: policy_matches(p, "dissimilar", metric=MAIN_METRIC)  # the threshold ablation's
+_PPL = lambda family, file: family == "none" and file == "ppl"  # PPL on the held-out text, no cache method
+_TASKS = ("ppl", "harness", "ruler", "longbench", "longctx")  # every evaluation but PPL on the further corpora
+# sharing x cache methods: the plain model and the paper's policies with every cache method, and without
+_COMPOSED = dict(policies=_PAPER, evals=lambda family, file: file in _TASKS)
+
+REPORT_INPUTS = {
+    "table": {
+        "table1": dict(policies=_PAPER, evals=lambda family, file: family == "none" and file in _TASKS),
+        "order_ablation": dict(policies=_MAIN_ORDERS, evals=_PPL),
+        "metric_ablation": dict(policies=_METRICS, evals=_PPL),
+        "threshold_ablation": dict(policies=_THRESHOLDS, evals=_PPL),
+        "acceptance_by_rank": dict(policies=lambda p: policy_matches(p, "dissimilar")),
+        "search_cost": dict(policies=lambda p: True),
+        "table2_compose": dict(_COMPOSED, profile=True),
+        "quantization": _COMPOSED,
+        "minicache": _COMPOSED,
+        # every order and MiniCache: PPL on every corpus, the tasks, what the search cost
+        "search_procedures": dict(policies=_MAIN_ORDERS, evals=lambda family, file: family in ("none", "minicache")),
+    },
+    "figure": {
+        "ppl_vs_rate": dict(policies=_MAIN_ORDERS, evals=_PPL),
+        "distance_heatmap": dict(policies=_METRICS, distances=True),  # marks a paper's policy per metric
+        "acceptance_vs_rank": dict(policies=_THRESHOLDS),
+        "threshold_ablation": dict(policies=_THRESHOLDS, evals=_PPL),
+        "metric_ablation": dict(policies=_METRICS, evals=_PPL),
+        "passkey": dict(policies=_PAPER, evals=lambda family, file: family == "none" and file == "longctx"),
+        "niah": dict(policies=_PAPER, evals=lambda family, file: file == "longctx"),
+        "search_scaling": dict(scaling=True),
+        "profile_memory": dict(profile=True),
+        "profile_throughput": dict(profile=True),
+        "compose": dict(_COMPOSED, profile=True),
+        "quantization": _COMPOSED,
+        "minicache": _COMPOSED,
+    },
+}
+assert REPORT_INPUTS["table"].keys() == set(TABLES) and REPORT_INPUTS["figure"].keys() == set(FIGURES)
+
+
+def report_inputs(kind):
+    """The input function of the `table` or `figure` rule."""
+    return lambda w: _report_inputs(**REPORT_INPUTS[kind][getattr(w, kind)])
 
 def final_outputs():
     return [f"results/{m}/run_meta.json" for m in config["models"]] + expand("results/tables/{table}.{ext}", table=TABLES, ext=["csv", "md"]) + expand(

@@ -18,6 +18,7 @@ rule evaluate_ppl:
         "logs/{model}/eval/{policy}/ppl.log",
     conda:
         "../../envs/kvsharer.yaml"
+    priority: lambda w: HEADLINE_PRIORITY if headline_setting(w.policy) else 0  # the headline's PPL: first
     threads: lambda w: model_setting(w.model, "threads")
     resources:
         mem_mb=lambda w: model_setting(w.model, "mem_mb"),

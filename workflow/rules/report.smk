@@ -1,13 +1,13 @@
-# Tables, figures and the HTML report (`snakemake --report report.html`), from every stage's results: one job
-# per table and per figure, whose `code` param is the version of the code that builds it
-# (kvsharer.report.code_version), so that changing one figure's code reruns that figure's job only.
+# Tables, figures and the HTML report (`snakemake --report report.html`): one job per table and per figure, whose
+# `code` param is the version of the code that builds it (kvsharer.report.code_version), so that changing one
+# figure's code reruns that figure's job only. Each job's inputs are the result files it reads, no more
+# (REPORT_INPUTS, common.smk): a table is written as soon as its own results exist (the headline ones and the jobs
+# they need first: HEADLINE, common.smk), and it reruns whenever one of the files it reads changes.
 
 
 rule table:
     input:
-        policies=policy_files(),
-        evals=all_evals(),
-        profile=profile_files(),
+        unpack(report_inputs("table")),
     output:
         csv=report("results/tables/{table}.csv", caption="../report/table.rst", category="Tables"),
         md="results/tables/{table}.md",
@@ -17,6 +17,7 @@ rule table:
         code=lambda w: code_version("table", w.table),
     log:
         "logs/tables/{table}.log",
+    priority: lambda w: 30 if w.table == HEADLINE["table"] else 0
     conda:
         "../../envs/kvsharer.yaml"
     shell:
@@ -26,11 +27,7 @@ rule table:
 
 rule figure:
     input:
-        policies=policy_files(),
-        evals=all_evals(),
-        distances=distance_files(),
-        scaling=scaling_files(),
-        profile=profile_files(),
+        unpack(report_inputs("figure")),
     output:
         png=report("results/figures/{figure}.png", caption="../report/figure.rst", category="Figures"),
         pdf="results/figures/{figure}.pdf",
@@ -41,6 +38,7 @@ rule figure:
         code=lambda w: code_version("figure", w.figure),
     log:
         "logs/figures/{figure}.log",
+    priority: lambda w: 30 if w.figure == HEADLINE["figure"] else 0
     conda:
         "../../envs/kvsharer.yaml"
     shell:
@@ -60,3 +58,14 @@ rule run_meta:
         "../../envs/kvsharer.yaml"
     shell:
         "python -m kvsharer run-meta --config-json {params.config:q} --model {wildcards.model} --out {output} > {log} 2>&1"
+
+
+# where the results are, beside Snakemake's own progress line ("N of M steps (x%) done") after every job
+onstart:
+    print(f"kvsharer: every table is written to results/tables/ (.md, .csv) and every figure to results/figures/ "
+          f"(.png, .pdf) as soon as the results it reads exist, {HEADLINE['figure']} and {HEADLINE['table']} first",
+          file=sys.stderr)
+
+
+onsuccess:
+    print("kvsharer: the tables are in results/tables/*.md, the figures in results/figures/*.png", file=sys.stderr)

@@ -31,8 +31,7 @@ rule search:
     conda:
         "../../envs/kvsharer.yaml"
     threads: lambda w: model_setting(w.model, "threads")
-    # a measured search is the DAG's longest chain (each rate starts from the smaller rate's journal): first
-    priority: lambda w: 10 if w.order.startswith("measured") else 0
+    priority: search_priority  # the measured searches first, then the others the headline reads (common.smk)
     resources:
         mem_mb=lambda w: model_setting(w.model, "mem_mb"),
         gpu=model_gpus,
