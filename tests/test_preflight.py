@@ -202,7 +202,9 @@ def test_a_group_without_an_aggregate_is_refused():
 
 
 def test_remote_code_and_task_packages_are_pinned():
-    """Every package a paper model's remote code or a paper task needs is pinned in pyproject.toml and envs/."""
+    """Every package a paper model's remote code or a paper task needs is a dependency in pyproject.toml (a range
+    with a tested lower bound) and pinned exactly in requirements/constraints.txt (what make setup installs) and
+    envs/."""
     from kvsharer.evaluate.lm_tasks import FOLDER_PACKAGES
     from kvsharer.models.shapes import architecture_of
 
@@ -213,8 +215,10 @@ def test_remote_code_and_task_packages_are_pinned():
     pins = [*project["dependencies"], *[d for ds in project["optional-dependencies"].values() for d in ds]]
     env = yaml.safe_load((REPO / "envs" / "kvsharer.yaml").read_text())
     conda_pins = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    constraints = (REPO / "requirements" / "constraints.txt").read_text().splitlines()
     for package in needed:
-        assert any(re.fullmatch(rf"{package}==[\w.]+", p) for p in pins), package
+        assert any(re.fullmatch(rf"{package}>=[\w.]+(,<[\w.]+)?", p) for p in pins), package
+        assert any(re.fullmatch(rf"{package}==[\w.]+", p, re.IGNORECASE) for p in constraints), package
         assert any(re.fullmatch(rf"{package}==[\w.]+", p) for p in conda_pins), package
 
 
