@@ -92,9 +92,9 @@ def test_a_shared_layer_reads_its_source_on_its_own_device():
     from kvsharer.cache.sharing import SharedLayer
 
     source = DynamicLayer()
+    shared = SharedLayer(source, 0)  # connected first: it reads what the source's update returns in this forward
     k, v = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
     source.update(k, v)
-    shared = SharedLayer(source, 0)
     keys, values = shared.update(torch.empty(1, 2, 1, 4, device="meta"), torch.empty(1, 2, 1, 4, device="meta"))
     assert keys.device.type == values.device.type == "meta" and keys.shape == k.shape
     same, _ = shared.update(torch.empty(1, 2, 1, 4), torch.empty(1, 2, 1, 4))
