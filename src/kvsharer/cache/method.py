@@ -26,6 +26,7 @@ from typing import Iterator, Sequence
 from torch import nn
 
 from ..models.loading import ModelParts, find_parts
+from .assembly import source_of
 from .hooks import attach_method, attached_methods, detach_method
 
 
@@ -56,7 +57,7 @@ class KVMethod:
     def own_layer(self, i: int, layers: Sequence) -> bool:
         """Whether layer ``i`` gets a cache layer of this method: it stores K/V itself (not a sharer, not a
         Mamba / linear-attention or MLP-only layer, whose cache objects stay as they are)."""
-        return self.parts.kinds[i].has_kv and getattr(layers[i], "source_idx", i) == i
+        return self.parts.kinds[i].has_kv and source_of(layers, i) == i
 
     @classmethod
     def from_spec(cls, model: nn.Module, spec) -> "KVMethod":
