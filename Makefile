@@ -1,7 +1,8 @@
 # Two entry points for a fresh machine with Python 3.11 (see README):
 #   make demo   set up .venv (once) and run the embedded demo DAG end to end (+ its HTML report)
 #   make test   set up .venv (once) and run the whole test suite
-#   make demo-full   the demo's full grid (config/demo-full.yaml on top of config/config.yaml)
+#   make demo-full   the demo's full grid (config/demo-full.yaml on top of config/config.yaml; builds .venv-serve
+#                    for its vLLM serving stage)
 #   make serve-setup   .venv-serve: vLLM (CPU) + this package, for kvsharer.serving (docs/serving.md)
 #   make rehearsal   config/paper.yaml on CPU stand-ins of its models and tasks, through the local Slurm
 #                    (CUT=local|ci|paper, see src/kvsharer/rehearsal.py; results in results-rehearsal/)
@@ -71,7 +72,7 @@ demo: $(STAMP)
 		PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --report results/report.html; \
 	else echo "results/report.html is up to date"; fi
 
-demo-full: $(STAMP)
+demo-full: $(STAMP) $(SERVE_STAMP)  # its `serving` stage runs in .venv-serve (vLLM)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(WARM) $(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml config/demo-full.yaml
 	if $(call STALE,results/report-full.html); then \
 		PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --report results/report-full.html \

@@ -38,6 +38,7 @@ include: "workflow/rules/search.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/scaling.smk"
 include: "workflow/rules/profile.smk"
+include: "workflow/rules/serving.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -21,18 +21,18 @@ change on the machine hits all of them; ``--one-at-a-time`` measures one engine 
 
 Ratios are arm / plain. ``--fp8 ARMS`` adds those arms (default plain and 25 %) with vLLM's fp8 KV cache (``kv_cache_dtype=fp8``;
 the CPU backend supports it): sharing and quantization multiply in blocks. Writes JSON (``--out``).
+
+The measurement is :mod:`kvsharer.serving.bench`'s, as in the DAG's stage ``serving`` (Table 1's searched
+policies at one or more budgets, ``serving:`` in the config); this script adds the spread and fp8 arms.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,155 +69,47 @@ def _args(argv=None):
     return p.parse_args(argv)
 
 
-def build_arm(llm_cls, model, overrides, kv_dtype, args):
-    """One engine at the fixed budget: (LLM, KV blocks, seconds to build)."""
-    budget = int(args.kv_cache_mib * (1 << 20))
-    started = time.perf_counter()
-    llm = llm_cls(model=model, dtype=args.dtype, enforce_eager=args.eager, seed=args.seed,
-                  load_format=args.load_format, skip_tokenizer_init=args.load_format == "dummy",
-                  max_model_len=args.prompt_tokens + args.new_tokens, block_size=args.block_size,
-                  max_num_seqs=args.max_num_seqs, kv_cache_memory_bytes=budget, kv_cache_dtype=kv_dtype,
-                  hf_overrides=overrides, disable_log_stats=True)
-    return llm, llm.llm_engine.vllm_config.cache_config.num_gpu_blocks, time.perf_counter() - started
-
-
-def run_set(llm, params, prompts, tag: str) -> dict:
-    """The whole request set through ``llm``'s engine, all submitted at once: tokens/s and latencies."""
-    engine = llm.llm_engine
-    t0 = time.perf_counter()
-    for i, ids in enumerate(prompts):
-        engine.add_request(f"{tag}-{i}", {"prompt_token_ids": ids}, params)
-    first, done, tokens, running = {}, {}, 0, 0
-    while engine.has_unfinished_requests():
-        outs = engine.step()
-        now = time.perf_counter()
-        stepping = 0
-        for out in outs:
-            new = len(out.outputs[0].token_ids) if out.outputs else 0
-            if new:
-                stepping += 1
-                tokens += new
-                first.setdefault(out.request_id, now - t0)
-            if out.finished:
-                done[out.request_id] = now - t0
-        running = max(running, stepping)
-    wall = time.perf_counter() - t0
-    latencies = sorted(done.values())
-    return {
-        "output_tokens": tokens, "wall_s": wall, "output_tokens_per_s": tokens / wall,
-        "latency_mean_s": statistics.fmean(latencies), "latency_p50_s": latencies[len(latencies) // 2],
-        "latency_p90_s": latencies[min(len(latencies) - 1, int(0.9 * len(latencies)))],
-        "ttft_mean_s": statistics.fmean(first.values()), "max_running_observed": running,
-        "requests_finished": len(done),
-    }
-
-
-def rounds(engines, keys, results, params, prompts, repeats) -> None:
-    """``repeats`` rounds of the request set through every engine of ``keys``, a different one first each round."""
-    for r in range(repeats):
-        for key in keys[r % len(keys):] + keys[: r % len(keys)]:
-            one = run_set(engines[key], params, prompts, f"{key}-{r}")
-            results[key]["rounds"].append(one)
-            print(f"  round {r + 1} {key}: {one['output_tokens_per_s']:.1f} tok/s, latency {one['latency_mean_s']:.2f} s",
-                  flush=True)
-
-
 def main(argv=None) -> int:
     args = _args(argv)
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    import numpy as np
+    from kvsharer.serving.bench import FP8, Arm, Workload, kv_shape, measure_arms, set_engine_threads
+
+    set_engine_threads(args.threads)  # before vLLM is imported
     import vllm
-    from vllm import LLM, SamplingParams
 
     from kvsharer.atomic import atomic_write_text
     from kvsharer.cache.policy import SharingPolicy
     from kvsharer.models.layer_kinds import layer_kinds
     from kvsharer.serving.overrides import read_config, serving_overrides
-    from kvsharer.serving.vllm_plugin import register
 
-    register()
     if args.model is None:
         from kvsharer.serving.demo import prepare_demo_model
 
         args.model = str(prepare_demo_model())
     config = read_config(args.model)
-    layers = config["num_hidden_layers"]
-    kv_heads = config["num_key_value_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    arms: dict[str, SharingPolicy] = {"plain": SharingPolicy.identity(layers)}
+    layers = kv_shape(config)[0]
+    policies: dict[str, SharingPolicy] = {"plain": SharingPolicy.identity(layers)}
     for rate in (float(r) for r in args.rates.split(",") if r):
-        arms[f"spread{rate * 100:g}%"] = SharingPolicy.spread(layers, rate, layer_kinds(config))
+        policies[f"spread{rate * 100:g}%"] = SharingPolicy.spread(layers, rate, layer_kinds(config))
     for spec in args.policy:
         name, _, path = spec.partition("=")
-        arms[name] = SharingPolicy.from_json(path)
-    rng = np.random.default_rng(args.seed)
-    vocab = config["vocab_size"]
-    prompts = [rng.integers(100, vocab, args.prompt_tokens).tolist() for _ in range(args.requests)]
-    budget = int(args.kv_cache_mib * (1 << 20))
+        policies[name] = SharingPolicy.from_json(path)
     fp8_arms = [a for a in args.fp8.split(",") if a]
-    unknown = [a for a in fp8_arms if a not in arms]
+    unknown = [a for a in fp8_arms if a not in policies]
     if unknown:
-        raise SystemExit(f"--fp8 names arms {unknown} that this run does not have ({', '.join(arms)})")
-    elem = {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
-    from vllm.sampling_params import RequestOutputKind
-
-    params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, ignore_eos=True, detokenize=False,
-                            output_kind=RequestOutputKind.DELTA)
-    per_request = math.ceil((args.prompt_tokens + args.new_tokens) / args.block_size)
-    # every engine is built first and kept: the rounds then run the arms interleaved (side by side in time)
-    results, engines = {}, {}
-    for kv_dtype, names in (("auto", list(arms)), ("fp8", fp8_arms)):
-        for name in names:
-            policy = arms[name]
-            key = name if kv_dtype == "auto" else f"{name}+fp8"
-            print(f"arm {key}: {policy.num_shared} of {layers} layers share", flush=True)
-            try:
-                llm, blocks, load = build_arm(LLM, args.model, serving_overrides(args.model, policy), kv_dtype, args)
-            except Exception as err:  # an fp8 cache this build cannot run is reported, not fatal
-                if kv_dtype == "auto":
-                    raise
-                results[key] = {"kv_cache_dtype": kv_dtype, "error": f"{type(err).__name__}: {err}"}
-                print(f"  {key} failed: {results[key]['error']}", flush=True)
-                continue
-            bytes_per_block_layer = args.block_size * 2 * kv_heads * head_dim * (1 if kv_dtype == "fp8" else elem)
-            results[key] = {
-                "kv_cache_dtype": kv_dtype, "kv_blocks": blocks, "block_size": args.block_size,
-                "kv_blocks_expected": budget // (bytes_per_block_layer * (layers - policy.num_shared)),
-                "max_concurrency": min(blocks // per_request, args.max_num_seqs),
-                "shared_layers": policy.num_shared, "storing_layers": layers - policy.num_shared,
-                "map": policy.map, "load_s": load, "rounds": [],
-            }
-            run_set(llm, params, prompts[:1], f"{key}-warmup")  # first-call allocations, not timed
-            engines[key] = llm
-            if args.one_at_a_time:  # all rounds now, then free the engine (GPU: one 7B engine at a time fits)
-                rounds(engines, [key], results, params, prompts, args.repeats)
-                del engines[key], llm
-                import gc
-
-                gc.collect()
-            print(f"  blocks {blocks} (expected {results[key]['kv_blocks_expected']}), concurrency "
-                  f"{results[key]['max_concurrency']}", flush=True)
-    if not args.one_at_a_time:
-        rounds(engines, list(engines), results, params, prompts, args.repeats)
-    for key in [k for k in results if "error" not in results[k]]:
-        done_rounds = results[key]["rounds"]
-        for metric in ("output_tokens_per_s", "latency_mean_s", "latency_p50_s", "latency_p90_s", "ttft_mean_s",
-                       "max_running_observed"):
-            results[key][metric] = statistics.median(one[metric] for one in done_rounds)
-        # the arm / plain ratio within each round (plain ran in the same round), then its median
-        results[key]["tokens_per_s_ratio_by_round"] = [
-            one["output_tokens_per_s"] / base["output_tokens_per_s"]
-            for one, base in zip(done_rounds, results["plain"]["rounds"])]
-    plain = results["plain"]
+        raise SystemExit(f"--fp8 names arms {unknown} that this run does not have ({', '.join(policies)})")
+    workload = Workload(block_size=args.block_size, requests=args.requests, prompt_tokens=args.prompt_tokens,
+                        new_tokens=args.new_tokens, max_num_seqs=args.max_num_seqs, repeats=args.repeats,
+                        dtype=args.dtype, eager=args.eager, load_format=args.load_format, seed=args.seed)
+    if workload.problems():
+        raise SystemExit("; ".join(workload.problems()))
+    arms = [Arm(name, policy, serving_overrides(args.model, policy)) for name, policy in policies.items()]
+    # an fp8 cache this build cannot run is reported, not fatal
+    arms += [Arm(f"{name}+fp8", policies[name], serving_overrides(args.model, policies[name]), FP8, required=False)
+             for name in fp8_arms]
+    budget = int(args.kv_cache_mib * (1 << 20))
+    results = measure_arms(args.model, config, arms, budget, workload, interleave=not args.one_at_a_time,
+                           log=lambda line: print(line, flush=True))
     measured = {key: arm for key, arm in results.items() if "error" not in arm}
-    for key, arm in measured.items():
-        arm["ratio_to_plain"] = {m: arm[m] / plain[m] for m in
-                                 ("kv_blocks", "max_concurrency", "max_running_observed", "output_tokens_per_s",
-                                  "latency_mean_s", "ttft_mean_s")}
-        arm["ratio_to_plain"]["output_tokens_per_s_within_rounds_median"] = statistics.median(
-            arm["tokens_per_s_ratio_by_round"])
-        arm["expected_ratio"] = layers / arm["storing_layers"] * (elem if arm["kv_cache_dtype"] == "fp8" else 1)
     out = {
         "benchmark": "serve", "engine": f"vllm {vllm.__version__}", "model": args.model, "layers": layers,
         "kv_cache_bytes": budget, "block_size": args.block_size, "requests": args.requests,

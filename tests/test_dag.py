@@ -459,3 +459,45 @@ def test_longbench_runs_through_the_harness_stage_truncated_with_its_own_batch(t
     assert {"plain", "plain+h2o-0.5", "plain+int4"} <= settings
     assert any(s.endswith("+int4") and not s.startswith("plain") for s in settings)  # quantization with sharing
     assert not any("minicache" in s for s in settings)
+
+
+def test_serving_is_planned_only_when_the_config_turns_it_on(tmp_path, tiny_model_dir):
+    """`serving:` in the config adds one vLLM job per served model, run by serving.python, for Table 1's policies
+    (the paper's order and the measured one at every rate; serving.orders keeps some) at every KV budget, and the
+    serving table and figure that read its file; without it neither is planned (the demo's config)."""
+    def plan(config):
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+        out = snakemake(tmp_path, "-n", "-p").stdout
+        stats, jobs = _dry_run_jobs(out)
+        return out, stats, {output for _, output, _ in jobs}
+
+    config = tiny_config(tiny_model_dir)
+    out, stats, outputs = plan(config)
+    assert "serving" not in stats and "results/tiny/serving.json" not in outputs
+    assert "serving." not in out and "--serving" not in out
+
+    config["serving"] = {"kv_cache_mib": [48, 96]}
+    out, stats, outputs = plan(config)
+    assert stats["serving"] == 1 and "results/tiny/serving.json" in outputs
+    assert "output: results/tables/serving.csv" in out and "output: results/figures/serving.png" in out
+    (command,) = re.findall(r"-m kvsharer --threads 1 serving .*", out)
+    assert f"KVSHARER_WORKER= {REPO / '.venv-serve' / 'bin' / 'python'} -m kvsharer" in out  # the schema's default
+    served = re.findall(r"--policy (\S+)=results/tiny/policies/(\S+)\.json", command)
+    assert all(name == file for name, file in served)
+    assert {name for name, _ in served} == {f"r{r}_{o}_euclidean_T0.5_s0" for r in ("0.25", "0.5")
+                                            for o in ("dissimilar", "measured-kl")}  # not similar, random
+    assert "--kv-cache-mib 48,96 --block-size 32 --requests 48" in command and "--interleave" in command
+    assert re.search(r"tables --only serving .* --serving results/tiny/serving.json", out)
+    assert not re.search(r"tables --only table1 .*--serving", out)  # the other tables do not read it
+
+    config["serving"].update(orders=["dissimilar"], python="/opt/vllm/bin/python")
+    out, _, _ = plan(config)
+    (command,) = re.findall(r"-m kvsharer --threads 1 serving .*", out)
+    assert set(re.findall(r"--policy (\S+)=", command)) == {"r0.25_dissimilar_euclidean_T0.5_s0",
+                                                           "r0.5_dissimilar_euclidean_T0.5_s0"}
+    assert "KVSHARER_WORKER= /opt/vllm/bin/python -m kvsharer" in out
+
+    config["serving"]["models"] = ["nope"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    refused = snakemake(tmp_path, "-n", check=False)
+    assert refused.returncode != 0 and "serving.models names nope" in refused.stdout + refused.stderr

@@ -48,6 +48,15 @@ OPTIONS = {
     "evaluation.longctx.trials": [("evaluate-longctx", "trials")],
     "evaluation.longctx.seed": [("evaluate-longctx", "seed")],
     "evaluation.longctx.answer_tokens": [("evaluate-longctx", "max_new_tokens")],
+    "serving.kv_cache_mib": [("serving", "kv_cache_mib")],
+    "serving.block_size": [("serving", "block_size")],
+    "serving.requests": [("serving", "requests")],
+    "serving.prompt_tokens": [("serving", "prompt_tokens")],
+    "serving.new_tokens": [("serving", "new_tokens")],
+    "serving.max_num_seqs": [("serving", "max_num_seqs")],
+    "serving.repeats": [("serving", "repeats")],
+    "serving.eager": [("serving", "eager")],
+    "serving.interleave": [("serving", "interleave")],
 }
 # the one deliberate difference: a stage run by hand scores the whole text unless told otherwise
 DIFFERENT = {"evaluation.ppl.max_tokens": ("evaluate-ppl", "max_tokens", None)}

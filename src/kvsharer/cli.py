@@ -28,6 +28,8 @@ STAGES = {
     "distances": ("kvsharer.stages.distances", "pairwise layer distance matrix of the calibration KV caches"),
     "search": ("kvsharer.stages.search", "greedy KVSharer policy search (fast or the authors' official procedure)"),
     "profile": ("kvsharer.stages.profile", "KV bytes, peak memory, prefill and decode speed vs sharing rate and token methods"),
+    "serving": ("kvsharer.stages.serving", "vLLM serving plain and sharing policies at fixed KV-cache budgets: blocks, "
+                                           "concurrency, tokens/s (needs vLLM: make serve-setup)"),
     "search-scaling": ("kvsharer.stages.search_scaling", "search cost vs depth and width, fitted and projected to 7B-400B"),
     "run-meta": ("kvsharer.stages.run_meta", "record commit, config hash, versions, host and GPU of a run"),
     "generate": ("kvsharer.stages.generate", "generate text with a sharing policy and report the KV-cache bytes"),

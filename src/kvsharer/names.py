@@ -18,6 +18,11 @@ TABLES = ("table1", "order_ablation", "metric_ablation", "threshold_ablation", "
           "table2_compose", "quantization", "minicache", "search_procedures")
 FIGURES = ("ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation", "passkey",
            "search_scaling", "profile_memory", "profile_throughput", "compose", "quantization", "minicache", "niah")
+# written only when the config has a `serving` section (vLLM, workflow/rules/serving.smk), beside the above:
+# results/tables/serving.{csv,md} (serving throughput vs rate) and results/figures/serving.{png,pdf} (tokens/s and
+# maximum concurrency vs KV budget)
+SERVING_TABLES = ("serving",)
+SERVING_FIGURES = ("serving",)
 
 
 def check_order(order: str) -> None:

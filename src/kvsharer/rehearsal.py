@@ -16,6 +16,8 @@ reads the paper config and writes one in which only these things differ:
   xsum, multiple choice for the rest); RULER's offline tasks stay themselves (lm-eval generates their data
   from the stand-in's tokenizer);
 * the calibration text (a hub dataset) becomes ``embedded:pydoc`` (offline);
+* ``serving`` (vLLM) is left out: the stand-ins' attention heads (``HEAD_DIM`` wide) are narrower than any
+  vLLM attention kernel takes, and the nodes have no vLLM environment;
 
 **what a CPU node of the local test cluster cannot give** (``CPU_OVERRIDES``, always): ``dtype``
 float32 (half-precision matmuls are 2x slower than float32 on CPU), one thread and ``--gpus`` GPUs per
@@ -165,6 +167,7 @@ def rehearsal_config(paper: dict, cut: str = "local", gpus: int = 0, kinds: dict
         model.update(source=STANDIN_PREFIX + model["source"] + width, dtype=dtype, threads=threads, gpus=gpus,
                      batch_size=1)
     config["calibration"]["text"] = REHEARSAL_TEXT
+    config.pop("serving", None)  # vLLM's kernels take no HEAD_DIM-wide heads (see the module docstring)
     if "scaling" in config:
         config["scaling"].update(SCALING)
     evaluation = config.get("evaluation") or {}

@@ -269,7 +269,43 @@ def scaling_arg(wildcards, input):
     return f"--scaling {input.scaling}" if input.get("scaling") else ""
 
 
+# vLLM serving (optional: `serving:` in the config; workflow/rules/serving.smk): Table 1's policies in the engine.
+SERVING = "serving" in config
+
+
+def serving_models():
+    """serving.models (null: every model of the config); none without a `serving` section."""
+    if not SERVING:
+        return []
+    served = setting("serving/models") or list(config["models"])
+    unknown = [m for m in served if m not in config["models"]]
+    if unknown:
+        raise ValueError(f"serving.models names {', '.join(unknown)}, which models does not define")
+    return served
+
+
+def serving_policies():
+    """Table 1's searched policies that vLLM serves beside the plain model: the paper's order and the measured
+    ones at every search rate (serving.orders: only those orders')."""
+    orders = setting("serving/orders")
+    missing = [o for o in orders or [] if o not in S["orders"]]
+    if missing:
+        raise ValueError(f"serving.orders names {', '.join(missing)}, which search.orders does not search")
+    return [p for p in table1_policies(orders) if p != "plain"]
+
+
+def serving_files():
+    return [f"results/{m}/serving.json" for m in serving_models()]
+
+
+def serving_arg(wildcards, input):
+    return ("--serving " + " ".join(input.serving)) if input.get("serving") else ""
+
+
 TABLES, FIGURES = names.TABLES, names.FIGURES
+# the tables and figures this config writes: the serving ones only when vLLM serving is on
+REPORT_TABLES = TABLES + (names.SERVING_TABLES if SERVING else ())
+REPORT_FIGURES = FIGURES + (names.SERVING_FIGURES if SERVING else ())
 
 
 def corpus_eval_files():
@@ -296,8 +332,8 @@ def _family(label):
     return method_registry.family_of(method_registry.spec_of_label(label)) if label else "none"
 
 
-def _report_inputs(policies=None, evals=None, profile=False, distances=False, scaling=False):
-    """{policies, evals, profile, distances, scaling}: the result files a table or figure reads. `policies(name)`
+def _report_inputs(policies=None, evals=None, profile=False, distances=False, scaling=False, serving=False):
+    """{policies, evals, profile, distances, scaling, serving}: the result files a table or figure reads. `policies(name)`
     keeps a policy; `evals(family, file)` an evaluation of the plain model or of a kept policy, by its cache
     method's family ('none' without one) and its file (ppl, ppl_<corpus>, harness, ruler, longbench, longctx)."""
     names = [p for p in dict.fromkeys(all_policies() + compose_policies()) if policies and policies(p)]
@@ -314,6 +350,7 @@ def _report_inputs(policies=None, evals=None, profile=False, distances=False, sc
         "profile": profile_files() if profile else [],
         "distances": distance_files() if distances else [],
         "scaling": scaling_files() if scaling else [],
+        "serving": serving_files() if serving else [],
     }
 
 
@@ -339,6 +376,7 @@ REPORT_INPUTS = {
         "minicache": _COMPOSED,
         # every order and MiniCache: PPL on every corpus, the tasks, what the search cost
         "search_procedures": dict(policies=_MAIN_ORDERS, evals=lambda family, file: family in ("none", "minicache")),
+        "serving": dict(serving=True),  # the vLLM runs alone: each records its policies' order and rate
     },
     "figure": {
         "ppl_vs_rate": dict(policies=_MAIN_ORDERS, evals=_PPL),
@@ -348,6 +386,7 @@ REPORT_INPUTS = {
         "metric_ablation": dict(policies=_METRICS, evals=_PPL),
         "passkey": dict(policies=_PAPER, evals=lambda family, file: family == "none" and file == "longctx"),
         "niah": dict(policies=_PAPER, evals=lambda family, file: file == "longctx"),
+        "serving": dict(serving=True),
         "search_scaling": dict(scaling=True),
         "profile_memory": dict(profile=True),
         "profile_throughput": dict(profile=True),
@@ -356,7 +395,8 @@ REPORT_INPUTS = {
         "minicache": _COMPOSED,
     },
 }
-assert REPORT_INPUTS["table"].keys() == set(TABLES) and REPORT_INPUTS["figure"].keys() == set(FIGURES)
+assert (REPORT_INPUTS["table"].keys() == set(TABLES + names.SERVING_TABLES)
+        and REPORT_INPUTS["figure"].keys() == set(FIGURES + names.SERVING_FIGURES))
 
 
 def report_inputs(kind):
@@ -364,8 +404,8 @@ def report_inputs(kind):
     return lambda w: _report_inputs(**REPORT_INPUTS[kind][getattr(w, kind)])
 
 def final_outputs():
-    return [f"results/{m}/run_meta.json" for m in config["models"]] + expand("results/tables/{table}.{ext}", table=TABLES, ext=["csv", "md"]) + expand(
-        "results/figures/{figure}.{ext}", figure=FIGURES, ext=["png", "pdf"]
+    return [f"results/{m}/run_meta.json" for m in config["models"]] + expand("results/tables/{table}.{ext}", table=REPORT_TABLES, ext=["csv", "md"]) + expand(
+        "results/figures/{figure}.{ext}", figure=REPORT_FIGURES, ext=["png", "pdf"]
     )
 
 
@@ -377,6 +417,6 @@ wildcard_constraints:
     order="|".join(names.ORDERS),
     corpus=r"[a-z0-9_]+",
     metric="|".join(names.METRICS),
-    table="|".join(names.TABLES),
-    figure="|".join(names.FIGURES),
+    table="|".join(names.TABLES + names.SERVING_TABLES),
+    figure="|".join(names.FIGURES + names.SERVING_FIGURES),
     policy=r"(plain|r[^/+]+)(\+[a-z0-9.-]+)?",

@@ -14,6 +14,7 @@ rule table:
     params:
         main=f"--main-metric {MAIN_METRIC} --main-threshold {MAIN_T}",
         profile=profile_arg,
+        serving=serving_arg,
         code=lambda w: code_version("table", w.table),
     log:
         "logs/tables/{table}.log",
@@ -22,7 +23,7 @@ rule table:
         "../../envs/kvsharer.yaml"
     shell:
         "python -m kvsharer tables --only {wildcards.table} --policies {input.policies} --evals {input.evals}"
-        " {params.main} {params.profile} --out-dir results/tables > {log} 2>&1"
+        " {params.main} {params.profile} {params.serving} --out-dir results/tables > {log} 2>&1"
 
 
 rule figure:
@@ -35,6 +36,7 @@ rule figure:
         main=f"--main-metric {MAIN_METRIC} --main-threshold {MAIN_T}",
         scaling=scaling_arg,
         profile=profile_arg,
+        serving=serving_arg,
         code=lambda w: code_version("figure", w.figure),
     log:
         "logs/figures/{figure}.log",
@@ -43,7 +45,8 @@ rule figure:
         "../../envs/kvsharer.yaml"
     shell:
         "python -m kvsharer figures --only {wildcards.figure} --policies {input.policies} --evals {input.evals}"
-        " --distances {input.distances} {params.main} {params.scaling} {params.profile} --out-dir results/figures"
+        " --distances {input.distances} {params.main} {params.scaling} {params.profile} {params.serving}"
+        " --out-dir results/figures"
         " > {log} 2>&1"
 
 

@@ -25,6 +25,11 @@ empty axis saying "no data". Several models are panels of one figure.
   are equal x positions;
 * ``niah``: needle-in-a-haystack heatmaps (context length x needle depth) for the plain model, every
   sharing rate, each ``compose.niah`` method, and the method with sharing.
+
+With a ``serving`` section in the config (``--serving``), also ``SERVING_FIGURES``:
+
+* ``serving``: per model, output tokens/s and maximum concurrency vs KV-cache budget (vLLM), one line per
+  policy served (plain in black; the ``serving`` table's rows).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import seaborn as sns  # noqa: E402
 from .collect import (METRICS, NO_CACHE, Collection, Distances, order_rank, passkey_cells_frame, plain,  # noqa: E402
                       results_frame, select, settings_frame, traces_frame)
 from .tables import (DEFAULT_METRIC, DEFAULT_RANK_BIN, DEFAULT_THRESHOLD, acceptance_by_rank, metric_long,  # noqa: E402
-                     minicache, quantization, rate_pct, table2_compose, threshold_ablation)
+                     minicache, quantization, rate_pct, serving, table2_compose, threshold_ablation)
 
 
 DEFAULT_MAIN_RATE = 0.25
@@ -505,10 +510,35 @@ def fig_profile_throughput(profile: pd.DataFrame | None):
     return _fig_profile(profile, "decode_tok_s", "decode throughput (tokens/s)", "decode throughput vs sharing rate")
 
 
+def fig_serving(table: pd.DataFrame):
+    """A row of two panels per model: output tokens/s and maximum concurrency vs KV budget, a line per policy."""
+    if table.empty:
+        return empty_figure("serving in vLLM", "no serving results")
+    frame = table.assign(policy=[m if m == "plain" else f"{m} {r:g} %" for m, r in zip(table["method"], table["rate_pct"])],
+                         max_concurrency=table["max_concurrency"].astype(float))
+    models = sorted(set(frame["model"]))
+    fig, axes = grid(2 * len(models), ncols=2)
+    for k, model in enumerate(models):
+        part = frame[frame["model"] == model]
+        policies = list(dict.fromkeys(part["policy"]))  # the table's order: plain, then by rate and order
+        colours = iter(sns.color_palette(n_colors=len(policies)))
+        palette = {p: "black" if p == "plain" else next(colours) for p in policies}
+        for ax, column, ylabel in ((axes[2 * k], "output_tok_s", "output tokens/s"),
+                                   (axes[2 * k + 1], "max_concurrency", "max concurrency (requests at full length)")):
+            for policy in policies:  # one line each, labelled by the policy (plain dashed)
+                rows = part[part["policy"] == policy].sort_values("kv_mib")
+                ax.plot(rows["kv_mib"], rows[column], marker="o", color=palette[policy], label=policy,
+                        linestyle="--" if policy == "plain" else "-")
+            _finish(ax, "KV-cache budget (MiB)", ylabel, f"{model}: {ylabel.split(' (')[0]} vs KV budget",
+                    legend=ax is axes[2 * k + 1], legend_title="policy")
+    return fig
+
+
 def build_figures(collection: Collection, distances: list[Distances], metric: str = DEFAULT_METRIC,
                   threshold: float = DEFAULT_THRESHOLD, rank_bin: int = DEFAULT_RANK_BIN, main_rate: float = DEFAULT_MAIN_RATE,
-                  scaling: dict | None = None, profile: pd.DataFrame | None = None):
-    """``{name: function drawing that figure}`` for every name in ``FIGURES``."""
+                  scaling: dict | None = None, profile: pd.DataFrame | None = None,
+                  serving_results: pd.DataFrame | None = None):
+    """``{name: function drawing that figure}`` for every name in ``FIGURES`` and ``SERVING_FIGURES``."""
     results = results_frame(collection)
     traces = traces_frame(collection)
     settings = settings_frame(collection)
@@ -527,4 +557,5 @@ def build_figures(collection: Collection, distances: list[Distances], metric: st
         "search_scaling": lambda: fig_search_scaling(scaling),
         "profile_memory": lambda: fig_profile_memory(profile),
         "profile_throughput": lambda: fig_profile_throughput(profile),
+        "serving": lambda: fig_serving(serving(serving_results)),
     }

@@ -34,6 +34,15 @@ only, so Snakemake outputs stay fixed): ``<name>.csv`` and ``<name>.md`` for eve
 * ``minicache``: MiniCache vs KVSharer (dissimilar order, main metric and threshold) at the same rate,
   i.e. about equal KV bytes: KV % of plain measured for both, PPL and mean accuracy side by side.
 
+With a ``serving`` section in the config (``--serving``: the ``serving`` stage's JSON files, vLLM), also
+``SERVING_TABLES``:
+
+* ``serving`` (serving throughput vs rate): per model, KV-cache budget, sharing rate and policy (plain, the
+  paper's and the measured orders): layers shared, the KV blocks vLLM allocated, the blocks the budget must hold
+  (``budget // (block bytes per layer x (L - k))``), both as a ratio to plain beside ``L / (L - k)``, the
+  maximum concurrency of the request set and its ratio, output tokens/s (its ratio: the median over rounds of
+  the ratio within a round) and mean latency and time to first token.
+
 The ablation tables hold only the rates at which the ablation has a variant besides the main setting
 (the main setting's column is there for comparison); without any, they are empty. CSV keeps full
 precision (what the inputs hold); Markdown rounds to 4 decimals.
@@ -49,8 +58,8 @@ import numpy as np
 import pandas as pd
 
 from ..names import ORDERS, RANKED_ORDERS
-from .collect import (METRICS, NO_CACHE, Collection, order_rank, plain, policies_frame, results_frame, select,
-                      settings_frame, task_columns, traces_frame)
+from .collect import (METRICS, NO_CACHE, Collection, order_rank, plain, policies_frame, read_json, results_frame,
+                      select, settings_frame, task_columns, traces_frame)
 
 log = logging.getLogger("kvsharer")
 
@@ -68,6 +77,10 @@ HEADERS = {
     "kv_pct": "KV (% of plain)", "kv_bytes": "KV bytes", "peak_mb": "peak memory (MB)",
     "decode_tok_s": "decode tokens/s", "mean_acc": "mean acc", "compression": "total compression (x)",
     "kv_bits": "KV bits", "profile_batch": "profile batch", "profile_context": "profile context",
+    "kv_mib": "KV budget (MiB)", "kv_blocks": "KV blocks", "blocks_expected": "expected blocks",
+    "blocks_x_plain": "blocks x plain", "expected_x": "L/(L-k)", "max_concurrency": "max concurrency",
+    "concurrency_x_plain": "concurrency x plain", "output_tok_s": "output tokens/s", "tok_s_x_plain": "tokens/s x plain",
+    "latency_s": "mean latency (s)", "ttft_s": "time to first token (s)",
 }
 
 
@@ -377,9 +390,63 @@ def search_procedures(settings: pd.DataFrame, policies: pd.DataFrame, metric: st
     return _integral(out[columns].reset_index(drop=True), ["layers_shared", "candidates"])
 
 
+SERVING_COLUMNS = ["model", "kv_mib", "rate_pct", "method", "layers_shared", "kv_blocks", "blocks_expected",
+                   "blocks_x_plain", "expected_x", "max_concurrency", "concurrency_x_plain", "output_tok_s",
+                   "tok_s_x_plain", "latency_s", "ttft_s"]
+
+
+def serving_runs(data: dict, path) -> list[dict]:
+    """The rows of one ``serving`` stage JSON: one per (KV budget, arm) that ran (an arm that failed is left out)."""
+    if data.get("stage") != "serving" or not isinstance(data.get("runs"), list):
+        raise ValueError(f"{path} is not a result of the serving stage (python -m kvsharer serving): no 'runs'")
+    rows = []
+    try:
+        for run in data["runs"]:
+            if "error" in run:
+                continue
+            ratio = run["ratio_to_plain"]
+            rows.append({
+                "model": str(data["model"]), "kv_mib": float(run["kv_cache_mib"]), "arm": run["arm"],
+                "order": run.get("order"), "rate_requested": run.get("rate_requested"),
+                "layers_shared": run["shared_layers"], "kv_blocks": run["kv_blocks"],
+                "blocks_expected": run["kv_blocks_expected"], "blocks_x_plain": ratio["kv_blocks"],
+                "expected_x": run["expected_ratio"], "max_concurrency": run["max_concurrency"],
+                "concurrency_x_plain": ratio["max_concurrency"], "output_tok_s": run["output_tokens_per_s"],
+                "tok_s_x_plain": ratio["output_tokens_per_s_within_rounds_median"], "latency_s": run["latency_mean_s"],
+                "ttft_s": run["ttft_mean_s"],
+            })
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"serving result {path} lacks {err} in a run") from None
+    return rows
+
+
+def read_serving(paths) -> pd.DataFrame | None:
+    """The ``serving`` stage's JSON files (one per model) as one frame, a row per (model, budget, arm); None
+    without any file."""
+    if not paths:
+        return None
+    return pd.DataFrame([row for path in paths for row in serving_runs(read_json(path, "serving result"), path)])
+
+
+def serving(runs: pd.DataFrame | None) -> pd.DataFrame:
+    """Serving throughput vs rate: per model, budget and rate, plain first, then the orders (see the module
+    docstring)."""
+    if runs is None or runs.empty:
+        return pd.DataFrame(columns=SERVING_COLUMNS)
+    out = runs.copy()
+    plain_arm = out["arm"] == "plain"
+    out["method"] = out["order"].where(out["order"].notna(), out["arm"]).where(~plain_arm, "plain")
+    out["rate_pct"] = rate_pct(out["rate_requested"].where(~plain_arm, 0.0))
+    out["rank"] = [-1 if m == "plain" else order_rank(m) for m in out["method"]]
+    out = out.sort_values(["model", "kv_mib", "rate_pct", "rank", "method"], kind="stable")
+    return _integral(out[SERVING_COLUMNS].reset_index(drop=True),
+                     ["layers_shared", "kv_blocks", "blocks_expected", "max_concurrency"])
+
+
 def build_tables(collection: Collection, metric: str = DEFAULT_METRIC, threshold: float = DEFAULT_THRESHOLD,
-                 rank_bin: int = DEFAULT_RANK_BIN, profile: pd.DataFrame | None = None):
-    """``{name: function building that table}`` for every name in ``TABLES``."""
+                 rank_bin: int = DEFAULT_RANK_BIN, profile: pd.DataFrame | None = None,
+                 serving_results: pd.DataFrame | None = None):
+    """``{name: function building that table}`` for every name in ``TABLES`` and ``SERVING_TABLES``."""
     results = results_frame(collection)
     settings = settings_frame(collection)
     return {
@@ -393,6 +460,7 @@ def build_tables(collection: Collection, metric: str = DEFAULT_METRIC, threshold
         "acceptance_by_rank": lambda: acceptance_by_rank(traces_frame(collection), rank_bin),
         "search_cost": lambda: search_cost(policies_frame(collection)),
         "search_procedures": lambda: search_procedures(settings, policies_frame(collection), metric, threshold),
+        "serving": lambda: serving(serving_results),
     }
 
 

@@ -13,9 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from ..atomic import atomic_path  # noqa: E402
-from ..names import FIGURES  # noqa: E402
+from ..names import FIGURES, SERVING_FIGURES  # noqa: E402
 from ..report.collect import load_distances  # noqa: E402
-from ..report.tables import read_profiles  # noqa: E402
+from ..report.tables import read_profiles, read_serving  # noqa: E402
 from .tables import add_common_arguments, add_output_arguments, read_results  # noqa: E402
 
 log = logging.getLogger("kvsharer")
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scaling", type=Path, help="search-scaling JSON (from `search-scaling`)")
     parser.add_argument("--main-rate", type=float, default=DEFAULT_MAIN_RATE,
                         help="the heatmap marks the main dissimilar policy with the largest rate <= this")
-    add_output_arguments(parser, FIGURES, "figures", "<name>.png and <name>.pdf")
+    add_output_arguments(parser, FIGURES, "figures", "<name>.png and <name>.pdf", SERVING_FIGURES)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -55,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"cannot read search-scaling file {args.scaling}: {err}") from None
     profile = read_profiles(args.profile)
     makers = build_figures(collection, distances, args.main_metric, args.main_threshold, args.rank_bin, args.main_rate,
-                           scaling, profile)
+                           scaling, profile, read_serving(args.serving))
     for name in args.only:
         fig = makers[name]()
         empty = ["no data" in t.get_text() for ax in fig.axes if ax.get_visible() for t in ax.texts]

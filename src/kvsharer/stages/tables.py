@@ -11,10 +11,10 @@ from pathlib import Path
 import pandas as pd
 
 from ..atomic import atomic_path, atomic_write_text
-from ..names import TABLES
+from ..names import SERVING_TABLES, TABLES
 from ..report.collect import Collection, collect
 from ..report.tables import (DEFAULT_METRIC, DEFAULT_RANK_BIN, DEFAULT_THRESHOLD, build_tables, markdown, read_profiles,
-                             warn_if_no_main)
+                             read_serving, warn_if_no_main)
 
 log = logging.getLogger("kvsharer")
 
@@ -29,13 +29,18 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank-bin", type=int, default=DEFAULT_RANK_BIN,
                         help="width of the dissimilarity-rank bins of the acceptance statistics")
     parser.add_argument("--profile", nargs="*", default=[], type=Path, metavar="FILE", help="profile CSVs (from `profile`)")
+    parser.add_argument("--serving", nargs="*", default=[], type=Path, metavar="FILE",
+                        help="serving JSON files (from `serving`, vLLM): the `serving` table and figure")
 
 
-def add_output_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...], what: str, files: str) -> None:
-    """``--out-dir`` (where ``files`` are written for every name) and ``--only`` (a subset of ``names``)."""
+def add_output_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...], what: str, files: str,
+                         optional: tuple[str, ...] = ()) -> None:
+    """``--out-dir`` (where ``files`` are written for every name) and ``--only`` (a subset of ``names``, or of the
+    ``optional`` ones, written only when named)."""
     parser.add_argument("--out-dir", required=True, type=Path, help=f"writes {files} for {', '.join(names)}")
-    parser.add_argument("--only", nargs="+", choices=names, default=list(names), metavar="NAME",
-                        help=f"write only these {what} (default: all; the DAG runs one job per {what[:-1]})")
+    parser.add_argument("--only", nargs="+", choices=names + optional, default=list(names), metavar="NAME",
+                        help=f"write only these {what} (default: all but {', '.join(optional) or 'none'}; the DAG "
+                             f"runs one job per {what[:-1]})")
 
 
 def read_results(args: argparse.Namespace) -> Collection:
@@ -59,12 +64,13 @@ def write_table(frame: pd.DataFrame, out_dir: Path, name: str) -> list[Path]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser)
-    add_output_arguments(parser, TABLES, "tables", "<name>.csv and <name>.md")
+    add_output_arguments(parser, TABLES, "tables", "<name>.csv and <name>.md", SERVING_TABLES)
 
 
 def main(args: argparse.Namespace) -> int:
     collection = read_results(args)
-    tables = build_tables(collection, args.main_metric, args.main_threshold, args.rank_bin, read_profiles(args.profile))
+    tables = build_tables(collection, args.main_metric, args.main_threshold, args.rank_bin, read_profiles(args.profile),
+                          read_serving(args.serving))
     for name in args.only:
         frame = tables[name]()
         write_table(frame, args.out_dir, name)
