@@ -5,6 +5,7 @@ from itertools import product
 
 from kvsharer import jobs, method_registry, names
 from kvsharer.report.code_version import code_version
+from snakemake.settings.types import DeploymentMethod
 
 
 def fmt(x):
@@ -300,6 +301,24 @@ def serving_files():
 
 def serving_arg(wildcards, input):
     return ("--serving " + " ".join(input.serving)) if input.get("serving") else ""
+
+
+def serving_python(wildcards):
+    """The serving job's interpreter: envs/serving.yaml's python with --use-conda, else serving.python (a relative
+    path from the repository root: .venv-serve/bin/python by default, built by `make serve-setup`)."""
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+        return "python"
+    python = setting("serving/python")
+    return os.path.join(workflow.basedir, python) if "/" in python and not os.path.isabs(python) else python
+
+
+def serving_policy_files(wildcards):
+    return [f"results/{wildcards.model}/policies/{p}.json" for p in serving_policies()]
+
+
+def serving_policy_args(wildcards, input):
+    """--policy NAME=FILE for every policy served (its name as in the result paths)."""
+    return " ".join(f"--policy {os.path.basename(path)[:-5]}={path}" for path in input.policies)
 
 
 TABLES, FIGURES = names.TABLES, names.FIGURES

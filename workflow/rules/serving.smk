@@ -1,26 +1,5 @@
 # vLLM serving Table 1's policies (optional: `serving:` in the config; docs/serving.md): per model, the plain model
 # and the searched policies at every KV-cache budget, in the environment that has vLLM.
-from snakemake.settings.types import DeploymentMethod
-
-
-def serving_python(wildcards):
-    """The serving job's interpreter: envs/serving.yaml's python with --use-conda, else serving.python (a relative
-    path from the repository root: .venv-serve/bin/python by default, built by `make serve-setup`)."""
-    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
-        return "python"
-    python = setting("serving/python")
-    return os.path.join(workflow.basedir, python) if "/" in python and not os.path.isabs(python) else python
-
-
-def serving_policy_files(wildcards):
-    return [f"results/{wildcards.model}/policies/{p}.json" for p in serving_policies()]
-
-
-def serving_policy_args(wildcards, input):
-    """--policy NAME=FILE for every policy served (its name as in the result paths)."""
-    return " ".join(f"--policy {os.path.basename(path)[:-5]}={path}" for path in input.policies)
-
-
 rule serving:
     input:
         model="results/models/{model}",
