@@ -3,14 +3,23 @@
 
 * ranked orders: the paper's loop walks the layer pairs ranked by K/V distance — ``dissimilar`` (the
   paper), ``similar``, or ``random`` (seeded);
+* ``fitted``: the paper's loop over the pairs ranked by how well a fitted K/V map (least squares, closed form) predicts
+  the sharing layer's own K/V from what its source stores; the policy then reads through those maps
+  (:mod:`kvsharer.cache.kv_maps`: written beside the policy);
 * measured orders: ``measured-<objective>`` — every step measures candidate pairs on the model's output
   and takes the best (:mod:`kvsharer.search.measured`); ``kl`` scores the next-token distributions, ``cosine`` the
   paper's last-hidden cosine.
 """
 
 RANKED_ORDERS = ("dissimilar", "similar", "random")
+FITTED_ORDERS = ("fitted",)  # their policies come with fitted K/V maps (<policy>.kvmaps.safetensors)
 MEASURED_ORDERS = {"measured-kl": "kl", "measured-cosine": "cosine"}  # order -> objective
-ORDERS = RANKED_ORDERS + tuple(MEASURED_ORDERS)  # display order of the report
+ORDERS = RANKED_ORDERS + tuple(MEASURED_ORDERS) + FITTED_ORDERS  # display order of the report
+
+
+def maps_file(policy_file: str) -> str:
+    """Where a fitted order's policy ``<name>.json`` keeps its K/V maps: ``<name>.kvmaps.safetensors``."""
+    return policy_file.removesuffix(".json") + ".kvmaps.safetensors"
 METRICS = ("euclidean", "cosine", "cka")  # layer distance metrics (kvsharer.search.distance), in display order
 
 # the report: results/tables/<name>.{csv,md} and results/figures/<name>.{png,pdf}

@@ -58,10 +58,12 @@ def resolve_chains(share_map: Sequence[int]) -> list[int]:
 
 @dataclass
 class SharingPolicy:
-    """``map[l]``: the layer whose KV layer ``l`` uses. ``meta``: anything else the JSON carried."""
+    """``map[l]``: the layer whose KV layer ``l`` uses. ``meta``: anything else the JSON carried. ``path``: the
+    file it was read from (files it names, such as its fitted K/V maps, lie beside it)."""
 
     map: list[int]
     meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.map = [int(s) if isinstance(s, (int,)) and not isinstance(s, bool) else s for s in self.map]
@@ -157,7 +159,7 @@ class SharingPolicy:
     @classmethod
     def from_json(cls, source: str | os.PathLike) -> "SharingPolicy":
         """From a JSON string or a path to a JSON file."""
-        text = str(source)
+        text, path = str(source), None
         if not text.lstrip().startswith("{"):
             path = Path(source)
             if not path.is_file():
@@ -170,5 +172,5 @@ class SharingPolicy:
         if not isinstance(data, dict) or "map" not in data:
             raise PolicyError("policy JSON must be an object with a 'map' list")
         meta = {k: v for k, v in data.items() if k not in ("map", "n_layers", "num_shared")}
-        return cls(list(data["map"]), meta)
+        return cls(list(data["map"]), meta, path)
 

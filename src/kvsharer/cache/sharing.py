@@ -19,6 +19,7 @@ where the model would otherwise build no cache) and detached exactly.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import torch
@@ -73,10 +74,11 @@ class SharedLayer(DummyLayer, CacheLayerMixin):
     cache layer (``CacheLayerMixin``): ``cache.get_seq_length(i)`` / ``get_mask_sizes(..., i)`` answer for it
     (Llama 4 asks its own layer), with its source's numbers."""
 
-    def __init__(self, source, source_idx: int):
+    def __init__(self, source, source_idx: int, transform=None):
         super().__init__()
         self.is_initialized = False  # it holds no keys (code that reads a layer's keys when initialized skips it)
         self.source_idx = source_idx
+        self.transform = transform  # (keys, values) -> (keys, values): a fitted K/V map (kvsharer.cache.kv_maps)
         self.connect(source)
 
     def connect(self, source) -> None:
@@ -96,10 +98,10 @@ class SharedLayer(DummyLayer, CacheLayerMixin):
                 f"shared cache layer reads layer {self.source_idx}, which has returned no K/V yet in this forward"
             )
         keys, values = kv
-        if key_states is None:
-            return keys, values
-        # a model spread over GPUs (device_map="auto") may hold the source layer on another GPU
-        return keys.to(key_states.device), values.to(key_states.device)
+        if key_states is not None:  # a model spread over GPUs (device_map="auto") may hold the source on another GPU
+            keys, values = keys.to(key_states.device), values.to(key_states.device)
+        transform = getattr(self, "transform", None)
+        return (keys, values) if transform is None else transform(keys, values)
 
     # A sharer answers as its source did at the same point of the forward: before the source's update. Masks are
     # usually built before any layer runs, but some models ask each layer for its own just before its update
@@ -251,7 +253,7 @@ class KVSharing(KVMethod):
     # projections, and sharing would silently do nothing
     always_wires = True
 
-    def __init__(self, model: nn.Module, policy: SharingPolicy):
+    def __init__(self, model: nn.Module, policy: SharingPolicy, maps=None):
         super().__init__(model)
         if policy.n_layers != self.parts.n_layers:
             raise PolicyError(
@@ -262,7 +264,32 @@ class KVSharing(KVMethod):
         if problems:
             raise PolicyError(f"{type(model).__name__} cannot follow this sharing map: " + "; ".join(problems))
         self.policy = policy
+        self.maps, self._rope = self._fitted_maps(policy, maps), None
+        if self.maps is not None:
+            from .kv_maps import Rope
+
+            self.maps.check(policy.map)
+            self._rope = Rope(model)
         self._originals: dict[tuple[int, str], nn.Module] = {}
+
+    @staticmethod
+    def _fitted_maps(policy: SharingPolicy, maps):
+        """``maps`` (:class:`kvsharer.cache.kv_maps.KVMaps`), or those the policy file names (``kv_maps``: a file
+        beside it, checked against its sha256), or None."""
+        name = policy.meta.get("kv_maps")
+        if maps is not None or not name:
+            return maps
+        from .kv_maps import KVMaps, MapError
+
+        if policy.path is None:
+            raise MapError(f"the policy names K/V maps {name!r} but was not read from a file, so they cannot be found")
+        path = policy.path.parent / name
+        from ..provenance import sha256_file
+
+        if path.is_file() and sha256_file(path) != policy.meta.get("kv_maps_sha256"):
+            raise MapError(f"K/V maps {path} are not the ones {policy.path} was written with (sha256 differs): "
+                           "rerun the search that wrote both")
+        return KVMaps.load(path)
 
     @property
     def wiring(self) -> tuple[int, ...]:
@@ -274,7 +301,8 @@ class KVSharing(KVMethod):
             return layers[i]
         if is_hybrid(layers[i]):  # attention + recurrent state in one layer: only the attention part shares
             return shared_hybrid(layers[i], layers[src], src)
-        return SharedLayer(layers[src], src)
+        transform = None if self.maps is None else functools.partial(self.maps[i], rope=self._rope)
+        return SharedLayer(layers[src], src, transform)
 
     def end_forward(self, cache, output, kwargs) -> None:
         """Drop what the sources returned in this forward (a sliding window's full K/V, a dequantized copy)."""
@@ -309,9 +337,10 @@ class KVSharing(KVMethod):
         return [getattr(self.parts.attentions[layer], name) for layer, name in self._originals]
 
 
-def share_kv(model: nn.Module, policy: SharingPolicy) -> KVSharing:
-    """``with share_kv(model, policy): ...`` — the model follows ``policy`` inside, is untouched after."""
-    return KVSharing(model, policy)
+def share_kv(model: nn.Module, policy: SharingPolicy, maps=None) -> KVSharing:
+    """``with share_kv(model, policy): ...`` — the model follows ``policy`` inside, is untouched after. ``maps``:
+    fitted K/V maps for its sharing layers (:mod:`kvsharer.cache.kv_maps`; default: those the policy file names)."""
+    return KVSharing(model, policy, maps)
 
 
 @contextlib.contextmanager

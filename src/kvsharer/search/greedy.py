@@ -48,7 +48,9 @@ from tqdm import tqdm
 
 from .distance import layer_distances, rank_pairs
 from .measured import OutputLoss, measured_search
-from ..names import MEASURED_ORDERS
+from ..names import FITTED_ORDERS, MEASURED_ORDERS
+from ..cache.kv_maps import Fitter, Rope
+from ..models.layer_kinds import compatible
 from ..cache.prefill import prefill_cache
 from ..models.loading import find_parts
 from ..cache.policy import SharingPolicy, resolve_chains
@@ -169,6 +171,7 @@ class FastEvaluator:
         self._pending = None
         self.layers_run = 0  # decoder layers actually computed (for the benchmark)
         self.tuple_outputs = False  # do the model's decoder layers return tuples (remote code)?
+        self.fit = None  # share map -> its fitted K/V maps (the fitted order; None: plain sharing)
 
     @torch.inference_mode()
     def _run(self, share_map: list[int], first: int, keep: bool, samples: int | None = None):
@@ -185,7 +188,7 @@ class FastEvaluator:
                 hooks.append(originals[k].register_forward_hook(lambda mod, args, out, k=k: self._capture(captured[k], out)))
         last = []
         try:
-            with share_kv(self.model, SharingPolicy(share_map)):
+            with share_kv(self.model, SharingPolicy(share_map), None if self.fit is None else self.fit(share_map)):
                 for start in range(0, samples, self.batch_size):
                     rows = slice(start, min(start + self.batch_size, samples))
                     for k in range(first):  # shortcut 3: replay the layers before the first change
@@ -329,11 +332,15 @@ def greedy_search(
     journal: Journal | None = None,
     progress: bool = True,
     max_candidates: int | None = None,
+    keep_pairs: bool = False,
 ) -> dict:
     """The KVSharer loop over ``ranked`` pairs; returns map, completeness, trace and counts.
 
     ``max_candidates`` (optional) caps how many candidates are evaluated: a time budget for high
     thresholds, where the paper's loop may try every pair. The result then says ``stopped: budget``.
+    ``keep_pairs``: also skip a pair whose source j already shares or whose layer i is already a source, so no
+    chain is ever resolved and every sharing layer reads the very layer its pair names (the fitted order: its
+    maps were fitted for that pair).
     """
     journal = journal or Journal({})
     accepted = list(range(n_layers))
@@ -347,7 +354,7 @@ def greedy_search(
         if max_candidates is not None and len(trace) >= max_candidates:
             stopped = "budget"
             break
-        if accepted[i] != i:
+        if accepted[i] != i or (keep_pairs and (accepted[j] != j or any(s == i != k for k, s in enumerate(accepted)))):
             skipped += 1
             continue
         candidate = list(accepted)
@@ -407,6 +414,21 @@ def run_search(model, stats: dict, settings: SearchSettings, journal: Journal | 
                                  OutputLoss(model, stats["reference_hidden"]), MEASURED_ORDERS[settings.order],
                                  settings.sources, settings.refresh, journal, progress,
                                  settings.max_candidates, settings.screen, evaluator.parts.kinds)
+        return _costs(result, began, evaluator, dist.shape[0])
+    if settings.order in FITTED_ORDERS:
+        if settings.procedure != "fast":
+            raise ValueError(f"order {settings.order!r} evaluates candidates with the fast procedure only")
+        evaluator = fast()
+        if start is None:  # the fit reads the plain model's K/V on the calibration samples
+            evaluator.start_from(*unpack_plain_run(plain_run(model, stats["input_ids"], settings.batch_size)))
+        fitter = Fitter(evaluator.kv, Rope(model))
+        kinds = evaluator.parts.kinds
+        ranked = fitter.ranking([(i, j) for i in range(1, len(kinds)) for j in range(i)
+                                 if kinds[i].has_kv and compatible(kinds, i, j)])
+        evaluator.fit = fitter.maps
+        result = greedy_search(ranked, dist.shape[0], settings.target, settings.threshold, evaluator,
+                               journal, progress, settings.max_candidates, keep_pairs=True)
+        result["kv_maps"] = fitter.maps(result["map"])
         return _costs(result, began, evaluator, dist.shape[0])
     ranked = rank_pairs(dist, settings.order, settings.seed, find_parts(model).kinds)
     if settings.procedure == "official":

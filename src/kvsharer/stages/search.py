@@ -11,7 +11,6 @@ a fast search starts instead of computing it.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -22,9 +21,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..atomic import atomic_write_text
+from ..provenance import sha256_file  # noqa: F401 (also used by calibration-states)
 from ..cache.policy import SharingPolicy
 from ..models.loading import DTYPES, check_source, load_model, model_id, resolve_device
-from ..names import MEASURED_ORDERS, ORDERS, check_order
+from ..names import FITTED_ORDERS, MEASURED_ORDERS, ORDERS, check_order, maps_file
 from ..search import calibrate
 from ..search.distance import check_metric
 from ..search.greedy import (PROCEDURES, Journal, SearchSettings, check_threshold, journal_header, run_search,
@@ -118,14 +118,6 @@ def read_start(path: Path, calibration_hash: str, batch_size: int | None, dtype:
     return load_file(str(path))
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # ------------------------------------------------------------------------------------------------
 # the stage
 # ------------------------------------------------------------------------------------------------
@@ -187,7 +179,7 @@ def main(args: argparse.Namespace) -> int:
     check_order(args.order)
     check_metric(args.metric)
     check_threshold(args.threshold)
-    if args.order in MEASURED_ORDERS and args.procedure != "fast":
+    if (args.order in MEASURED_ORDERS or args.order in FITTED_ORDERS) and args.procedure != "fast":
         raise ValueError(f"order {args.order!r} measures candidates with the fast procedure only, not {args.procedure!r}")
     for name in ("sources", "refresh", "screen"):
         if getattr(args, name) < 0:
@@ -221,6 +213,12 @@ def main(args: argparse.Namespace) -> int:
         if start is not None:
             log.info("starting from the plain run in %s", args.start)
     result = run_journaled(model, stats, settings, journal, calibration_hash, seed_journal=seed, start=start)
+    maps = result.pop("kv_maps", None)
+    if maps is not None:  # written first: a policy file never names maps that are not there
+        maps_path = Path(maps_file(str(args.out)))
+        maps.save(maps_path)
+        result |= {"kv_maps": maps_path.name, "kv_maps_sha256": sha256_file(maps_path), "kv_maps_bytes": maps.nbytes}
+        log.info("fitted K/V maps of %d sharing layers (%.2f MB) -> %s", len(maps), maps.nbytes / 1e6, maps_path)
     policy = SharingPolicy(result.pop("map"), {
         "model": args.model, "rate": result["num_shared"] / n_layers, "rate_requested": args.rate,
         **result, "settings": asdict(settings), "calibration": str(args.calibration),
