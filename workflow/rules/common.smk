@@ -73,10 +73,10 @@ def search_priority(wildcards):
 
 
 def table1_policies(orders=None):
-    """Plain model, the paper's method (dissimilar order) and the measured orders at every rate (the tasks and
-    passkey score what the measured search found on calibration text, not only its PPL); `orders`
+    """Plain model, the paper's method (dissimilar order), the measured and the fitted orders at every rate (the
+    tasks and passkey score what those searches found on calibration text, not only its PPL); `orders`
     (evaluation.<kind>.orders) keeps only those orders' policies."""
-    scored = ["dissimilar"] + [o for o in S["orders"] if o.startswith("measured")]
+    scored = ["dissimilar"] + [o for o in S["orders"] if o.startswith("measured") or o in names.FITTED_ORDERS]
     missing = [o for o in orders or [] if o not in scored]
     if missing:
         raise ValueError(f"evaluation.*.orders names {', '.join(missing)}, which search.orders does not search "
@@ -230,11 +230,14 @@ def policy_input(wildcards):
     base = wildcards.policy.split("+")[0]
     if base == "plain":
         return []
-    return f"results/{wildcards.model}/policies/{base}.json"
+    policy = f"results/{wildcards.model}/policies/{base}.json"
+    return [policy, names.maps_file(policy)] if policy_matches(base, order="fitted") else policy
 
 
 def policy_arg(wildcards, input):
-    return f"--policy {input.policy}" if input.get("policy") else ""
+    """'--policy <file>' (a fitted policy's input also lists its K/V maps, which the policy file names)."""
+    policy = input.get("policy")
+    return f"--policy {policy if isinstance(policy, str) else policy[0]}" if policy else ""
 
 
 def cache_arg(wildcards):
@@ -292,7 +295,8 @@ def serving_policies():
     missing = [o for o in orders or [] if o not in S["orders"]]
     if missing:
         raise ValueError(f"serving.orders names {', '.join(missing)}, which search.orders does not search")
-    return [p for p in table1_policies(orders) if p != "plain"]
+    # a fitted order's policy reads through K/V maps that the vLLM plugin does not apply: never served
+    return [p for p in table1_policies(orders) if p != "plain" and not any(policy_matches(p, order=o) for o in names.FITTED_ORDERS)]
 
 
 def serving_files():

@@ -58,6 +58,9 @@ class CacheMethod(CacheSpec):
         compose with KV sharing (:func:`kvsharer.cache.method.check_combination` decides)."""
         if policy is None or not policy.num_shared:
             return
+        if policy.meta.get("kv_maps"):  # the maps un-rotate keys by cache index: a method that drops or merges tokens breaks it
+            raise ValueError(f"{self.spec}: a policy with fitted K/V maps ({policy.meta['kv_maps']}) composes with no "
+                             "cache method yet; run it without --cache")
         from .method import CombinationError, check_combination
         from .sharing import KVSharing
 

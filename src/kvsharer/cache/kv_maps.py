@@ -177,24 +177,32 @@ class Fitter:
         self._maps: dict[tuple[int, int], LayerMap] = {}
 
     def _source(self, j: int):
-        """(centred inputs [M, 2E], their mean, the ridge-regularized Gram [2E, 2E]) of source ``j``."""
+        """(centred inputs [M, 2E], their mean, the Cholesky factor of their ridge-regularized Gram [2E, 2E], the
+        ridge λ) of source ``j``."""
         if j not in self._solved:
             x = torch.cat([self.k[j], self.v[j]], dim=1)
             mean = x.mean(0)
             xc = x - mean
             gram = xc.T @ xc
-            gram += self.ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
-            self._solved[j] = (xc, mean, torch.linalg.cholesky(gram))
+            ridge = self.ridge * float(gram.diagonal().mean())
+            gram += ridge * torch.eye(gram.shape[0], dtype=gram.dtype)
+            self._solved[j] = (xc, mean, torch.linalg.cholesky(gram), ridge)
         return self._solved[j]
+
+    @staticmethod
+    def _explained(cross: torch.Tensor, weight: torch.Tensor, ridge: float) -> torch.Tensor:
+        """The target variance a ridge solution W = (X'X + λI)⁻¹ X'Y explains, summed over its last dimension's
+        columns: |Y|² - |Y - XW|² = tr(W'X'Y) + λ|W|² (shapes [..., 2E, E] -> [...])."""
+        return (cross * weight).sum((-2, -1)) + ridge * (weight * weight).sum((-2, -1))
 
     def _fit(self, target: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(weight [2E, E], bias [E], residual: unexplained fraction of the target's variance)."""
-        xc, mean, chol = self._source(j)
+        xc, mean, chol, ridge = self._source(j)
         yc = target - target.mean(0)
         cross = xc.T @ yc  # [2E, E]
         weight = torch.cholesky_solve(cross, chol)
         bias = target.mean(0) - mean @ weight
-        residual = 1.0 - float((cross * weight).sum() / (yc * yc).sum())
+        residual = 1.0 - float(self._explained(cross, weight, ridge) / (yc * yc).sum())
         return weight, bias, residual
 
     def fit(self, i: int, j: int) -> LayerMap:
@@ -222,7 +230,7 @@ class Fitter:
             targets.setdefault(j, []).append(i)
         scored = []
         for j, layers in targets.items():
-            xc, _, chol = self._source(j)
+            xc, _, chol, ridge = self._source(j)
             x = xc.float()
             score = torch.zeros(len(layers), dtype=torch.float64)
             for side in (self.k, self.v):
@@ -231,7 +239,8 @@ class Fitter:
                 n, _, e = yc.shape
                 cross = torch.einsum("md,nme->dne", x, yc.float()).double().reshape(-1, n * e)  # [2E, n*E]
                 weight = torch.cholesky_solve(cross, chol)  # every target's map at once
-                explained = (cross * weight).reshape(-1, n, e).sum((0, 2))  # [n]
+                per_target = lambda t: t.reshape(-1, n, e).transpose(0, 1)  # noqa: E731 ([2E, n*E] -> [n, 2E, E])
+                explained = self._explained(per_target(cross), per_target(weight), ridge)  # [n]
                 score += 1.0 - explained / (yc * yc).sum((1, 2))
             scored += [(i, j, float(s)) for i, s in zip(layers, score)]
         return sorted(scored, key=lambda t: (t[2], t[0], t[1]))

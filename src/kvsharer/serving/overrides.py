@@ -66,6 +66,9 @@ def policy_problems_for(config: dict[str, Any], policy: SharingPolicy) -> list[s
         return [f"the policy has {policy.n_layers} layers but the model has {len(kinds)} decoder layers"]
     if policy.is_identity():
         return []
+    if policy.meta.get("kv_maps"):
+        return [f"it reads its sources through fitted K/V maps ({policy.meta['kv_maps']}), which this plugin does not "
+                "apply: vLLM would serve plain sharing of the same layers"]
     why = unsupported(kinds)
     if why:
         return [why]
