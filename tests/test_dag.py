@@ -501,3 +501,30 @@ def test_serving_is_planned_only_when_the_config_turns_it_on(tmp_path, tiny_mode
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     refused = snakemake(tmp_path, "-n", check=False)
     assert refused.returncode != 0 and "serving.models names nope" in refused.stdout + refused.stderr
+
+
+def test_the_fitted_order_writes_and_declares_its_maps_and_a_model_can_opt_out(tmp_path, tiny_model_dir):
+    """A fitted search is its own rule, whose outputs are the policy and its K/V maps; every evaluation of a fitted
+    policy takes both as input (a rerun of the search reruns them); `kv_maps: false` leaves the model out of it."""
+    config = tiny_config(tiny_model_dir)
+    config["search"]["orders"] = config["search"]["orders"] + ["fitted"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    out = snakemake(tmp_path, "-n", "-p").stdout
+    stats, _ = _dry_run_jobs(out)
+    assert stats["search_fitted"] == 2  # rates 0.25 and 0.5
+    fitted_jobs = re.findall(r"^rule search_fitted:\n((?:    .*\n)*)", out, re.M)
+    for body in fitted_jobs:
+        (outputs,) = re.findall(r"output: (.*)", body)
+        policy, maps = outputs.split(", ")
+        assert maps == policy.removesuffix(".json") + ".kvmaps.safetensors"
+    ppl_inputs = [re.findall(r"input: (.*)", body)[0]
+                  for body in re.findall(r"^rule evaluate_ppl:\n((?:    .*\n)*)", out, re.M)]
+    fitted_inputs = [i for i in ppl_inputs if "_fitted_" in i]
+    assert len(fitted_inputs) == 2 and all("r0.25_fitted_euclidean_T0.5_s0.kvmaps.safetensors" in i
+                                           or "r0.5_fitted_euclidean_T0.5_s0.kvmaps.safetensors" in i for i in fitted_inputs)
+    assert "--policy results/tiny/policies/r0.25_fitted_euclidean_T0.5_s0.json " in out  # the policy file alone
+
+    config["models"]["tiny"]["kv_maps"] = False
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    out = snakemake(tmp_path, "-n", "-p").stdout
+    assert "search_fitted" not in _dry_run_jobs(out)[0] and "_fitted_euclidean" not in out

@@ -325,3 +325,15 @@ def test_layer_kinds_are_checked_from_a_folders_config_before_any_job(tmp_path):
     # 12 layers: 9 of the 10 sliding ones and 1 of the 2 full ones can share (10); rate 0.9 needs 11
     assert find(found.problems, r"model 'gemma': sharing rate 0.9 needs 11 sharing layers, but only 10 of its 12")
     assert not find(found.problems, r"model 'gemma': sharing rate 0.5")
+
+
+def test_the_fitted_order_is_refused_for_a_family_its_maps_cannot_unrotate_unless_the_model_opts_out():
+    config = copy.deepcopy(PAPER)
+    assert "fitted" in config["search"]["orders"] and config["models"]["phi-4"]["kv_maps"] is False
+    del config["models"]["phi-4"]["kv_maps"]
+    problems = pf.check_config(config, PROFILE["set-resources"]).problems
+    assert find(problems, "'phi-4'", "fitted order's K/V maps support the llama, mistral, qwen2, qwen3", "phi3",
+                r"models\.phi-4\.kv_maps: false")
+    assert len(find(problems, "K/V maps")) == 1  # the families they support pass
+    config["search"]["orders"] = [o for o in config["search"]["orders"] if o != "fitted"]
+    assert not find(pf.check_config(config, PROFILE["set-resources"]).problems, "K/V maps")

@@ -13,6 +13,7 @@
 
 RANKED_ORDERS = ("dissimilar", "similar", "random")
 FITTED_ORDERS = ("fitted",)  # their policies come with fitted K/V maps (<policy>.kvmaps.safetensors)
+MAP_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # model types whose keys the maps un-rotate (rotate_half RoPE)
 MEASURED_ORDERS = {"measured-kl": "kl", "measured-cosine": "cosine"}  # order -> objective
 ORDERS = RANKED_ORDERS + tuple(MEASURED_ORDERS) + FITTED_ORDERS  # display order of the report
 

@@ -44,6 +44,7 @@ from .cache import footprint
 from .models.layer_kinds import shareable_layers, unsupported
 from .models.shapes import Shape, architecture_of, shape_from_config
 from .models.sources import EMBEDDED_PREFIX, ModelError, check_source
+from .names import FITTED_ORDERS, MAP_FAMILIES
 
 log = logging.getLogger("kvsharer")
 
@@ -211,6 +212,15 @@ def check_depth(name: str, n_layers: int, rates, minicache_rates=(), kinds=None)
             except ValueError as err:
                 problems.append(f"model {name!r}: {err}")
     return problems
+
+
+def check_maps(name: str, shape: Shape, settings: dict, orders) -> list[str]:
+    """The fitted order needs keys its maps can un-rotate (kvsharer.cache.kv_maps): refused for other families
+    unless the model opts out (``kv_maps: false``)."""
+    if not any(o in FITTED_ORDERS for o in orders) or not settings.get("kv_maps", True) or shape.family in MAP_FAMILIES:
+        return []
+    return [f"model {name!r}: the fitted order's K/V maps support the {', '.join(MAP_FAMILIES)} families, not "
+            f"{shape.family or shape.architecture} (set models.{name}.kv_maps: false to search it on the other models only)"]
 
 
 def check_kinds(name: str, shape: Shape, kinds) -> list[str]:
@@ -390,6 +400,7 @@ def check_model(name: str, settings: dict, rates: list[float], lengths: list[int
     if problems:
         return problems
     problems += check_depth(name, shape.layers, rates, minicache_rates, kinds)
+    problems += check_maps(name, shape, settings, (config or {}).get("search", {}).get("orders", []))
     own = _token_methods(methods)
     if own and not info.native_attention:
         problems.append(

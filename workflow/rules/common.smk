@@ -150,6 +150,13 @@ def compose_bases():
     return ["plain"] + [policy_name(r, "dissimilar", MAIN_METRIC, MAIN_T, 0) for r in C.get("rates", [])]
 
 
+def model_policies(model, policies):
+    """`policies` without the fitted orders' for a model whose config says `kv_maps: false`."""
+    if model_setting(model, "kv_maps"):
+        return list(policies)
+    return [p for p in policies if not any(policy_matches(p.split("+")[0], order=o) for o in names.FITTED_ORDERS)]
+
+
 def model_methods(model, specs):
     """`specs` without the token-level methods for a model whose config says `token_methods: false`."""
     if model_setting(model, "token_methods"):
@@ -192,12 +199,12 @@ def eval_files(kind):
         return []
     names = (["plain"] + which() if kind == "ppl" else which()) + compose_policies()
     return [f"results/{m}/eval/{p}/{kind}.json" for m in config["models"]
-            for p in dict.fromkeys(names + compose_settings(kind, m))]
+            for p in model_policies(m, dict.fromkeys(names + compose_settings(kind, m)))]
 
 
 def policy_files():
     names = dict.fromkeys(all_policies() + compose_policies())
-    return [f"results/{m}/policies/{p}.json" for m in config["models"] for p in names]
+    return [f"results/{m}/policies/{p}.json" for m in config["models"] for p in model_policies(m, names)]
 
 
 def distance_files():
@@ -338,7 +345,7 @@ def corpus_eval_files():
     orders = [o for o in S["orders"] if o != "random"]
     names = (["plain"] + [p for o in orders for p in main_policies(o)]
              + [f"plain+minicache-{fmt(r)}" for r in C.get("minicache_rates", [])])
-    return [f"results/{m}/eval/{p}/ppl_{c}.json" for m in config["models"] for p in names for c in corpora]
+    return [f"results/{m}/eval/{p}/ppl_{c}.json" for m in config["models"] for p in model_policies(m, names) for c in corpora]
 
 
 def all_evals():
@@ -368,7 +375,7 @@ def _report_inputs(policies=None, evals=None, profile=False, distances=False, sc
         if policy in kept and evals(_family(label), file.removesuffix(".json")):
             out.append(path)
     return {
-        "policies": [f"results/{m}/policies/{p}.json" for m in config["models"] for p in names],
+        "policies": [f"results/{m}/policies/{p}.json" for m in config["models"] for p in model_policies(m, names)],
         "evals": out,
         "profile": profile_files() if profile else [],
         "distances": distance_files() if distances else [],

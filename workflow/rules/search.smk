@@ -10,7 +10,7 @@ rule search:
         after=previous_policy,
         start=calibration_states,
     output:
-        "results/{model}/policies/r{rate}_{order}_{metric}_T{threshold}_s{seed}.json",
+        policy="results/{model}/policies/r{rate}_{order}_{metric}_T{threshold}_s{seed}.json",
     params:
         procedure=setting("search/procedure"),
         # the candidate budget bounds the paper's loop at high T; a measured search measures ~3 x layers
@@ -40,14 +40,14 @@ rule search:
         "python -m kvsharer --threads {threads} --gpus {resources.gpu} search --model {input.model} --calibration {input.calibration}"
         " --rate {wildcards.rate} --order {wildcards.order} --metric {wildcards.metric}"
         " --threshold {wildcards.threshold} --seed {wildcards.seed} --procedure {params.procedure} {params.budget} {params.measured} {params.after} {params.start}"
-        " --samples {params.samples} --tokens {params.tokens} --dtype {params.dtype} {params.batch} --out {output[0]} > {log} 2>&1"
+        " --samples {params.samples} --tokens {params.tokens} --dtype {params.dtype} {params.batch} --out {output.policy} > {log} 2>&1"
 
 
 # The fitted order's search also writes its policy's K/V maps (the policy file names them).
 use rule search as search_fitted with:
     output:
-        "results/{model}/policies/r{rate}_{order,fitted}_{metric}_T{threshold}_s{seed}.json",
-        "results/{model}/policies/r{rate}_{order,fitted}_{metric}_T{threshold}_s{seed}.kvmaps.safetensors",
+        policy="results/{model}/policies/r{rate}_{order,fitted}_{metric}_T{threshold}_s{seed}.json",
+        maps="results/{model}/policies/r{rate}_{order,fitted}_{metric}_T{threshold}_s{seed}.kvmaps.safetensors",
 
 
 ruleorder: search_fitted > search

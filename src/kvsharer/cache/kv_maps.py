@@ -26,16 +26,17 @@ layer): free next to the model at prefill, but a decoding step pays it for all S
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..atomic import atomic_path
 from ..models.loading import find_parts, text_config
+from ..names import MAP_FAMILIES
 
 # model types whose keys carry RoPE in the rotate_half layout over the whole head (checked by tests/test_kv_maps.py)
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = MAP_FAMILIES
 RIDGE = 1e-3  # ridge, relative to the mean diagonal of the source's Gram matrix
 
 
@@ -104,6 +105,7 @@ class LayerMap:
     k_bias: torch.Tensor
     v_weight: torch.Tensor
     v_bias: torch.Tensor
+    _placed: dict = field(default_factory=dict, repr=False, compare=False)  # (device, dtype) -> the four, converted
 
     @property
     def nbytes(self) -> int:
@@ -112,9 +114,12 @@ class LayerMap:
     def __call__(self, keys: torch.Tensor, values: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
         """The corrected (keys, values) [B, H, S, D] from the source's (keys after RoPE)."""
         x = torch.cat([_rows(rope.unrotate(keys)), _rows(values)], dim=-1)  # [B*S, 2E]
-        w = lambda t: t.to(x.device, x.dtype)  # noqa: E731
-        new_keys = _heads(torch.addmm(w(self.k_bias), x, w(self.k_weight)), keys)  # [B, H, S, D], before RoPE
-        new_values = _heads(torch.addmm(w(self.v_bias), x, w(self.v_weight)), values)
+        where = (x.device, x.dtype)
+        if where not in self._placed:  # converted once per device and dtype, not in every forward
+            self._placed[where] = [t.to(*where) for t in (self.k_weight, self.k_bias, self.v_weight, self.v_bias)]
+        k_weight, k_bias, v_weight, v_bias = self._placed[where]
+        new_keys = _heads(torch.addmm(k_bias, x, k_weight), keys)  # [B, H, S, D], before RoPE
+        new_values = _heads(torch.addmm(v_bias, x, v_weight), values)
         return rope.rotate(new_keys), new_values
 
 

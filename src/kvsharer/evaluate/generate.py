@@ -17,6 +17,9 @@ def generate(model, tokenizer, prompts: list[str], policy: SharingPolicy, max_ne
             tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
             for p in prompts
         ]
+    if policy.meta.get("kv_maps") and len(prompts) > 1:
+        raise ValueError("a policy with fitted K/V maps generates one prompt at a time: its maps take the cache index "
+                         "as the position, which left padding of a batch would shift (kvsharer.cache.kv_maps)")
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(model.device)
     cache = DynamicCache(config=model.config)
