@@ -20,28 +20,22 @@ import json
 import platform
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
 from kvsharer.atomic import atomic_write_text
-from kvsharer.cli import main as cli
 from kvsharer.models.loading import load_model
-from kvsharer.search import calibrate
 from kvsharer.search.greedy import SearchSettings, plain_run, target_layers
-from kvsharer.stages.search import run_journaled, sha256_file
+from kvsharer.stages.search import run_journaled
+from search_speed import add_model_arguments, calibration  # benchmarks/ is the script's folder
 
 MEASURED = dict(sources=2, refresh=4, screen=4)  # config/config.yaml's search.measured
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="results/models/smollm2-135m")
-    parser.add_argument("--calibration", type=Path, help="existing calibration file (default: make one)")
-    parser.add_argument("--samples", type=int, default=30)
-    parser.add_argument("--tokens", type=int, default=64)
+    add_model_arguments(parser)  # --model, --calibration, --samples, --tokens
     parser.add_argument("--rates", default="0.25,0.375")
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=3)
@@ -52,13 +46,7 @@ def main(argv=None) -> int:
     if args.repeats < 1:
         raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
 
-    with tempfile.TemporaryDirectory() as tmp:
-        cal = args.calibration or Path(tmp) / "calibration.safetensors"
-        if args.calibration is None:
-            cli(["calibrate", "--model", args.model, "--samples", str(args.samples), "--tokens", str(args.tokens),
-                 "--out", str(cal)])
-        stats = calibrate.load(cal)
-        digest = sha256_file(cal)
+    stats, digest = calibration(args)
     model, _ = load_model(args.model)
     n_layers = stats["keys"].shape[0]
     began = time.perf_counter()

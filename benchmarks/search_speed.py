@@ -29,24 +29,34 @@ from kvsharer.search.greedy import SearchSettings, plain_run, target_layers
 from kvsharer.stages.search import run_journaled, sha256_file
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model, and the calibration file or the N x T tokens to make one of (:func:`calibration`)."""
     parser.add_argument("--model", default="results/models/smollm2-135m")
     parser.add_argument("--calibration", type=Path, help="existing calibration file (default: make one)")
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--rate", type=float, default=0.25)
-    parser.add_argument("--threshold", type=float, default=0.5)
-    parser.add_argument("--out", default="results/benchmarks/search_speed.json")
-    args = parser.parse_args(argv)
 
+
+def calibration(args) -> tuple[dict, str]:
+    """(calibration tensors, sha256 of their file): ``args.calibration``, or made here (``args.samples`` x
+    ``args.tokens`` tokens of the demo's text) in a temporary folder."""
     with tempfile.TemporaryDirectory() as tmp:
         cal = args.calibration or Path(tmp) / "calibration.safetensors"
         if args.calibration is None:
             cli(["calibrate", "--model", args.model, "--samples", str(args.samples), "--tokens", str(args.tokens),
                  "--out", str(cal)])
-        stats = calibrate.load(cal)
-        digest = sha256_file(cal)
+        return calibrate.load(cal), sha256_file(cal)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_arguments(parser)
+    parser.add_argument("--rate", type=float, default=0.25)
+    parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--out", default="results/benchmarks/search_speed.json")
+    args = parser.parse_args(argv)
+
+    stats, digest = calibration(args)
     model, _ = load_model(args.model)
     n_layers = stats["keys"].shape[0]
     target = target_layers(n_layers, rate=args.rate)

@@ -73,6 +73,16 @@ def test_search_speed_benchmark_smoke(tiny_model_dir, tmp_path):
     assert result["started_over_fast"] > 0 and result["plain_run_seconds"] > 0
 
 
+def test_fitted_search_benchmark_smoke(tiny_model_dir, tmp_path):
+    result = _bench("fitted_search.py", "--model", str(tiny_model_dir), "--samples", "6", "--tokens", "16",
+                    "--rates", "0.25", "--repeats", "2", "--out", str(tmp_path / "fitted.json"))
+    row = result["rates"]["0.25"]
+    assert row["dissimilar"]["candidates"] >= 2 and row["fitted"]["candidates"] >= 2
+    assert len(row["fitted"]["seconds_all"]) == 2 and row["fitted_over_dissimilar"] > 0
+    # a fitted policy never reads a layer that shares: every source stores its own K/V
+    assert all(row["fitted"]["map"][s] == s for s in row["fitted"]["map"])
+
+
 def test_shared_context_benchmark_smoke(tiny_model_dir, tmp_path):
     result = _bench("shared_context.py", "--model", str(tiny_model_dir), "--items", "2", "--context", "30",
                     "--choice", "3", "--repeats", "1", "--out", str(tmp_path / "shared.json"))

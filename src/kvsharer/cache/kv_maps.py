@@ -233,19 +233,22 @@ class Fitter:
         targets: dict[int, list[int]] = {}
         for i, j in pairs:
             targets.setdefault(j, []).append(i)
+        wanted = sorted({i for i, _ in pairs})
+        # every target layer's centred K and V once, float32 [M, E], and their variance (float64)
+        centred = [{i: (side[i] - side[i].mean(0)).float() for i in wanted} for side in (self.k, self.v)]
+        variance = [{i: float((side[i] - side[i].mean(0)).pow(2).sum()) for i in wanted} for side in (self.k, self.v)]
         scored = []
         for j, layers in targets.items():
             xc, _, chol, ridge = self._source(j)
             x = xc.float()
             score = torch.zeros(len(layers), dtype=torch.float64)
-            for side in (self.k, self.v):
-                y = torch.stack([side[i] for i in layers])  # [n, M, E]
-                yc = y - y.mean(1, keepdim=True)
-                n, _, e = yc.shape
-                cross = torch.einsum("md,nme->dne", x, yc.float()).double().reshape(-1, n * e)  # [2E, n*E]
+            for side in range(2):
+                yc = torch.cat([centred[side][i] for i in layers], dim=1)  # [M, n*E]: every target side by side
+                n, e = len(layers), yc.shape[1] // len(layers)
+                cross = (x.T @ yc).double()  # [2E, n*E]
                 weight = torch.cholesky_solve(cross, chol)  # every target's map at once
                 per_target = lambda t: t.reshape(-1, n, e).transpose(0, 1)  # noqa: E731 ([2E, n*E] -> [n, 2E, E])
                 explained = self._explained(per_target(cross), per_target(weight), ridge)  # [n]
-                score += 1.0 - explained / (yc * yc).sum((1, 2))
+                score += 1.0 - explained / torch.tensor([variance[side][i] for i in layers], dtype=torch.float64)
             scored += [(i, j, float(s)) for i, s in zip(layers, score)]
         return sorted(scored, key=lambda t: (t[2], t[0], t[1]))

@@ -74,11 +74,14 @@ class SharedLayer(DummyLayer, CacheLayerMixin):
     cache layer (``CacheLayerMixin``): ``cache.get_seq_length(i)`` / ``get_mask_sizes(..., i)`` answer for it
     (Llama 4 asks its own layer), with its source's numbers."""
 
+    _transform = None  # no map: the source's K/V as they are
+
     def __init__(self, source, source_idx: int, transform=None):
         super().__init__()
         self.is_initialized = False  # it holds no keys (code that reads a layer's keys when initialized skips it)
         self.source_idx = source_idx
-        self.transform = transform  # (keys, values) -> (keys, values): a fitted K/V map (kvsharer.cache.kv_maps)
+        if transform is not None:  # (keys, values) -> (keys, values): a fitted K/V map (kvsharer.cache.kv_maps)
+            self._transform = transform
         self.connect(source)
 
     def connect(self, source) -> None:
@@ -100,8 +103,7 @@ class SharedLayer(DummyLayer, CacheLayerMixin):
         keys, values = kv
         if key_states is not None:  # a model spread over GPUs (device_map="auto") may hold the source on another GPU
             keys, values = keys.to(key_states.device), values.to(key_states.device)
-        transform = getattr(self, "transform", None)
-        return (keys, values) if transform is None else transform(keys, values)
+        return (keys, values) if self._transform is None else self._transform(keys, values)
 
     # A sharer answers as its source did at the same point of the forward: before the source's update. Masks are
     # usually built before any layer runs, but some models ask each layer for its own just before its update
@@ -129,6 +131,7 @@ class SharedAttentionOfHybrid:
     the recurrent state stays this layer's own (``get_conv_state`` & co. are the original class's)."""
 
     _linear = None  # the recurrent-state half's class, set by ``shared_hybrid``
+    _transform = None  # fitted K/V maps support no hybrid family (kvsharer.cache.kv_maps.FAMILIES)
 
     def update(self, key_states, value_states, *args, **kwargs):
         return SharedLayer.update(self, key_states, value_states, *args, **kwargs)
