@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 PROFILE = yaml.safe_load((REPO / "slurm" / "config.yaml").read_text())
 # the rules that load a model: models.<m>.gpus GPUs each (the config's, not the profile's); every other rule
 # runs on CPUs only: prepare_model converts the weights on CPU, search_scaling is a CPU measurement
-GPU_RULES = {"calibrate", "calibration_states", "search", "evaluate_ppl", "evaluate_ppl_corpus", "evaluate_harness", "evaluate_longctx",
-             "evaluate_ruler", "evaluate_longbench", "profile"}
+GPU_RULES = {"calibrate", "calibration_states", "search", "search_fitted", "evaluate_ppl", "evaluate_ppl_corpus",
+             "evaluate_harness", "evaluate_longctx", "evaluate_ruler", "evaluate_longbench", "profile", "serving"}
 # the one-node cluster of .ci/start-slurm.sh has partition `debug` with one (dummy) GPU
 PARTITION = os.environ.get("KVSHARER_SLURM_PARTITION", "debug")
 
@@ -72,6 +72,8 @@ def test_profile_requests_the_models_gpus_for_the_model_rules_only(tmp_path):
     config["models"]["tiny"]["gpus"] = 2
     config["evaluation"]["ruler"] = {"tasks": ["niah_single_1"], "lengths": [256]}  # evaluate_ruler jobs too
     config["evaluation"]["longbench"] = {"tasks": ["kvs_passage_word"]}  # and evaluate_longbench
+    config["search"]["orders"] = config["search"]["orders"] + ["fitted"]  # search_fitted
+    config["serving"] = {"kv_cache_mib": [48]}  # and the vLLM serving job
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(tmp_path),
            "--configfile", str(tmp_path / "config.yaml"), "--profile", str(REPO / "slurm"), "-n", "--cores", "4"]

@@ -13,8 +13,8 @@ disagree.
 from __future__ import annotations
 
 # rules that load a model onto its GPUs
-MODEL_RULES = ("calibrate", "calibration_states", "search", "evaluate_ppl", "evaluate_harness", "evaluate_longctx", "evaluate_ruler",
-               "evaluate_longbench", "profile")
+MODEL_RULES = ("calibrate", "calibration_states", "search", "search_fitted", "evaluate_ppl", "evaluate_harness",
+               "evaluate_longctx", "evaluate_ruler", "evaluate_longbench", "profile", "serving")
 DEFAULTS = {"mem_mb": 4000, "gpus": 1, "batch_size": 8}  # as in workflow/schemas/config.schema.yaml
 LONGBENCH_TASKS = ["longbench"]  # evaluation.longbench.tasks default, as in the schema
 ANSWER_TOKENS = 8  # evaluation.longctx.answer_tokens default: greedy answer tokens after a passkey prompt
