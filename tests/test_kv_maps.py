@@ -19,6 +19,17 @@ from kvsharer.models.loading import kv_shape
 from kvsharer.search.greedy import FastEvaluator, plain_run, unpack_plain_run
 
 
+def _search_args(model, cal, out):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    from kvsharer.stages import search
+
+    search.add_arguments(parser)
+    return parser.parse_args(["--model", str(model), "--calibration", str(cal), "--rate", "0.25", "--order", "fitted",
+                              "--out", str(out)])
+
+
 def _ids(n=6, t=24, seed=0, vocab=96):
     return torch.randint(3, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
 
@@ -156,3 +167,14 @@ def test_fitted_search_writes_policy_and_maps_that_every_stage_reads(tiny_model_
     maps_path.unlink()
     with pytest.raises(MapError, match="not found"):
         share_kv(make_tiny("llama", n_layers=8), SharingPolicy.from_json(out))
+
+
+def test_the_fitted_search_refuses_a_family_its_maps_cannot_unrotate_before_loading(tmp_path):
+    folder = tmp_path / "phi"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}))
+    cal = tmp_path / "missing.safetensors"  # never read: the family is refused first
+    from kvsharer.stages import search
+
+    with pytest.raises(ValueError, match="support the llama, mistral, qwen2, qwen3 families, not phi3"):
+        search.main(_search_args(folder, cal, tmp_path / "p.json"))

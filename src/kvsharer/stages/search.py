@@ -156,6 +156,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "from which the search starts instead of computing it")
 
 
+def check_map_family(model: str) -> None:
+    """The fitted order's maps need a family whose keys they can un-rotate: refused from the folder's config.json
+    (or the shape table) before the weights load; a model known neither way is checked once loaded."""
+    from ..models.shapes import architecture_of
+    from ..names import MAP_FAMILIES
+
+    config = Path(model) / "config.json"
+    family = (json.loads(config.read_text()).get("model_type") if config.is_file()
+              else getattr(architecture_of(model), "family", None))
+    if family is not None and family not in MAP_FAMILIES:
+        raise ValueError(f"order 'fitted': its K/V maps support the {', '.join(MAP_FAMILIES)} families, not {family} "
+                         f"({model})")
+
+
 def check_calibration(meta: dict, model: str, samples: int | None, tokens: int | None) -> None:
     """The calibration file must come from this model and have the expected N and T."""
     source, weights = model_id(model)
@@ -177,6 +191,8 @@ def main(args: argparse.Namespace) -> int:
     # every check that needs no model comes first
     check_source(args.model)
     check_order(args.order)
+    if args.order in FITTED_ORDERS:
+        check_map_family(args.model)
     check_metric(args.metric)
     check_threshold(args.threshold)
     if (args.order in MEASURED_ORDERS or args.order in FITTED_ORDERS) and args.procedure != "fast":
