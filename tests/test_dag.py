@@ -187,24 +187,48 @@ def _dry_run_jobs(out: str) -> tuple[dict[str, int], list[tuple[str, str, int]]]
 
 
 def test_the_headline_figure_and_table_need_only_the_searches_and_ppl_they_show(tmp_path, tiny_model_dir):
-    """ppl_vs_rate and order_ablation (PPL vs rate of every order at the main metric and T) wait for no task,
-    profile, distance, ablation or further-corpus job, and every job they need outranks those (rule priorities:
-    Snakemake does not pass a job's priority on to the jobs of its inputs), so they are written first."""
+    """ppl_vs_rate (PPL vs rate of the paper's order and ours at the main metric and T) waits for no control order,
+    task, profile, distance, ablation or further-corpus job, and every job it needs outranks those (rule priorities:
+    Snakemake does not pass a job's priority on to the jobs of its inputs), so it is written first; the order
+    ablation's controls come next, before the task jobs."""
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config(tiny_model_dir)))
     stats, chain = _dry_run_jobs(snakemake(tmp_path, "-n", "results/figures/ppl_vs_rate.png",
-                                           "results/tables/order_ablation.md").stdout)
-    # 2 rates x (dissimilar, similar, 2 random seeds, measured-kl), their PPL and the plain model's
-    assert stats == {"prepare_model": 1, "prepare_text": 1, "calibrate": 1, "calibration_states": 1, "search": 10,
-                     "evaluate_ppl": 11, "figure": 1, "table": 1}
+                                           "results/tables/ppl_vs_rate.md").stdout)
+    # 2 rates x (dissimilar, measured-kl), their PPL and the plain model's
+    assert stats == {"prepare_model": 1, "prepare_text": 1, "calibrate": 1, "calibration_states": 1, "search": 4,
+                     "evaluate_ppl": 5, "figure": 1, "table": 1}
     stats, jobs = _dry_run_jobs(snakemake(tmp_path, "-n").stdout)
     assert len(jobs) == sum(stats.values()) and {"profile", "evaluate_harness", "distances"} <= set(stats)
     needed = {output for _, output, _ in chain}
     # the two jobs every job waits for aside, the headline's chain runs before any other job that is ready beside
-    # it (make_tasks, a second's work, before the task jobs)
+    # it (make_tasks, a second's work, before the task jobs; a table or figure as soon as its inputs exist)
     first = [priority for rule, output, priority in jobs if output in needed and rule not in ("prepare_model",
                                                                                                 "prepare_text")]
-    rest = {rule: priority for rule, output, priority in jobs if output not in needed and rule != "make_tasks"}
+    rest = {output: priority for rule, output, priority in jobs
+            if output not in needed and rule not in ("make_tasks", "table", "figure")}
     assert len(first) == len(chain) - 2 and min(first) > max(rest.values()), rest
+    controls = {output: priority for rule, output, priority in jobs
+                if rule in ("search", "evaluate_ppl") and re.search(r"_(similar|random)_euclidean_T0.5_s\d+(/ppl)?\.json", output)}
+    assert len(controls) == 2 * 3 * 2  # (similar, 2 random seeds) x 2 rates: search and PPL
+    harness = [priority for rule, _, priority in jobs if rule == "evaluate_harness"]
+    assert min(controls.values()) > max(harness)
+
+
+def test_compose_tasks_false_scores_the_cache_methods_on_ppl_only(tmp_path, tiny_model_dir):
+    """compose.tasks: false (the demo) drops the token methods' and quantization's task jobs, not their PPL nor
+    MiniCache's task jobs."""
+    def evals(config):
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+        _, jobs = _dry_run_jobs(snakemake(tmp_path, "-n").stdout)
+        return {output.split("/eval/")[1] for rule, output, _ in jobs if rule.startswith("evaluate") and "+" in output}
+
+    config = tiny_config(tiny_model_dir)
+    both = evals(config)
+    config["compose"]["tasks"] = False
+    ppl_only = evals(config)
+    assert {"plain+h2o-0.5/harness.json", "r0.5_dissimilar_euclidean_T0.5_s0+int4/harness.json"} <= both - ppl_only
+    assert not any(e.endswith("harness.json") and "minicache" not in e for e in ppl_only)
+    assert {"plain+h2o-0.5/ppl.json", "plain+minicache-0.25/harness.json", "plain+h2o-0.5/longctx.json"} <= ppl_only
 
 def test_results_notebook_runs_headless_on_the_dag_results(dag_run):
     """notebooks/results.ipynb, executed by a Jupyter kernel in the DAG's folder (as if opened there): no

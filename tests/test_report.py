@@ -222,9 +222,9 @@ def args_for(stage: str, inputs: dict, out: Path, with_distances: bool = True) -
     return argv + ["--out-dir", str(out)]
 
 
-TABLES = ("table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank", "search_cost",
+TABLES = ("ppl_vs_rate", "table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank", "search_cost",
           "table2_compose", "quantization", "minicache", "search_procedures")
-FIGURES = ("ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation", "passkey",
+FIGURES = ("ppl_vs_rate", "order_ablation", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation", "passkey",
            "search_scaling", "profile_memory", "profile_throughput", "compose", "quantization", "minicache", "niah")
 
 
@@ -305,6 +305,39 @@ def test_minicache_sits_next_to_kvsharer_at_the_same_rate(tables):
 def test_composed_results_stay_out_of_table1(tables):
     t1 = read(tables, "table1")
     assert t1[t1["model"] == "tiny"]["ppl"].iloc[0] == pytest.approx(ppl_of(0.0))  # not the H2O run
+
+
+def test_headline_shows_the_papers_order_and_ours_against_the_plain_model(tables):
+    """ppl_vs_rate: the dissimilar and measured orders (not the controls), each as a multiple of plain's PPL, the plain
+    model first; the other model's search by layer count sits at its rate."""
+    t = read(tables, "ppl_vs_rate")
+    assert list(t.columns) == ["model", "rate_pct", "ppl:dissimilar", "ppl:measured-kl", "x_plain:dissimilar",
+                               "x_plain:measured-kl"]
+    tiny = t[t["model"] == "tiny"].set_index("rate_pct")
+    assert list(tiny.index) == [0.0, 12.5, 25.0, 50.0]
+    assert tiny.loc[0.0, "ppl:dissimilar"] == ppl_of(0.0) and tiny.loc[0.0, "x_plain:measured-kl"] == 1
+    for rate in RATES:
+        assert tiny.loc[rate * 100, "ppl:dissimilar"] == ppl_of(rate)
+        assert tiny.loc[rate * 100, "x_plain:dissimilar"] == pytest.approx(ppl_of(rate) / ppl_of(0.0))
+    assert tiny.loc[25.0, "ppl:measured-kl"] == ppl_of(0.25, "measured-kl") and np.isnan(tiny.loc[50.0, "ppl:measured-kl"])
+    other = t[t["model"] == "other"].set_index("rate_pct")
+    assert other.loc[25.0, "x_plain:dissimilar"] == pytest.approx(13.0 / 11.0)
+
+
+def test_headline_figure_draws_the_papers_order_and_ours_the_ablation_every_order(inputs):
+    import matplotlib.pyplot as plt
+
+    from kvsharer.report.collect import collect
+    from kvsharer.report.figures import build_figures
+
+    makers = build_figures(collect(inputs["policies"], inputs["evals"]), [])
+    for name, orders in (("ppl_vs_rate", {"dissimilar", "measured-kl"}),
+                         ("order_ablation", {"dissimilar", "similar", "random", "measured-kl"})):
+        fig = makers[name]()
+        ax = next(ax for ax in fig.axes if ax.get_title().startswith("tiny"))
+        shown = {t.get_text() for t in ax.get_legend().get_texts()} - {"order", "plain model"}
+        assert shown == orders, (name, shown)
+        plt.close(fig)
 
 
 def test_order_ablation_random_mean_std(tables):

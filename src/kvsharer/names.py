@@ -16,6 +16,9 @@ FITTED_ORDERS = ("fitted",)  # their policies come with fitted K/V maps (<policy
 MAP_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # model types whose keys the maps un-rotate (rotate_half RoPE)
 MEASURED_ORDERS = {"measured-kl": "kl", "measured-cosine": "cosine"}  # order -> objective
 ORDERS = RANKED_ORDERS + tuple(MEASURED_ORDERS) + FITTED_ORDERS  # display order of the report
+# the paper's order and ours: what the headline (table and figure ppl_vs_rate) and Table 1 show; the order_ablation
+# table and figure add the controls (similar, random)
+HEADLINE_ORDERS = ("dissimilar",) + tuple(MEASURED_ORDERS) + FITTED_ORDERS
 
 
 def maps_file(policy_file: str) -> str:
@@ -24,10 +27,11 @@ def maps_file(policy_file: str) -> str:
 METRICS = ("euclidean", "cosine", "cka")  # layer distance metrics (kvsharer.search.distance), in display order
 
 # the report: results/tables/<name>.{csv,md} and results/figures/<name>.{png,pdf}
-TABLES = ("table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank", "search_cost",
-          "table2_compose", "quantization", "minicache", "search_procedures")
-FIGURES = ("ppl_vs_rate", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation", "metric_ablation", "passkey",
-           "search_scaling", "profile_memory", "profile_throughput", "compose", "quantization", "minicache", "niah")
+TABLES = ("ppl_vs_rate", "table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank",
+          "search_cost", "table2_compose", "quantization", "minicache", "search_procedures")
+FIGURES = ("ppl_vs_rate", "order_ablation", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation",
+           "metric_ablation", "passkey", "search_scaling", "profile_memory", "profile_throughput", "compose",
+           "quantization", "minicache", "niah")
 # written only when the config has a `serving` section (vLLM, workflow/rules/serving.smk), beside the above:
 # results/tables/serving.{csv,md} (serving throughput vs rate) and results/figures/serving.{png,pdf} (tokens/s and
 # maximum concurrency vs KV budget)

@@ -49,34 +49,47 @@ def policy_matches(name, order=None, metric=None, threshold=None):
     return all(want is None or got == want for got, want in zip(fields, wanted))
 
 
-# The headline figure and table (ppl_vs_rate, order_ablation: PPL vs rate of every order at the main metric and
-# threshold, report.smk) and the jobs they need run before the rest: Snakemake does not pass a job's priority on to
-# the jobs of its inputs, so each rule of their chain states its own. Calibration 20 (every search waits for it),
-# the measured searches 10 (the longest chain), the other searches at the main metric and T and the PPL of every
-# policy the headline reads HEADLINE_PRIORITY, the task jobs 5, the rest (profile, ablations, corpora) 0.
-HEADLINE = {"figure": "ppl_vs_rate", "table": "order_ablation"}
+# The headline figure and table (ppl_vs_rate: PPL vs rate of the paper's order and ours, names.HEADLINE_ORDERS, at
+# the main metric and threshold, report.smk) and the jobs they need run before the rest: Snakemake does not pass a
+# job's priority on to the jobs of its inputs, so each rule of their chain states its own. Calibration 20 (every
+# search waits for it), the measured searches 10 (the longest chain), the other headline searches and the PPL of
+# every policy the headline reads HEADLINE_PRIORITY, then the controls of the order ablation (similar, random: their
+# searches and PPL) ABLATION_PRIORITY, the task jobs 5, the rest (profile, other ablations, corpora) 0.
+HEADLINE = {"figure": "ppl_vs_rate", "table": "ppl_vs_rate"}
 HEADLINE_PRIORITY = 8
+ABLATION_PRIORITY = 6
 
 
-def headline_setting(policy):
-    """The plain model or a policy at the main metric and threshold, without a cache method: the PPL the
-    headline figure and table read."""
-    return policy == "plain" or policy_matches(policy, metric=MAIN_METRIC, threshold=MAIN_T)
+def main_priority(order):
+    """The priority of a search or PPL job of `order` at the main metric and threshold."""
+    return HEADLINE_PRIORITY if order in names.HEADLINE_ORDERS else ABLATION_PRIORITY
+
+
+def ppl_priority(policy):
+    """The plain model's and the headline policies' PPL first, then the order ablation's; the rest after the tasks."""
+    if policy == "plain":
+        return HEADLINE_PRIORITY
+    if not policy_matches(policy, metric=MAIN_METRIC, threshold=MAIN_T):  # an ablation or a cache method
+        return 0
+    return main_priority(policy.split("_")[1])
 
 
 def search_priority(wildcards):
     """A measured search first (the DAG's longest chain: each rate starts from the smaller rate's journal), then the
-    other searches at the main metric and threshold (the headline reads them), then the ablations'."""
+    other searches at the main metric and threshold (the headline's, then the order ablation's), then the other
+    ablations'."""
     if wildcards.order.startswith("measured"):
         return 10
-    return HEADLINE_PRIORITY if (wildcards.metric, wildcards.threshold) == (MAIN_METRIC, fmt(MAIN_T)) else 0
+    if (wildcards.metric, wildcards.threshold) != (MAIN_METRIC, fmt(MAIN_T)):
+        return 0
+    return main_priority(wildcards.order)
 
 
 def table1_policies(orders=None):
     """Plain model, the paper's method (dissimilar order), the measured and the fitted orders at every rate (the
     tasks and passkey score what those searches found on calibration text, not only its PPL); `orders`
     (evaluation.<kind>.orders) keeps only those orders' policies."""
-    scored = ["dissimilar"] + [o for o in S["orders"] if o.startswith("measured") or o in names.FITTED_ORDERS]
+    scored = ["dissimilar"] + [o for o in S["orders"] if o in names.HEADLINE_ORDERS and o != "dissimilar"]
     missing = [o for o in orders or [] if o not in scored]
     if missing:
         raise ValueError(f"evaluation.*.orders names {', '.join(missing)}, which search.orders does not search "
@@ -165,11 +178,14 @@ def model_methods(model, specs):
 
 
 def compose_settings(kind, model):
-    """Settings evaluated by `kind`: token methods and quantization with and without sharing, MiniCache
-    alone (scored by ppl and harness); the needle-in-a-haystack methods with and without sharing (longctx)."""
+    """Settings evaluated by `kind`: token methods and quantization with and without sharing (by the tasks only with
+    compose.tasks), MiniCache alone (scored by ppl and harness); the needle-in-a-haystack methods with and without
+    sharing (longctx)."""
     quant = [f"int{b}" for b in C.get("quant_bits", [])]
     if kind == "longctx":
         specs = C.get("niah", [])
+    elif kind != "ppl" and not setting("compose/tasks", True):  # compose.tasks: false, scored on PPL only
+        specs = []
     elif kind in ("ruler", "longbench"):  # long context is where the token methods and quantization matter
         specs = [s for s in C.get("intra", []) if method_registry.is_token_method(s)] + quant
     else:
@@ -385,6 +401,7 @@ def _report_inputs(policies=None, evals=None, profile=False, distances=False, sc
 
 
 _MAIN_ORDERS = lambda p: policy_matches(p, metric=MAIN_METRIC, threshold=MAIN_T)  # every order at the main metric and T
+_HEADLINE = lambda p: _MAIN_ORDERS(p) and p.split("_")[1] in names.HEADLINE_ORDERS  # the paper's order and ours
 _PAPER = lambda p: policy_matches(p, "dissimilar", MAIN_METRIC, MAIN_T)  # the paper's policies
 _METRICS = lambda p: policy_matches(p, "dissimilar", threshold=MAIN_T)  # the metric ablation's (and the main one)
 _THRESHOLDS = lambda p: policy_matches(p, "dissimilar", metric=MAIN_METRIC)  # the threshold ablation's
@@ -395,6 +412,7 @@ _COMPOSED = dict(policies=_PAPER, evals=lambda family, file: file in _TASKS)
 
 REPORT_INPUTS = {
     "table": {
+        "ppl_vs_rate": dict(policies=_HEADLINE, evals=_PPL),
         "table1": dict(policies=_PAPER, evals=lambda family, file: family == "none" and file in _TASKS),
         "order_ablation": dict(policies=_MAIN_ORDERS, evals=_PPL),
         "metric_ablation": dict(policies=_METRICS, evals=_PPL),
@@ -409,7 +427,8 @@ REPORT_INPUTS = {
         "serving": dict(serving=True),  # the vLLM runs alone: each records its policies' order and rate
     },
     "figure": {
-        "ppl_vs_rate": dict(policies=_MAIN_ORDERS, evals=_PPL),
+        "ppl_vs_rate": dict(policies=_HEADLINE, evals=_PPL),
+        "order_ablation": dict(policies=_MAIN_ORDERS, evals=_PPL),
         "distance_heatmap": dict(policies=_METRICS, distances=True),  # marks a paper's policy per metric
         "acceptance_vs_rank": dict(policies=_THRESHOLDS),
         "threshold_ablation": dict(policies=_THRESHOLDS, evals=_PPL),

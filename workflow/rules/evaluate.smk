@@ -18,7 +18,7 @@ rule evaluate_ppl:
         "logs/{model}/eval/{policy}/ppl.log",
     conda:
         "../../envs/kvsharer.yaml"
-    priority: lambda w: HEADLINE_PRIORITY if headline_setting(w.policy) else 0  # the headline's PPL: first
+    priority: lambda w: ppl_priority(w.policy)  # the headline's PPL first, then the order ablation's (common.smk)
     threads: lambda w: model_setting(w.model, "threads")
     resources:
         mem_mb=lambda w: model_setting(w.model, "mem_mb"),

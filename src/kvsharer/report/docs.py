@@ -169,6 +169,8 @@ CAPTIONS = {
                          "(% of the plain model's, measured), PPL on the held-out text and on every further held-out "
                          "corpus (`ppl:<corpus>`), mean task accuracy, passkey accuracy, and what finding the policy "
                          "cost (candidates, decoder forwards over the calibration tokens, seconds).",
+    "ppl_vs_rate": "The headline: PPL per rate of the paper's order (dissimilar) and ours (measured, fitted) at the "
+                   "main metric and threshold, and each as a multiple of the plain model's PPL (first row: plain).",
     "table1": "The paper's Table 1: the plain model and the paper's order (dissimilar) at every rate, main metric "
               "and threshold: PPL, every task by its metric, their mean and that mean as % of the plain model's.",
     "order_ablation": "PPL per rate for every pair order at the main metric and threshold (random: mean and "
@@ -331,10 +333,10 @@ def results_page(results: Path, source: str) -> str:
         "",
         *provenance_lines(prov),
         "",
-        "PPL vs sharing rate per pair order (`results/figures/ppl_vs_rate.png` of this run, copied by `python -m "
-        "kvsharer docs snapshot`):",
+        "The headline: PPL vs sharing rate of the paper's order and ours (`results/figures/ppl_vs_rate.png` of this "
+        "run, copied by `python -m kvsharer docs snapshot`):",
         "",
-        "![PPL vs sharing rate per pair order](ppl_vs_rate.png)",
+        "![PPL vs sharing rate: the paper's order and ours](ppl_vs_rate.png)",
         "",
     ]
     for name in TABLES:

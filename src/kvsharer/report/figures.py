@@ -5,8 +5,11 @@ Always writes the same files under ``--out-dir`` (``<name>.png`` and ``<name>.pd
 ``FIGURES``), so Snakemake outputs stay fixed; a figure (or a panel) whose inputs are absent shows an
 empty axis saying "no data". Several models are panels of one figure.
 
-* ``ppl_vs_rate``: PPL vs requested sharing rate, one line per order (random: mean over seeds, band =
-  standard deviation), the plain model as a dashed line, log y axis; main metric and threshold;
+* ``ppl_vs_rate`` (the headline): PPL vs requested sharing rate, one line for the paper's order (dissimilar) and one
+  for each of ours (measured, fitted: ``names.HEADLINE_ORDERS``), the plain model as a dashed line, log y axis;
+  main metric and threshold;
+* ``order_ablation``: the same with every order, the controls (similar, random) included (random: mean over
+  seeds, band = min..max over seeds);
 * ``distance_heatmap``: the layer distance matrix of every distances file (lower triangle) with the
   accepted pairs of the main dissimilar policy (largest requested rate <= ``--main-rate``) marked;
 * ``acceptance_vs_rank``: accepted share of evaluated candidates per dissimilarity-rank bin, hue = T;
@@ -48,6 +51,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from ..names import HEADLINE_ORDERS, ORDERS  # noqa: E402
 from .collect import (METRICS, NO_CACHE, Collection, Distances, order_rank, passkey_cells_frame, plain,  # noqa: E402
                       results_frame, select, settings_frame, traces_frame)
 from .tables import (DEFAULT_METRIC, DEFAULT_RANK_BIN, DEFAULT_THRESHOLD, acceptance_by_rank, metric_long,  # noqa: E402
@@ -176,9 +180,11 @@ def main_policy(results: pd.DataFrame, model: str, metric: str, threshold: float
 # ------------------------------------------------------------------------------------------------
 
 
-def fig_ppl_vs_rate(results: pd.DataFrame, metric: str, threshold: float):
+def fig_ppl_vs_rate(results: pd.DataFrame, metric: str, threshold: float, orders=HEADLINE_ORDERS):
+    """PPL vs rate of ``orders`` (None: every order)."""
     sub = select(results, metric=metric, threshold=threshold)
-    sub = with_rate_pct(sub[sub["order"].notna() & sub["ppl"].notna()])
+    keep = sub["order"].isin(orders) if orders is not None else sub["order"].notna()
+    sub = with_rate_pct(sub[keep & sub["ppl"].notna()])
     base = plain(results).dropna(subset=["ppl"])
     models = sorted(set(sub["model"]) | set(base["model"]))
     if not models:
@@ -189,10 +195,12 @@ def fig_ppl_vs_rate(results: pd.DataFrame, metric: str, threshold: float):
         # one value per (order, rate, seed): several procedures of one setting are averaged first;
         # the random order's band spans min..max over seeds (a +-sd band of a skewed PPL dips below zero)
         part = part.groupby(["order", "rate_pct", "seed"], as_index=False, dropna=False)["ppl"].mean()
-        orders = sorted(set(part["order"]), key=lambda o: (order_rank(o), o))
-        if len(part):
-            sns.lineplot(data=part, x="rate_pct", y="ppl", hue="order", hue_order=orders, style="order",
-                         style_order=orders, markers=True, dashes=False, errorbar=("pi", 100), ax=ax)
+        shown = sorted(set(part["order"]), key=lambda o: (order_rank(o), o))
+        if len(part):  # an order has the same colour in every figure
+            colours = sns.color_palette(n_colors=len(ORDERS) + 1)
+            palette = {o: colours[order_rank(o)] for o in shown}
+            sns.lineplot(data=part, x="rate_pct", y="ppl", hue="order", hue_order=shown, style="order",
+                         style_order=shown, palette=palette, markers=True, dashes=False, errorbar=("pi", 100), ax=ax)
         for value in base.loc[base["model"] == model, "ppl"]:
             ax.axhline(value, color="0.3", linestyle="--", linewidth=1, label="plain model")
         log_scale(ax)
@@ -549,6 +557,7 @@ def build_figures(collection: Collection, distances: list[Distances], metric: st
         "minicache": lambda: fig_minicache(minicache(settings, metric, threshold)),
         "niah": lambda: fig_niah(cells, metric, threshold),
         "ppl_vs_rate": lambda: fig_ppl_vs_rate(results, metric, threshold),
+        "order_ablation": lambda: fig_ppl_vs_rate(results, metric, threshold, orders=None),
         "distance_heatmap": lambda: fig_distance_heatmap(distances, results, traces, metric, threshold, main_rate),
         "acceptance_vs_rank": lambda: fig_acceptance_vs_rank(traces, metric, rank_bin),
         "threshold_ablation": lambda: fig_threshold_ablation(results, metric, threshold),

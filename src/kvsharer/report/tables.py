@@ -4,6 +4,9 @@
 Writes, under ``--out-dir``, always the same files (a table without inputs is written with its header
 only, so Snakemake outputs stay fixed): ``<name>.csv`` and ``<name>.md`` for every name in ``TABLES``:
 
+* ``ppl_vs_rate`` (the headline): per model and rate, PPL of the paper's order (dissimilar) and ours (the measured
+  and fitted orders: ``names.HEADLINE_ORDERS``) at the main metric and threshold, each also as a multiple of the
+  plain model's PPL (``x_plain:<order>``), with the plain model's PPL as a first row (rate 0);
 * ``table1``: per model, the plain model and the dissimilar order (the paper's method) at every requested
   rate, at the main metric and threshold: PPL, one score per requested benchmark, its column naming the
   metric (``hellaswag (acc)``; a group by lm-eval's aggregate, ``mmlu (acc, group)``; a generation task by
@@ -57,7 +60,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from ..names import ORDERS, RANKED_ORDERS
+from ..names import HEADLINE_ORDERS, ORDERS, RANKED_ORDERS
 from .collect import (METRICS, NO_CACHE, Collection, order_rank, plain, policies_frame, read_json, results_frame,
                       select, settings_frame, task_columns, traces_frame)
 
@@ -158,6 +161,31 @@ def table1(results: pd.DataFrame, metric: str, threshold: float) -> pd.DataFrame
         if len(base) == 1 and base.iloc[0] and not math.isnan(base.iloc[0]):
             out.loc[index, "pct_of_plain"] = out.loc[index, "mean_score"] / base.iloc[0] * 100
     return _integral(out, ["layers_shared", "n_layers"])[columns]
+
+
+def ppl_vs_rate(results: pd.DataFrame, metric: str, threshold: float) -> pd.DataFrame:
+    """The headline: PPL per rate of the paper's order and ours, and as a multiple of the plain model's."""
+    sub = select(results, metric=metric, threshold=threshold)
+    sub = sub[sub["order"].isin(HEADLINE_ORDERS) & sub["ppl"].notna()]
+    orders = sorted(set(sub["order"]), key=lambda o: (order_rank(o), o))
+    columns = ["model", "rate_pct", *[f"ppl:{o}" for o in orders], *[f"x_plain:{o}" for o in orders]]
+    base = plain(results).dropna(subset=["ppl"]).groupby("model")["ppl"].mean()  # model -> plain PPL
+    rows = []
+    for model in sorted(set(sub["model"]) | set(base.index)):
+        reference = base.get(model, math.nan)
+        if not math.isnan(reference):
+            rows.append({"model": model, "rate_pct": 0.0, **{f"ppl:{o}": reference for o in orders},
+                         **{f"x_plain:{o}": 1.0 for o in orders}})
+        for rate, part in sub[sub["model"] == model].groupby("rate_requested", sort=True):
+            row = {"model": model, "rate_pct": rate}
+            for order in orders:
+                values = part.loc[part["order"] == order, "ppl"]
+                row[f"ppl:{order}"] = values.mean() if len(values) else math.nan
+                row[f"x_plain:{order}"] = row[f"ppl:{order}"] / reference
+            rows.append(row)
+    out = pd.DataFrame(rows, columns=columns)
+    out["rate_pct"] = rate_pct(out["rate_pct"])
+    return out
 
 
 def order_long(results: pd.DataFrame, metric: str, threshold: float) -> pd.DataFrame:
@@ -453,6 +481,7 @@ def build_tables(collection: Collection, metric: str = DEFAULT_METRIC, threshold
         "table2_compose": lambda: table2_compose(settings, profile, metric, threshold),
         "quantization": lambda: quantization(settings, metric, threshold),
         "minicache": lambda: minicache(settings, metric, threshold),
+        "ppl_vs_rate": lambda: ppl_vs_rate(results, metric, threshold),
         "table1": lambda: table1(results, metric, threshold),
         "order_ablation": lambda: order_ablation(results, metric, threshold),
         "metric_ablation": lambda: metric_ablation(results, metric, threshold),
