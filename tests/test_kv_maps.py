@@ -169,6 +169,32 @@ def test_fitted_search_writes_policy_and_maps_that_every_stage_reads(tiny_model_
         share_kv(make_tiny("llama", n_layers=8), SharingPolicy.from_json(out))
 
 
+def test_a_larger_fitted_search_reuses_the_smaller_ones_ranking_and_candidates(tiny_model_dir, tmp_path, monkeypatch):
+    """The journal records the pair ranking once: a search to a larger target (--after) fits no pair again, and its
+    first candidates are the smaller search's."""
+    from kvsharer.cache.kv_maps import Fitter
+
+    cal = tmp_path / "cal.safetensors"
+    assert cli(["calibrate", "--model", str(tiny_model_dir), "--samples", "24", "--tokens", "32", "--out", str(cal)]) == 0
+    search = ["search", "--model", str(tiny_model_dir), "--calibration", str(cal), "--order", "fitted"]
+    small, large = tmp_path / "r0.25.json", tmp_path / "r0.5.json"
+    assert cli(search + ["--rate", "0.25", "--out", str(small)]) == 0
+    journal = [json.loads(line) for line in small.with_name(small.name + ".journal.jsonl").read_text().splitlines()]
+    ranking = [line["ranking"] for line in journal if "ranking" in line]
+    assert len(ranking) == 1 and len(ranking[0]) == 8 * 7 // 2  # every pair (i > j) of the 8 layers
+
+    def refit(*args, **kwargs):
+        raise AssertionError("the pairs were ranked again")
+
+    monkeypatch.setattr(Fitter, "ranking", refit)
+    assert cli(search + ["--rate", "0.5", "--after", str(small), "--out", str(large)]) == 0
+    first, second = json.loads(small.read_text()), json.loads(large.read_text())
+    assert second["num_shared"] == 4 and second["candidates_resumed"] == first["candidates_evaluated"]
+    assert [t["pair"] for t in second["trace"][:len(first["trace"])]] == [t["pair"] for t in first["trace"]]
+    with pytest.raises(AssertionError, match="ranked again"):  # without the smaller search's journal: a new ranking
+        cli(search + ["--rate", "0.5", "--out", str(tmp_path / "alone.json")])
+
+
 def test_the_fitted_search_refuses_a_family_its_maps_cannot_unrotate_before_loading(tmp_path):
     folder = tmp_path / "phi"
     folder.mkdir()

@@ -311,11 +311,18 @@ class Journal:
     def __init__(self, header: dict, lines: list[dict] | None = None, sink: Callable[[dict], None] | None = None,
                  path: Path | None = None):
         self.path, self.header, self.sink = path, header, sink
-        self.entries = {e["rank"]: e for e in (lines or [])[1:]}
+        self.entries = {e["rank"]: e for e in (lines or [])[1:] if "rank" in e}
+        # the fitted order's pair ranking ((i, j, score) by score), recorded once: the same search to a larger target
+        # starts from this journal and skips the fit of every pair
+        self.ranking = next(([tuple(p) for p in e["ranking"]] for e in (lines or [])[1:] if "ranking" in e), None)
 
     def append(self, entry: dict) -> None:
         if self.sink is not None:
             self.sink(entry)
+
+    def record_ranking(self, ranking: list[tuple[int, int, float]]) -> None:
+        self.ranking = ranking
+        self.append({"ranking": [list(p) for p in ranking]})
 
 
 def journal_header(settings: SearchSettings, calibration_hash: str, n_layers: int) -> dict:
@@ -423,8 +430,12 @@ def run_search(model, stats: dict, settings: SearchSettings, journal: Journal | 
             evaluator.start_from(*unpack_plain_run(plain_run(model, stats["input_ids"], settings.batch_size)))
         fitter = Fitter(evaluator.kv, Rope(model))
         kinds = evaluator.parts.kinds
-        ranked = fitter.ranking([(i, j) for i in range(1, len(kinds)) for j in range(i)
-                                 if kinds[i].has_kv and compatible(kinds, i, j)])
+        journal = journal or Journal({})
+        ranked = journal.ranking
+        if ranked is None:
+            ranked = fitter.ranking([(i, j) for i in range(1, len(kinds)) for j in range(i)
+                                     if kinds[i].has_kv and compatible(kinds, i, j)])
+            journal.record_ranking(ranked)
         evaluator.fit = fitter.maps
         result = greedy_search(ranked, dist.shape[0], settings.target, settings.threshold, evaluator,
                                journal, progress, settings.max_candidates, keep_pairs=True)
