@@ -5,6 +5,7 @@ relative link of the README and the docs resolves, and the README stays a three-
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -109,9 +110,32 @@ def test_snapshot_command_copies_a_results_folder(tmp_path):
                 "--figure-out", "").returncode == 0
     record = json.loads((out / "snapshot.json").read_text())
     assert record["command"] == "make demo" and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", record["started"])
+    assert record["tables"] == len(list(results.glob("tables/*.md"))) and record["figures"] == 0
     assert sorted(p.relative_to(out) for p in out.rglob("*.md")) == \
         sorted(p.relative_to(REPO / SNAPSHOT) for p in (REPO / SNAPSHOT).rglob("*.md"))
     assert docs("snapshot", "--results", str(tmp_path / "nothing"), "--out", str(out)).returncode == 2
+
+
+def test_the_run_record_times_the_headline_the_tables_and_the_report_from_the_files(tmp_path):
+    """seconds after the DAG's first job (run_meta.json) at which the headline table, the last table or figure and
+    the HTML report were written; the README's sentence and the results page state them."""
+    from kvsharer.report.docs import demo_time, run_record
+
+    results = tmp_path / "results"
+    files = {"m/run_meta.json": 0, "tables/ppl_vs_rate.md": 95, "tables/table1.md": 300, "figures/a.png": 410,
+             "report.html": 425}
+    t0 = 1_796_634_000
+    for name, after in files.items():
+        (results / name).parent.mkdir(parents=True, exist_ok=True)
+        (results / name).write_text("{}" if name.endswith(".json") else "| a |\n|---|\n")
+        os.utime(results / name, (t0 + after, t0 + after))
+    record = run_record(results, "make demo")
+    assert record["seconds_after_first_job"] == {"headline": 95, "tables_and_figures": 410, "report": 425}
+    assert (record["tables"], record["figures"]) == (2, 1)
+    (results / "snapshot.json").write_text(json.dumps(record))
+    sentence = demo_time(results)
+    assert "`make demo`" in sentence and "1 min 35 s after the DAG's first job" in sentence
+    assert "all 2 tables and 1 figure 6 min 50 s" in sentence and "`report.html` 7 min 5 s" in sentence
 
 
 def test_markers_are_needed_once_each():

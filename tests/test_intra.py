@@ -180,6 +180,28 @@ def test_generation_positions_keep_counting_after_eviction():
     assert cache.layers[0].keys.shape[-2] == 4 and cache.layers[3].keys is None
 
 
+def test_reordered_and_selected_rows_decode_as_a_cache_built_in_that_order():
+    """generate's batch operations (beam search) on an evicting cache: every per-row tensor (K/V, positions, valid,
+    the method's scores) moves with its row, so a reordered cache decodes as one prefilled in that order."""
+    model = make_tiny("llama")
+    tokens = torch.randint(3, VOCAB, (3, 12), generator=torch.Generator().manual_seed(5))
+    perm, step = torch.tensor([2, 0, 2]), torch.randint(3, VOCAB, (3, 1), generator=torch.Generator().manual_seed(6))
+    with compress_kv(model, H2O(4), policy=SharingPolicy.from_pairs(8, TWO_OF_EIGHT)), torch.no_grad():
+        cache, twin = DynamicCache(config=model.config), DynamicCache(config=model.config)
+        model(tokens, past_key_values=cache, use_cache=True)
+        model(tokens[perm], past_key_values=twin, use_cache=True)
+        cache.reorder_cache(perm)
+        moved, built = (model(step, past_key_values=c, use_cache=True).logits for c in (cache, twin))
+        assert torch.allclose(moved, built, atol=1e-6)
+        cache.batch_select_indices(torch.tensor([1]))
+        twin.batch_select_indices(torch.tensor([1]))
+        cache.batch_repeat_interleave(2)
+        twin.batch_repeat_interleave(2)
+        moved, built = (model(step[:2], past_key_values=c, use_cache=True).logits for c in (cache, twin))
+    assert torch.allclose(moved, built, atol=1e-6)
+    assert torch.equal(cache.layers[0].positions, twin.layers[0].positions)
+
+
 def test_padded_row_decodes_as_it_does_alone_with_token_budgets(family):
     """Integer budgets: padding is evicted (or merged with weight 0) first, so a padded row equals itself alone."""
     model = make_tiny(family)

@@ -27,6 +27,7 @@ def maps_file(policy_file: str) -> str:
 METRICS = ("euclidean", "cosine", "cka")  # layer distance metrics (kvsharer.search.distance), in display order
 
 # the report: results/tables/<name>.{csv,md} and results/figures/<name>.{png,pdf}
+HEADLINE = "ppl_vs_rate"  # the headline table and figure (PPL vs rate of HEADLINE_ORDERS): the DAG writes them first
 TABLES = ("ppl_vs_rate", "table1", "order_ablation", "metric_ablation", "threshold_ablation", "acceptance_by_rank",
           "search_cost", "table2_compose", "quantization", "minicache", "search_procedures")
 FIGURES = ("ppl_vs_rate", "order_ablation", "distance_heatmap", "acceptance_vs_rank", "threshold_ablation",

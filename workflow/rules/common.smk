@@ -55,7 +55,7 @@ def policy_matches(name, order=None, metric=None, threshold=None):
 # search waits for it), the measured searches 10 (the longest chain), the other headline searches and the PPL of
 # every policy the headline reads HEADLINE_PRIORITY, then the controls of the order ablation (similar, random: their
 # searches and PPL) ABLATION_PRIORITY, the task jobs 5, the rest (profile, other ablations, corpora) 0.
-HEADLINE = {"figure": "ppl_vs_rate", "table": "ppl_vs_rate"}
+HEADLINE = {"figure": names.HEADLINE, "table": names.HEADLINE}
 HEADLINE_PRIORITY = 8
 ABLATION_PRIORITY = 6
 

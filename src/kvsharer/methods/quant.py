@@ -74,6 +74,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from ..cache.assembly import source_of
+from ..cache.batch_ops import BatchOps
 from ..cache.method import KVMethod
 from ..cache.policy import SharingPolicy
 from ..cache.sharing import with_policy
@@ -176,7 +177,7 @@ def check_settings(bits: int, group_size: int, residual: int, head_dim: int | No
 # ----------------------------------------------------------------------------------------------
 
 
-class QuantizedKVLayer(DynamicLayer):
+class QuantizedKVLayer(BatchOps, DynamicLayer):
     """Cache of one storing layer: a quantized store + a full-precision window of the last tokens.
 
     ``keys``/``values`` are the window ``[B, H, min(S, residual), D]``; ``qkeys``/``qvalues`` the
@@ -244,27 +245,18 @@ class QuantizedKVLayer(DynamicLayer):
         return self.qkeys.nbytes() + self.qvalues.nbytes() + window
 
     # batch and device operations: token-local quantization makes them exact index operations ---
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:  # BatchOps' batch operations
         if not self.is_initialized:
             return
         self.keys, self.values = fn(self.keys), fn(self.values)
         self.qkeys, self.qvalues = self.qkeys.map(fn), self.qvalues.map(fn)
 
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices, ...])
-
     def offload(self) -> None:
-        self._map(lambda t: t.to("cpu", non_blocking=True))
+        self._map_batch(lambda t: t.to("cpu", non_blocking=True))
 
     def prefetch(self) -> None:
         if self.is_initialized and self.keys.device != self.device:
-            self._map(lambda t: t.to(self.device, non_blocking=True))
+            self._map_batch(lambda t: t.to(self.device, non_blocking=True))
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove ``-tokens_to_remove`` tokens from the end (DynamicLayer's convention): window first."""

@@ -1,8 +1,9 @@
 """Stage ``docs``: the pages generated from the project's own files (:mod:`kvsharer.report.docs`).
 
 * ``docs config``: ``docs/configuration.md`` from ``workflow/schemas/config.schema.yaml``;
-* ``docs results --results DIR``: ``docs/results.md`` from a results folder (or a snapshot of one) and the
-  README's small table between its ``<!-- results-table:start/end -->`` markers;
+* ``docs results --results DIR``: ``docs/results.md`` from a results folder (or a snapshot of one), the README's
+  small table between its ``<!-- results-table:start/end -->`` markers and its sentence on the run's time between
+  ``<!-- demo-time:start/end -->``;
 * ``docs snapshot --results results --out DIR``: copy a finished run's ``tables/*.md`` and
   ``<model>/run_meta.json`` (a few KB) to ``DIR`` with ``snapshot.json`` (the command that made the run, when
   its files were written), for ``docs results`` to read in a checkout without the run; and its headline figure
@@ -21,14 +22,15 @@ import shutil
 from pathlib import Path
 
 from ..atomic import atomic_write_text
-from ..report.docs import (SNAPSHOT, config_reference, headline_table, replace_between_markers, results_page,
-                           run_record)
+from ..names import HEADLINE
+from ..report.docs import (SNAPSHOT, TIME_MARKERS, config_reference, demo_time, headline_table, replace_between_markers,
+                           results_page, run_record)
 
 log = logging.getLogger("kvsharer")
 
 SCHEMA = Path("workflow/schemas/config.schema.yaml")
 SNAPSHOT_DIR = Path("docs/results-snapshot")
-HEADLINE_FIGURE = Path("docs/ppl_vs_rate.png")  # the README's and results.md's figure, from the snapshot's run
+HEADLINE_FIGURE = Path(f"docs/{HEADLINE}.png")  # the README's and results.md's figure, from the snapshot's run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,5 +114,7 @@ def main(args: argparse.Namespace) -> int:
     ok = _write(args.out or Path("docs/results.md"), results_page(args.results, args.results.as_posix()), args.check)
     if args.readme:
         readme = Path(args.readme)
-        ok = _write(readme, replace_between_markers(readme.read_text(), headline_table(args.results)), args.check) and ok
+        text = replace_between_markers(readme.read_text(), headline_table(args.results))
+        text = replace_between_markers(text, demo_time(args.results), TIME_MARKERS)
+        ok = _write(readme, text, args.check) and ok
     return 0 if ok else 1

@@ -32,11 +32,12 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from ...cache.batch_ops import BatchOps
 from .base import TokenMethod
 from .blockwise import AttentionScores
 
 
-class CompressedLayer(DynamicLayer):
+class CompressedLayer(BatchOps, DynamicLayer):
     """Cache of one storing layer (and the layers that share it), compressed by ``method``."""
 
     is_croppable = False
@@ -139,22 +140,13 @@ class CompressedLayer(DynamicLayer):
         tensors = [self.positions, self.valid, *self.state.values()]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
-    # batch operations used by generate (beam search, num_return_sequences, ...) -------------------
+    # batch operations used by generate (beam search, num_return_sequences, ...): BatchOps ---------
     def _map_batch(self, fn) -> None:
         if not self.is_initialized:
             return
         self.keys, self.values = fn(self.keys), fn(self.values)
         self.positions, self.valid = fn(self.positions), fn(self.valid)
         self.state = {name: fn(t) for name, t in self.state.items()}
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices, ...])
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove == 0:
