@@ -39,6 +39,7 @@ from kvsharer import cache_nbytes, share_kv  # noqa: E402
 from kvsharer.atomic import atomic_write_text  # noqa: E402
 from kvsharer.methods.intra import compress_kv, make_method  # noqa: E402
 from kvsharer.models.loading import find_parts, load_model  # noqa: E402
+from run_facts import run_facts  # noqa: E402
 
 ARMS = ("plain", "sharing", "h2o", "both")
 
@@ -97,6 +98,7 @@ class _null:
 
 
 def main(argv=None) -> int:
+    began = time.time()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="results/models/smollm2-135m")
     parser.add_argument("--rate", type=float, default=0.25, help="fraction of layers that share (spread policy)")
@@ -165,6 +167,7 @@ def main(argv=None) -> int:
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "arms": arms,
+        **run_facts(began, argv),
     }
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(f"{n_layers} layers ({policy.num_shared} shared), {args.method} budget {args.budget:g}, batch {args.batch} x "

@@ -28,12 +28,14 @@ from kvsharer.atomic import atomic_write_text
 from kvsharer.models.loading import load_model
 from kvsharer.search.greedy import SearchSettings, plain_run, target_layers
 from kvsharer.stages.search import run_journaled
+from run_facts import run_facts
 from search_speed import add_model_arguments, calibration  # benchmarks/ is the script's folder
 
 MEASURED = dict(sources=2, refresh=4, screen=4)  # config/config.yaml's search.measured
 
 
 def main(argv=None) -> int:
+    began = time.time()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(parser)  # --model, --calibration, --samples, --tokens
     parser.add_argument("--rates", default="0.25,0.375")
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
         "benchmark": "fitted_search", "model": args.model, "host": platform.node(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "n_layers": n_layers, "samples": int(stats["input_ids"].shape[0]),
         "tokens": int(stats["input_ids"].shape[1]), "threshold": args.threshold, "repeats": args.repeats,
-        "plain_run_seconds": plain_run_seconds, "rates": per_rate,
+        "plain_run_seconds": plain_run_seconds, "rates": per_rate, **run_facts(began, argv),
     }
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(f"-> {args.out}")

@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
+import time
 from pathlib import Path
+
+from run_facts import run_facts  # benchmarks/ is the script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -70,6 +71,7 @@ def _args(argv=None):
 
 
 def main(argv=None) -> int:
+    began = time.time()
     args = _args(argv)
     from kvsharer.serving.bench import FP8, Arm, Workload, kv_shape, measure_arms, set_engine_threads
 
@@ -115,11 +117,9 @@ def main(argv=None) -> int:
         "kv_cache_bytes": budget, "block_size": args.block_size, "requests": args.requests,
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "dtype": args.dtype,
         "repeats": args.repeats,
-        "threads": args.threads, "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()},
+        "threads": args.threads,
         "policies_note": "spread*: SharingPolicy.spread (not searched); blocks and concurrency depend only on k",
-        "command": " ".join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(str(ROOT))
-                             else sys.executable, *sys.argv]),
-        "arms": results,
+        "arms": results, **run_facts(began, argv),
     }
     atomic_write_text(args.out, json.dumps(out, indent=2) + "\n")
     print(f"{'arm':<16}{'k':>3}{'blocks':>8}{'x':>7}{'L/(L-k)':>9}{'conc.':>7}{'x':>7}{'tok/s':>8}{'x':>7}{'lat s':>7}{'x':>7}")

@@ -26,6 +26,7 @@ import torch
 from kvsharer.atomic import atomic_write_text
 from kvsharer.evaluate.harness import scoring_lm
 from kvsharer.models.loading import load_model
+from run_facts import run_facts  # benchmarks/ is the script's folder
 
 
 def requests_for(vocab: int, items: int, context: int, choice: int, seed: int = 0) -> list:
@@ -38,6 +39,7 @@ def requests_for(vocab: int, items: int, context: int, choice: int, seed: int = 
 
 
 def main(argv=None) -> int:
+    began = time.time()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
     parser.add_argument("--items", type=int, default=10, help="questions (four choices each)")
@@ -76,6 +78,7 @@ def main(argv=None) -> int:
         "items": args.items, "choices": 4, "context_tokens": args.context, "choice_tokens": args.choice,
         "seconds": seconds, "seconds_median": median, "time_ratio": median["ours"] / median["lm_eval"],
         "tokens_fed": fed, "tokens_ratio": fed["ours"] / fed["lm_eval"], "max_abs_loglikelihood_diff": worst,
+        **run_facts(began, argv),
     }
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(f"{args.items} questions x 4 choices, {args.context}-token contexts, {args.choice}-token choices, batch 1 on "

@@ -22,6 +22,7 @@ import torch
 from kvsharer import SharingPolicy, cache_nbytes, expected_kv_nbytes, share_kv
 from kvsharer.atomic import atomic_write_text
 from kvsharer.models.loading import find_parts, load_model
+from run_facts import run_facts  # benchmarks/ is the script's folder
 
 
 def spread_policy(model, rate: float) -> SharingPolicy:
@@ -40,6 +41,7 @@ def prefill(model, tokens) -> tuple[float, int]:
 
 
 def main(argv=None) -> int:
+    began = time.time()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="results/models/smollm2-135m")
     parser.add_argument("--rate", type=float, default=0.25)
@@ -96,6 +98,7 @@ def main(argv=None) -> int:
         "prefill_time_ratio": median["shared"] / median["plain"],
         "prefill_s_plain": times["plain"],
         "prefill_s_shared": times["shared"],
+        **run_facts(began, argv),
     }
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(

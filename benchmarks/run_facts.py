@@ -1,0 +1,44 @@
+"""When, from which commit, by which command and on what machine a benchmark ran: the facts every benchmark's JSON
+holds beside its numbers (``docs/benchmarks.md`` shows them, ``python -m kvsharer docs benchmarks``).
+
+    began = time.time()                          # first thing in main()
+    result = {..., **run_facts(began, argv)}     # what the JSON holds
+
+Standard library and :mod:`kvsharer.provenance` (which imports torch only to name the GPU, once the measuring is done).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _relative(path: str) -> str:
+    """``path`` relative to the checkout when it lies inside it (``.venv/bin/python``), else as given."""
+    absolute = Path(os.path.abspath(path))  # not resolve(): a venv's python is a link out of the checkout
+    return str(absolute.relative_to(REPO)) if absolute.is_relative_to(REPO) else path
+
+
+def run_facts(began: float, argv: list[str] | None = None) -> dict:
+    """``started`` (UTC) and ``wall_s`` from ``began`` (``time.time()``) to now, ``commit`` (the checkout's,
+    ``+dirty`` with uncommitted changes to tracked files), ``command`` (interpreter, script and ``argv``: the
+    script's arguments, ``sys.argv[1:]`` when None) and ``machine`` (host, CPUs, platform, the
+    first CUDA GPU or None)."""
+    from kvsharer.provenance import code_commit, gpu_name
+
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    return {
+        "started": datetime.fromtimestamp(began, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "wall_s": round(time.time() - began, 1),
+        "commit": code_commit(),
+        "command": shlex.join([_relative(sys.executable), _relative(sys.argv[0]), *arguments]),
+        "machine": {"host": platform.node(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+                    "gpu": gpu_name()},
+    }
