@@ -30,7 +30,8 @@ def run_facts(began: float, argv: list[str] | None = None) -> dict:
     """``started`` (UTC) and ``wall_s`` from ``began`` (``time.time()``) to now, ``commit`` (the checkout's,
     ``+dirty`` with uncommitted changes to tracked files), ``command`` (interpreter, script and ``argv``: the
     script's arguments, ``sys.argv[1:]`` when None) and ``machine`` (host, CPUs, platform, the
-    first CUDA GPU or None)."""
+    first CUDA GPU or None, the load average over 1, 5 and 15 minutes at the end: above the benchmark's own
+    threads, something else ran beside it)."""
     from kvsharer.provenance import code_commit, gpu_name
 
     arguments = sys.argv[1:] if argv is None else list(argv)
@@ -40,5 +41,5 @@ def run_facts(began: float, argv: list[str] | None = None) -> dict:
         "commit": code_commit(),
         "command": shlex.join([_relative(sys.executable), _relative(sys.argv[0]), *arguments]),
         "machine": {"host": platform.node(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "gpu": gpu_name()},
+                    "gpu": gpu_name(), "load_average": [round(x, 2) for x in os.getloadavg()]},
     }
