@@ -238,6 +238,8 @@ def test_results_notebook_runs_headless_on_the_dag_results(dag_run):
     import nbformat
     from nbclient import NotebookClient
 
+    from kvsharer.names import FIGURES
+
     notebook = nbformat.read(REPO / "notebooks" / "results.ipynb", as_version=4)
     NotebookClient(notebook, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(dag_run)}}).execute()  # raises on a failing cell
@@ -248,7 +250,7 @@ def test_results_notebook_runs_headless_on_the_dag_results(dag_run):
     assert "table1" in tables and all(f"### {name}" in shown for name in tables)
     pngs = [base64.b64decode(out["data"]["image/png"]) for out in outputs if "image/png" in out.get("data", {})]
     figures = sorted((dag_run / "results" / "figures").glob("*.png"))
-    assert len(figures) == 13 and sorted(pngs) == sorted(p.read_bytes() for p in figures)
+    assert len(figures) == len(FIGURES) and sorted(pngs) == sorted(p.read_bytes() for p in figures)
 
 
 def test_rerun_does_nothing(dag_run):
