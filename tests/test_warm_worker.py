@@ -153,6 +153,24 @@ def test_warm_worker_runs_a_command_and_returns_its_status(tmp_path):
     assert rc == "0" and warm == "True" and not Path(sock).exists()  # ran warm; the worker is gone after
 
 
+def test_snakemakes_progress_line_is_followed_by_the_jobs_left_and_where_the_tables_are(tmp_path):
+    from kvsharer.warm_worker import progress_note
+
+    (tmp_path / "results" / "tables").mkdir(parents=True)
+    for name in ("ppl_vs_rate.md", "ppl_vs_rate.csv", "table1.md"):
+        (tmp_path / "results" / "tables" / name).write_text("")
+    script = ("import sys; print('Select jobs to execute...', file=sys.stderr); "
+              "print('3 of 94 steps (3%) done', file=sys.stderr); print('out'); sys.exit(0)")
+    proc = subprocess.run([sys.executable, "-m", "kvsharer", "warm-worker", "--", sys.executable, "-c", script],
+                          env=PY_ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout == "out\n"
+    lines = proc.stderr.splitlines()
+    at = lines.index("3 of 94 steps (3%) done")
+    assert lines[at + 1] == "kvsharer: 91 jobs left; 2 tables finished in results/tables/ (figures in results/figures/)"
+    assert progress_note("Select jobs to execute...") is None
+    assert progress_note("94 of 94 steps (100%) done", str(tmp_path / "none")).startswith("kvsharer: 0 jobs left; 0 ")
+
+
 def test_bad_warm_worker_call_is_refused(tmp_path):
     rc, log = kvsharer(["warm-worker"], tmp_path)
     assert rc == 2 and "give the command to run" in log

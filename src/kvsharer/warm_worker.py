@@ -27,6 +27,7 @@ import argparse
 import importlib
 import json
 import os
+import re
 import selectors
 import signal
 import socket
@@ -250,10 +251,44 @@ def main(args: argparse.Namespace) -> int:
                 time.sleep(0.05)
             print(f"kvsharer: warm worker (pid {server.pid}) at {path}; running: {' '.join(command)}",
                   file=sys.stderr, flush=True)
-            return subprocess.run(command, env={**os.environ, ENV: path}).returncode
+            return run_annotated(command, {**os.environ, ENV: path})
         finally:
             server.terminate()
             server.wait(timeout=30)
+
+
+# Snakemake's progress line, "12 of 94 steps (13%) done", gets what is left and where the finished results are
+PROGRESS = re.compile(r"^(\d+) of (\d+) steps \(\d+%\) done$")
+
+
+def progress_note(line: str, tables: str = "results/tables") -> str | None:
+    """What to print after a Snakemake progress line (None after any other line): the jobs left and how many
+    tables are finished, and where."""
+    match = PROGRESS.match(line.strip())
+    if match is None:
+        return None
+    done, total = int(match.group(1)), int(match.group(2))
+    finished = len([name for name in os.listdir(tables) if name.endswith(".md")]) if os.path.isdir(tables) else 0
+    left = total - done
+    return (f"kvsharer: {left} job{'' if left == 1 else 's'} left; {finished} table{'' if finished == 1 else 's'} "
+            f"finished in {tables}/ (figures in results/figures/)")
+
+
+def run_annotated(command: list[str], env: dict) -> int:
+    """Run ``command``, passing its output through (stderr, where Snakemake writes its log) with a note after every
+    progress line; its exit status."""
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
+    while True:
+        try:
+            for line in process.stderr:
+                sys.stderr.write(line)
+                note = progress_note(line)
+                if note is not None:
+                    sys.stderr.write(note + "\n")
+                sys.stderr.flush()
+            return process.wait()
+        except KeyboardInterrupt:  # the command got the same Ctrl-C: keep passing its shutdown messages through
+            continue
 
 
 def serve_main(path: str) -> None:
