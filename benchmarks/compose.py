@@ -98,7 +98,7 @@ class _null:
 
 
 def main(argv=None) -> int:
-    began = time.time()
+    launched = time.time()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="results/models/smollm2-135m")
     parser.add_argument("--rate", type=float, default=0.25, help="fraction of layers that share (spread policy)")
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "arms": arms,
-        **run_facts(began, argv),
+        **run_facts(launched, argv),
     }
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(f"{n_layers} layers ({policy.num_shared} shared), {args.method} budget {args.budget:g}, batch {args.batch} x "

@@ -35,7 +35,7 @@ MEASURED = dict(sources=2, refresh=4, screen=4)  # config/config.yaml's search.m
 
 
 def main(argv=None) -> int:
-    began = time.time()
+    launched = time.time()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(parser)  # --model, --calibration, --samples, --tokens
     parser.add_argument("--rates", default="0.25,0.375")
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         "benchmark": "fitted_search", "model": args.model, "host": platform.node(), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "n_layers": n_layers, "samples": int(stats["input_ids"].shape[0]),
         "tokens": int(stats["input_ids"].shape[1]), "threshold": args.threshold, "repeats": args.repeats,
-        "plain_run_seconds": plain_run_seconds, "rates": per_rate, **run_facts(began, argv),
+        "plain_run_seconds": plain_run_seconds, "rates": per_rate, **run_facts(launched, argv),
     }
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(f"-> {args.out}")

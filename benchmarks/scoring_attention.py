@@ -90,7 +90,7 @@ def run_arm(arm: str, shape: dict, tokens: int, repeats: int, device: str, threa
 
 
 def main(argv=None) -> int:
-    began = time.time()
+    launched = time.time()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="4096,8192", help="comma-separated prefill lengths T")
     parser.add_argument("--batch", type=int, default=1)
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "scoring_attention", "device": device, "host": platform.node(), "torch": torch.__version__,
         "threads": threads, "repeats": repeats, "block_bytes": blockwise.BLOCK_BYTES, "shape": shape, "points": points,
-        **run_facts(began, argv),
+        **run_facts(launched, argv),
     }
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     mib = 2**20

@@ -50,7 +50,7 @@ def calibration(args) -> tuple[dict, str]:
 
 
 def main(argv=None) -> int:
-    began = time.time()
+    launched = time.time()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(parser)
     parser.add_argument("--rate", type=float, default=0.25)
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         "started_over_fast": started_ratio, "plain_run_seconds": plain_run_seconds,
         **{f"{p}_{k}": runs[p][k] for p in runs for k in ("seconds", "candidates_evaluated", "seconds_per_candidate")},
         "accepted_pairs": [t["pair"] for t in fast["trace"] if t["accepted"]],
-        "similarities": [t["similarity"] for t in fast["trace"]], **run_facts(began, argv),
+        "similarities": [t["similarity"] for t in fast["trace"]], **run_facts(launched, argv),
     }
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(f"same policy; similarities agree within {max_sim_diff:.1e}; speed-up official/fast = {speedup:.1f}x; "

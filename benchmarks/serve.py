@@ -71,7 +71,7 @@ def _args(argv=None):
 
 
 def main(argv=None) -> int:
-    began = time.time()
+    launched = time.time()
     args = _args(argv)
     from kvsharer.serving.bench import FP8, Arm, Workload, kv_shape, measure_arms, set_engine_threads
 
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
         "repeats": args.repeats,
         "threads": args.threads,
         "policies_note": "spread*: SharingPolicy.spread (not searched); blocks and concurrency depend only on k",
-        "arms": results, **run_facts(began, argv),
+        "arms": results, **run_facts(launched, argv),
     }
     atomic_write_text(args.out, json.dumps(out, indent=2) + "\n")
     print(f"{'arm':<16}{'k':>3}{'blocks':>8}{'x':>7}{'L/(L-k)':>9}{'conc.':>7}{'x':>7}{'tok/s':>8}{'x':>7}{'lat s':>7}{'x':>7}")

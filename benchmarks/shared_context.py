@@ -39,7 +39,7 @@ def requests_for(vocab: int, items: int, context: int, choice: int, seed: int = 
 
 
 def main(argv=None) -> int:
-    began = time.time()
+    launched = time.time()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
     parser.add_argument("--items", type=int, default=10, help="questions (four choices each)")
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         "items": args.items, "choices": 4, "context_tokens": args.context, "choice_tokens": args.choice,
         "seconds": seconds, "seconds_median": median, "time_ratio": median["ours"] / median["lm_eval"],
         "tokens_fed": fed, "tokens_ratio": fed["ours"] / fed["lm_eval"], "max_abs_loglikelihood_diff": worst,
-        **run_facts(began, argv),
+        **run_facts(launched, argv),
     }
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(f"{args.items} questions x 4 choices, {args.context}-token contexts, {args.choice}-token choices, batch 1 on "

@@ -41,7 +41,7 @@ def prefill(model, tokens) -> tuple[float, int]:
 
 
 def main(argv=None) -> int:
-    began = time.time()
+    launched = time.time()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="results/models/smollm2-135m")
     parser.add_argument("--rate", type=float, default=0.25)
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         "prefill_time_ratio": median["shared"] / median["plain"],
         "prefill_s_plain": times["plain"],
         "prefill_s_shared": times["shared"],
-        **run_facts(began, argv),
+        **run_facts(launched, argv),
     }
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(

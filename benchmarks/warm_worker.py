@@ -38,7 +38,7 @@ def run_job(args: list[str], env: dict) -> float:
 
 
 def main(argv=None) -> int:
-    began = time.time()
+    launched = time.time()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="prepared model folder (e.g. results/models/smollm2-135m)")
     parser.add_argument("--text", required=True, help="held-out text file")
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     result = {"benchmark": "warm_worker", "host": platform.node(), "stage": "evaluate-ppl", "jobs": jobs,
               "window": window, "max_tokens": max_tokens, "seconds": times, "median_own_process": own,
               "median_warm_worker": warm, "ratio": warm / own, "warm_worker_startup_seconds": startup,
-              "ppl": results["own_process"], **run_facts(began, argv)}
+              "ppl": results["own_process"], **run_facts(launched, argv)}
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(f"evaluate-ppl job ({max_tokens} tokens in windows of {window}), median of {jobs}: own process {own:.2f} s, "
           f"warm worker {warm:.2f} s, ratio {warm / own:.3f} (saves {own - warm:.2f} s per job; the worker's "
