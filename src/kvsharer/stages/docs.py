@@ -4,6 +4,7 @@
 * ``docs results --results DIR``: ``docs/results.md`` from a results folder (or a snapshot of one), the README's
   small table between its ``<!-- results-table:start/end -->`` markers and its sentence on the run's time between
   ``<!-- demo-time:start/end -->``;
+* ``docs benchmarks``: ``docs/benchmarks.md`` from the benchmarks' JSON outputs kept in ``docs/benchmarks-snapshot/``;
 * ``docs snapshot --results results --out DIR``: copy a finished run's ``tables/*.md`` and
   ``<model>/run_meta.json`` (a few KB) to ``DIR`` with ``snapshot.json`` (the command that made the run, when
   its files were written), for ``docs results`` to read in a checkout without the run; and its headline figure
@@ -23,6 +24,8 @@ from pathlib import Path
 
 from ..atomic import atomic_write_text
 from ..names import HEADLINE
+from ..report.benchmark_docs import SNAPSHOT as BENCHMARKS_SNAPSHOT
+from ..report.benchmark_docs import benchmarks_page
 from ..report.docs import (SNAPSHOT, TIME_MARKERS, config_reference, demo_time, headline_table, replace_between_markers,
                            results_page, run_record)
 
@@ -34,9 +37,10 @@ HEADLINE_FIGURE = Path(f"docs/{HEADLINE}.png")  # the README's and results.md's 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("what", choices=("config", "results", "snapshot"),
+    parser.add_argument("what", choices=("config", "results", "snapshot", "benchmarks"),
                         help="config: docs/configuration.md; results: docs/results.md and the README's table; "
-                             "snapshot: copy a run's tables and provenance for `results`")
+                             "snapshot: copy a run's tables and provenance for `results`; benchmarks: "
+                             f"docs/benchmarks.md from the benchmarks' JSON in {BENCHMARKS_SNAPSHOT}")
     parser.add_argument("--schema", type=Path, default=SCHEMA, help=f"config schema (default {SCHEMA})")
     parser.add_argument("--results", type=Path, default=SNAPSHOT_DIR,
                         help=f"results folder or snapshot to read (default {SNAPSHOT_DIR})")
@@ -95,6 +99,11 @@ def main(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"cannot read the config schema {args.schema}: {err}") from None
         page = config_reference(schema, args.schema.as_posix())
         return 0 if _write(args.out or Path("docs/configuration.md"), page, args.check) else 1
+    if args.what == "benchmarks":
+        folder = args.results if args.results != SNAPSHOT_DIR else BENCHMARKS_SNAPSHOT
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} does not exist: the benchmarks' JSON snapshot")
+        return 0 if _write(args.out or Path("docs/benchmarks.md"), benchmarks_page(folder), args.check) else 1
     if args.what == "snapshot":
         if args.out is None:
             raise ValueError("docs snapshot needs --out (e.g. docs/results-snapshot)")
