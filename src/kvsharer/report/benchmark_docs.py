@@ -11,11 +11,11 @@ that belongs to no benchmark is refused. Standard library only: torch-free, like
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .collect import read_json
 from .docs import GENERATED
 
 COMMAND = "python -m kvsharer docs benchmarks"
@@ -296,13 +296,6 @@ HELPERS = {  # files of benchmarks/ that are no benchmark of their own
 # ------------------------------------------------------------------------------------------------
 
 
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot read {path}: {err}") from None
-
-
 def facts_line(r: dict) -> str:
     """When, from which commit, by which command and on what machine the JSON was written (what it records)."""
     if "started" not in r:
@@ -322,7 +315,7 @@ def _section(bench: Benchmark, snapshot: Path, label: str) -> list[str]:
     if not files:
         return [*lines, f"*{NOT_RUN.capitalize()}* (no `{bench.pattern}` in `{label}`).", ""]
     for path in files:
-        result = _read(path)
+        result = read_json(path, "benchmark")
         try:
             body = bench.render(result)
         except (KeyError, TypeError, ValueError) as err:
